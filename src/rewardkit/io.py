@@ -1,0 +1,99 @@
+"""Atomic file writes and small I/O helpers shared by every stage.
+
+Every file rewardkit writes goes through a temp file in the same folder followed by
+``os.replace``, so an interrupted job never leaves a half-written Parquet or image behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_parquet_atomic(path: str | os.PathLike, table: pa.Table) -> None:
+    """Write ``table`` as Parquet, atomically. Deterministic bytes for the same table."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode an (H, W, 3|4) uint8 or (H, W) uint8/uint16 array as PNG, deterministically."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    write_bytes_atomic(path, png_bytes(array))
+
+
+def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8, with an error naming the file if it cannot."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def read_image_rgba(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as (H, W, 4) uint8 keeping alpha if present (opaque otherwise)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGBA"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
