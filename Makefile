@@ -1,0 +1,47 @@
+# rewardkit: two commands on a fresh machine.
+#   make demo   creates .venv, installs, runs the whole loop on the embedded default
+#   make test   same environment plus dev tools, runs the tests
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: a CPU build from a local wheel here; an unpinned torch (asked for
+# by any later package) would resolve to a multi-GB CUDA build.
+TORCH := torch==2.13.0
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test bench lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/rewardkit demo --out $(DEMO_OUT)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_render.py
+	$(BIN)/python benchmarks/bench_oracle_agreement.py
+	$(BIN)/python benchmarks/bench_community.py
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

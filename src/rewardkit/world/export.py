@@ -1,0 +1,224 @@
+"""Export AdWorld renders in an RF1M-like layout, and run the oracle over any manifest.
+
+Layout written by ``render_world(out_dir, ...)``::
+
+    images/000000.png      the ad image (RGB)
+    products/000000.png    the product photo (RGBA, alpha = mask)
+    depth/000000.png       ground-truth depth (8-bit, 255 = nearest)
+    saliency/000000.png    ground-truth saliency (8-bit)
+    label.txt              "<image path>\\t<RF1M class name>" per line
+    manifest.parquet       one row per image (columns in MANIFEST_COLUMNS)
+    world.json             parameters and per-class counts
+
+Paths in the manifest are relative to the manifest's folder. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from rewardkit.io import (
+    read_image_rgb,
+    read_image_rgba,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_png_atomic,
+    write_text_atomic,
+)
+from rewardkit.world.oracle import MEASUREMENTS, label
+from rewardkit.world.placement import DEFAULT_FILL, white_background_to_rgba
+from rewardkit.world.sampler import Item, class_for_index, parse_balance, sample_item
+from rewardkit.world.scene import CLASSES
+
+MANIFEST_COLUMNS = (
+    "image_id",
+    "path",
+    "product_path",
+    "depth_path",
+    "saliency_path",
+    "caption",
+    "prompt",
+    "label",
+    "defect",
+    "severity",
+    "category",
+    "product_height_cm",
+    "product_width_cm",
+    "size",
+    "fill",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+)
+LABEL_INPUT_COLUMNS = ("path", "product_path")  # plus product_height_cm or a caption with "N cm"
+
+
+def item_row(item: Item, image_id: str, paths: dict[str, str], fill: float) -> dict:
+    """The manifest row of one rendered item."""
+    r = item.render
+    p = r.placement
+    return {
+        "image_id": image_id,
+        **paths,
+        "caption": item.product.caption,
+        "prompt": r.prompt,
+        "label": item.label,
+        "defect": item.defect,
+        "severity": float(item.severity),
+        "category": item.product.category,
+        "product_height_cm": item.product.height_cm,
+        "product_width_cm": item.product.width_cm,
+        "size": p.size,
+        "fill": fill,
+        "x0": p.x0,
+        "y0": p.y0,
+        "x1": p.x1,
+        "y1": p.y1,
+    }
+
+
+def render_world(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    size: int = 64,
+    balance: str | dict[str, float] | None = None,
+    fill: float = DEFAULT_FILL,
+    progress: bool = True,
+) -> pa.Table:
+    """Render ``n`` AdWorld samples into ``out_dir`` (layout in the module docstring).
+
+    Items already on disk from an interrupted run are rendered again only if a file is
+    missing; every file is written atomically, and the manifest last.
+    """
+    if n <= 0:
+        raise ValueError(f"--n must be positive, got {n}")
+    if size < 32 or size > 1024:
+        raise ValueError(f"--size must be in [32, 1024] px, got {size}")
+    weights = parse_balance(balance)
+    out = Path(out_dir)
+    rows = []
+    for i in tqdm(range(n), desc="render", disable=not progress, unit="img"):
+        cls = class_for_index(seed, i, weights)
+        item = sample_item(seed, i, size, cls, fill)
+        image_id = f"{i:06d}"
+        paths = {
+            "path": f"images/{image_id}.png",
+            "product_path": f"products/{image_id}.png",
+            "depth_path": f"depth/{image_id}.png",
+            "saliency_path": f"saliency/{image_id}.png",
+        }
+        write_png_atomic(out / paths["path"], item.render.image)
+        write_png_atomic(out / paths["product_path"], item.cutout)
+        write_png_atomic(out / paths["depth_path"], item.render.depth)
+        write_png_atomic(out / paths["saliency_path"], item.render.saliency)
+        rows.append(item_row(item, image_id, paths, fill))
+    table = pa.Table.from_pylist(rows)
+    write_text_atomic(out / "label.txt", "".join(f"{r['path']}\t{r['label']}\n" for r in rows))
+    counts = Counter(r["label"] for r in rows)
+    write_json_atomic(
+        out / "world.json",
+        {
+            "n": n,
+            "seed": seed,
+            "size": size,
+            "fill": fill,
+            "balance": weights,
+            "counts": {c: counts.get(c, 0) for c in CLASSES},
+        },
+    )
+    write_parquet_atomic(out / "manifest.parquet", table)
+    return table
+
+
+_CM = re.compile(r"(\d+(?:\.\d+)?)\s*cm\b")
+
+
+def _height_cm(row: dict, i: int, manifest: Path) -> float:
+    if row.get("product_height_cm") is not None:
+        return float(row["product_height_cm"])
+    m = _CM.search(row.get("caption") or "")
+    if not m:
+        raise ValueError(
+            f"{manifest}: row {i}: need product_height_cm, or a caption with the size "
+            f"such as '..., 10 cm'"
+        )
+    return float(m.group(1))
+
+
+def read_manifest(path: str | Path, required: Iterable[str] = LABEL_INPUT_COLUMNS) -> pa.Table:
+    """Read a manifest (Parquet), checking the required columns with a clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: manifest not found")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable Parquet manifest ({e})") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; have {table.column_names}")
+    return table
+
+
+def load_product_photo(path: Path) -> np.ndarray:
+    """A product photo as RGBA; a photo without alpha is cut out from its white background."""
+    rgba = read_image_rgba(path)
+    if (rgba[..., 3] == 255).all():
+        rgba = white_background_to_rgba(rgba[..., :3])
+        if (rgba[..., 3] == 255).all():
+            raise ValueError(f"{path}: product photo has no alpha and no white background")
+    return rgba
+
+
+def label_manifest(
+    manifest: str | Path, out: str | Path | None = None, progress: bool = True
+) -> tuple[pa.Table, int]:
+    """Run the oracle over every image of a manifest.
+
+    Bad rows (missing or unreadable image or product photo, no size) are kept with an
+    ``error`` message and a null label, and counted, instead of stopping the run.
+
+    Returns:
+        (table, n_errors); the table is also written to ``out`` if given.
+    """
+    manifest = Path(manifest)
+    table = read_manifest(manifest)
+    if "product_height_cm" not in table.column_names and "caption" not in table.column_names:
+        raise ValueError(f"{manifest}: need a product_height_cm or caption column")
+    base = manifest.parent
+    rows_out = []
+    errors = 0
+    for i, row in enumerate(tqdm(table.to_pylist(), desc="label", disable=not progress)):
+        rec: dict = {"path": row["path"], "oracle_label": None, "error": None}
+        rec.update({k: None for k in MEASUREMENTS})
+        if "label" in row:
+            rec["label"] = row["label"]
+        try:
+            image = read_image_rgb(base / row["path"])
+            cutout = load_product_photo(base / row["product_path"])
+            fill = float(row.get("fill") or DEFAULT_FILL)
+            cls, m = label(cutout, image, _height_cm(row, i, manifest), fill=fill)
+            rec["oracle_label"] = cls
+            rec.update(m)
+        except (OSError, ValueError) as e:
+            errors += 1
+            rec["error"] = f"row {i}: {e}"
+        rows_out.append(rec)
+    schema_fields = [("path", pa.string()), ("oracle_label", pa.string()), ("error", pa.string())]
+    schema_fields += [(k, pa.string() if k == "prop_kind" else pa.float64()) for k in MEASUREMENTS]
+    if "label" in table.column_names:
+        schema_fields.append(("label", pa.string()))
+    result = pa.Table.from_pylist(rows_out, schema=pa.schema(schema_fields))
+    if out is not None:
+        write_parquet_atomic(out, result)
+    return result, errors

@@ -1,0 +1,76 @@
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rewardkit.world.export import MANIFEST_COLUMNS, label_manifest, render_world
+from rewardkit.world.sampler import parse_balance
+from rewardkit.world.scene import CLASSES
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    render_world(tmp_path / "a", 12, seed=4, size=64, progress=False)
+    render_world(tmp_path / "b", 12, seed=4, size=64, progress=False)
+    render_world(tmp_path / "c", 12, seed=5, size=64, progress=False)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_layout_manifest_and_label_txt(tmp_path):
+    table = render_world(tmp_path, 18, seed=1, size=64, progress=False)
+    assert tuple(table.column_names) == MANIFEST_COLUMNS
+    for sub in ("images", "products", "depth", "saliency"):
+        assert len(list((tmp_path / sub).glob("*.png"))) == 18
+    lines = (tmp_path / "label.txt").read_text().splitlines()
+    assert len(lines) == 18
+    path, cls = lines[0].split("\t")
+    assert (tmp_path / path).exists() and cls in CLASSES
+    assert pq.read_table(tmp_path / "manifest.parquet").equals(table)
+
+
+def test_class_balance_is_configurable(tmp_path):
+    table = render_world(tmp_path, 20, seed=2, size=64, balance="Available=1,Space Mismatch=1",
+                         progress=False)
+    assert set(table.column("label").to_pylist()) == {"Available", "Space Mismatch"}
+    with pytest.raises(ValueError, match="unknown class 'Floating'"):
+        parse_balance("Floating=1")
+    with pytest.raises(ValueError, match="NAME=WEIGHT"):
+        parse_balance("Available")
+
+
+def test_label_manifest_round_trip_and_bad_rows(tmp_path):
+    render_world(tmp_path, 10, seed=3, size=64, progress=False)
+    table, errors = label_manifest(tmp_path / "manifest.parquet", tmp_path / "o.parquet",
+                                   progress=False)
+    assert errors == 0 and table.num_rows == 10
+    agree = sum(a == b for a, b in zip(table["label"].to_pylist(),
+                                       table["oracle_label"].to_pylist()))
+    assert agree >= 9
+    # A user manifest: caption instead of height, one missing and one corrupt image.
+    rows = pq.read_table(tmp_path / "manifest.parquet").select(
+        ["path", "product_path", "caption"]).to_pylist()
+    rows[1]["path"] = "images/missing.png"
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
+    rows[2]["path"] = "images/bad.png"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "user.parquet")
+    out, errors = label_manifest(tmp_path / "user.parquet", None, progress=False)
+    assert errors == 2
+    errs = out["error"].to_pylist()
+    assert "row 1" in errs[1] and "missing.png" in errs[1]
+    assert "row 2" in errs[2] and "unreadable" in errs[2]
+    assert out["oracle_label"].to_pylist()[0] in CLASSES
+
+
+def test_manifest_missing_columns_named(tmp_path):
+    pq.write_table(pa.table({"path": ["a.png"]}), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['product_path'\]"):
+        label_manifest(tmp_path / "m.parquet", None, progress=False)
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        label_manifest(tmp_path / "nope.parquet", None, progress=False)
