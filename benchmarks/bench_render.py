@@ -34,8 +34,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=300)
     a = ap.parse_args()
     results = [bench(64, a.n), bench(128, a.n)]
-    print(json.dumps({"benchmark": "render", "machine": platform.machine(),
-                      "single_process": True, "results": results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "render",
+                "machine": platform.machine(),
+                "single_process": True,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

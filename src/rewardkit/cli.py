@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--size", type=_positive(int), default=64, help="image side in pixels")
     r.add_argument("--out", required=True, help="output folder")
-    r.add_argument("--balance", default=None,
-                   help='class weights, e.g. "Available=0.5,Space Mismatch=0.1" (default uniform)')
+    r.add_argument(
+        "--balance",
+        default=None,
+        help='class weights, e.g. "Available=0.5,Space Mismatch=0.1" (default uniform)',
+    )
     r.add_argument("--fill", type=float, default=None, help="product size / frame (default 0.4)")
 
     lab = wsub.add_parser("label", help="run the oracle over the images of a manifest")
@@ -55,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", type=_positive(int), default=100, help="prompts in the pool")
     c.add_argument("--images-per-prompt", type=_positive(int), default=12)
     c.add_argument("--size", type=_positive(int), default=64)
-    c.add_argument("--events", type=_positive(int), default=None,
-                   help="approximate number of events (default: about 10 per user)")
+    c.add_argument(
+        "--events",
+        type=_positive(int),
+        default=None,
+        help="approximate number of events (default: about 10 per user)",
+    )
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded default, write a report")
     d.add_argument("--out", required=True, help="output folder (report.html inside)")
@@ -84,9 +91,15 @@ def _world_label(a: argparse.Namespace) -> int:
     table, errors = label_manifest(a.manifest, a.out)
     summary: dict = {"out": a.out, "labelled": table.num_rows - errors, "skipped": errors}
     if "label" in table.column_names:
-        pairs = [(t, p) for t, p in zip(table.column("label").to_pylist(),
-                                        table.column("oracle_label").to_pylist(), strict=True)
-                 if p is not None and t is not None]
+        pairs = [
+            (t, p)
+            for t, p in zip(
+                table.column("label").to_pylist(),
+                table.column("oracle_label").to_pylist(),
+                strict=True,
+            )
+            if p is not None and t is not None
+        ]
         if pairs:
             summary["agreement_with_label"] = sum(t == p for t, p in pairs) / len(pairs)
     print(json.dumps(summary))
@@ -100,8 +113,9 @@ def _world_label(a: argparse.Namespace) -> int:
 def _world_community(a: argparse.Namespace) -> int:
     from rewardkit.world.simulate import simulate_to_folder
 
-    summary = simulate_to_folder(a.out, a.users, a.seed, a.prompts, a.images_per_prompt, a.size,
-                                 a.events)
+    summary = simulate_to_folder(
+        a.out, a.users, a.seed, a.prompts, a.images_per_prompt, a.size, a.events
+    )
     print(json.dumps(summary))
     return 0
 

@@ -37,8 +37,9 @@ def world_section(out: Path, n: int, seed: int, timings: dict) -> tuple[str, dic
     manifest = render_world(out / "world", n, seed, size=64, progress=False)
     timings["render"] = time.perf_counter() - t
     t = time.perf_counter()
-    labels, errors = label_manifest(out / "world" / "manifest.parquet",
-                                    out / "world" / "oracle.parquet", progress=False)
+    labels, errors = label_manifest(
+        out / "world" / "manifest.parquet", out / "world" / "oracle.parquet", progress=False
+    )
     timings["label"] = time.perf_counter() - t
     truth = manifest.column("label").to_pylist()
     pred = labels.column("oracle_label").to_pylist()
@@ -48,8 +49,11 @@ def world_section(out: Path, n: int, seed: int, timings: dict) -> tuple[str, dic
     timings["degraded_check"] = time.perf_counter() - t
 
     counts = {c: truth.count(c) for c in CLASSES}
-    conf = [[c] + [sum(1 for a, b in zip(truth, pred, strict=True) if a == c and b == p)
-                   for p in CLASSES] for c in CLASSES]
+    conf = [
+        [c]
+        + [sum(1 for a, b in zip(truth, pred, strict=True) if a == c and b == p) for p in CLASSES]
+        for c in CLASSES
+    ]
     rows = manifest.to_pylist()
     meas = labels.to_pylist()
     gallery = []
@@ -59,11 +63,15 @@ def world_section(out: Path, n: int, seed: int, timings: dict) -> tuple[str, dic
         for i in idx:
             img = read_image_rgb(out / "world" / rows[i]["path"])
             m = meas[i]
-            lines = [f"oracle: {m['oracle_label']}", f"defect: {rows[i]['defect'] or '-'}",
-                     f"gap {m['contact_gap']:+.3f} contrast {m['contrast']:.2f}",
-                     f"clutter {m['clutter']:.2f} halluc {m['hallucinated_area']:.2f}",
-                     f"scale err {m['scale_error']:+.2f}" if m["scale_error"] == m["scale_error"]
-                     else "no reference prop"]
+            lines = [
+                f"oracle: {m['oracle_label']}",
+                f"defect: {rows[i]['defect'] or '-'}",
+                f"gap {m['contact_gap']:+.3f} contrast {m['contrast']:.2f}",
+                f"clutter {m['clutter']:.2f} halluc {m['hallucinated_area']:.2f}",
+                f"scale err {m['scale_error']:+.2f}"
+                if m["scale_error"] == m["scale_error"]
+                else "no reference prop",
+            ]
             cards.append(card(img, lines))
         gallery.append(f"<h3>{c} ({counts[c]})</h3><div class='grid'>{''.join(cards)}</div>")
     body = (
@@ -77,17 +85,23 @@ def world_section(out: Path, n: int, seed: int, timings: dict) -> tuple[str, dic
         + table_html(["threshold", "value"], thresholds_table().items())
         + "".join(gallery)
     )
-    stats = {"n": n, "per_class": counts, "oracle_agreement": agree,
-             "oracle_agreement_degraded": degraded["agreement"], "skipped": errors,
-             "measurements": list(MEASUREMENTS)}
+    stats = {
+        "n": n,
+        "per_class": counts,
+        "oracle_agreement": agree,
+        "oracle_agreement_degraded": degraded["agreement"],
+        "skipped": errors,
+        "measurements": list(MEASUREMENTS),
+    }
     return body, stats
 
 
 def community_section(out: Path, users: int, seed: int, timings: dict) -> tuple[str, dict]:
     plt = _plt()
     t = time.perf_counter()
-    logs = simulate_pool(out / "community", users, seed, prompts=40, images_per_prompt=12,
-                         progress=False)
+    logs = simulate_pool(
+        out / "community", users, seed, prompts=40, images_per_prompt=12, progress=False
+    )
     timings["community"] = time.perf_counter() - t
     summary = community_summary(logs, out / "community")
     con = duckdb.connect()
@@ -104,15 +118,27 @@ def community_section(out: Path, users: int, seed: int, timings: dict) -> tuple[
         LEFT JOIN events e USING (image_id)
         GROUP BY ALL ORDER BY i.image_id
     """).fetchnumpy()
-    followers = con.execute("SELECT follower_count FROM users WHERE follower_count > 0").fetchnumpy()
+    followers = con.execute(
+        "SELECT follower_count FROM users WHERE follower_count > 0"
+    ).fetchnumpy()
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
     f = np.sort(followers["follower_count"])[::-1]
     ax[0].loglog(np.arange(1, len(f) + 1), f)
     ax[0].set(title="creators' followers (rank-size)", xlabel="rank", ylabel="followers")
-    ax[1].scatter(per_image["appeal"], per_image["remixes"], s=6, alpha=0.5,
-                  c=np.log1p(per_image["follower_count"]), cmap="viridis")
-    ax[1].set(title="raw remixes vs true appeal\n(colour: log creator followers)",
-              xlabel="appeal", ylabel="remixes", yscale="symlog")
+    ax[1].scatter(
+        per_image["appeal"],
+        per_image["remixes"],
+        s=6,
+        alpha=0.5,
+        c=np.log1p(per_image["follower_count"]),
+        cmap="viridis",
+    )
+    ax[1].set(
+        title="raw remixes vs true appeal\n(colour: log creator followers)",
+        xlabel="appeal",
+        ylabel="remixes",
+        yscale="symlog",
+    )
     ax[2].hist(per_image["views"], bins=40, log=True)
     ax[2].set(title="views per image (exposure)", xlabel="views")
     plots = figure_tag(fig)
@@ -121,11 +147,20 @@ def community_section(out: Path, users: int, seed: int, timings: dict) -> tuple[
     pid = int(per_image["prompt_id"][0])
     sel = np.nonzero(per_image["prompt_id"] == pid)[0]
     sel = sel[np.argsort(-per_image["appeal"][sel])]
-    paths = dict(zip(logs.images["image_id"].to_pylist(), logs.images["path"].to_pylist(),
-                     strict=True))
-    cards = "".join(card(read_image_rgb(pool / paths[int(per_image["image_id"][i])]), [
-        f"appeal {per_image['appeal'][i]:.3f}", f"views {per_image['views'][i]}",
-        f"remixes {per_image['remixes'][i]}"]) for i in sel)
+    paths = dict(
+        zip(logs.images["image_id"].to_pylist(), logs.images["path"].to_pylist(), strict=True)
+    )
+    cards = "".join(
+        card(
+            read_image_rgb(pool / paths[int(per_image["image_id"][i])]),
+            [
+                f"appeal {per_image['appeal'][i]:.3f}",
+                f"views {per_image['views'][i]}",
+                f"remixes {per_image['remixes'][i]}",
+            ],
+        )
+        for i in sel
+    )
     agreement = summary["pairwise_truth_agreement"]
     ev = summary["events_by_type"]
     body = (
@@ -154,13 +189,16 @@ def run_demo(out_dir: str | Path, n: int = 240, users: int = 20000, seed: int = 
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",
-        [("AdWorld: renders and the oracle", world_body),
-         ("AdWorld community: implicit feedback logs", comm_body),
-         ("Run", table_html(["stage", "seconds"], [(k, v) for k, v in timings.items()]))],
+        [
+            ("AdWorld: renders and the oracle", world_body),
+            ("AdWorld community: implicit feedback logs", comm_body),
+            ("Run", table_html(["stage", "seconds"], [(k, v) for k, v in timings.items()])),
+        ],
         subtitle=f"seed {seed}; everything offline on the embedded default",
     )
     path = out / "report.html"
     write_text_atomic(path, html)
-    write_json_atomic(out / "summary.json", {"world": world_stats, "community": comm_stats,
-                                             "seconds": timings})
+    write_json_atomic(
+        out / "summary.json", {"world": world_stats, "community": comm_stats, "seconds": timings}
+    )
     return path

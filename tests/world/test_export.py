@@ -11,8 +11,11 @@ from rewardkit.world.scene import CLASSES
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -36,8 +39,9 @@ def test_layout_manifest_and_label_txt(tmp_path):
 
 
 def test_class_balance_is_configurable(tmp_path):
-    table = render_world(tmp_path, 20, seed=2, size=64, balance="Available=1,Space Mismatch=1",
-                         progress=False)
+    table = render_world(
+        tmp_path, 20, seed=2, size=64, balance="Available=1,Space Mismatch=1", progress=False
+    )
     assert set(table.column("label").to_pylist()) == {"Available", "Space Mismatch"}
     with pytest.raises(ValueError, match="unknown class 'Floating'"):
         parse_balance("Floating=1")
@@ -47,15 +51,21 @@ def test_class_balance_is_configurable(tmp_path):
 
 def test_label_manifest_round_trip_and_bad_rows(tmp_path):
     render_world(tmp_path, 10, seed=3, size=64, progress=False)
-    table, errors = label_manifest(tmp_path / "manifest.parquet", tmp_path / "o.parquet",
-                                   progress=False)
+    table, errors = label_manifest(
+        tmp_path / "manifest.parquet", tmp_path / "o.parquet", progress=False
+    )
     assert errors == 0 and table.num_rows == 10
-    agree = sum(a == b for a, b in zip(table["label"].to_pylist(),
-                                       table["oracle_label"].to_pylist()))
+    agree = sum(
+        a == b
+        for a, b in zip(table["label"].to_pylist(), table["oracle_label"].to_pylist(), strict=True)
+    )
     assert agree >= 9
     # A user manifest: caption instead of height, one missing and one corrupt image.
-    rows = pq.read_table(tmp_path / "manifest.parquet").select(
-        ["path", "product_path", "caption"]).to_pylist()
+    rows = (
+        pq.read_table(tmp_path / "manifest.parquet")
+        .select(["path", "product_path", "caption"])
+        .to_pylist()
+    )
     rows[1]["path"] = "images/missing.png"
     (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
     rows[2]["path"] = "images/bad.png"

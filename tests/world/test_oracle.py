@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from rewardkit.world.agreement import oracle_agreement

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from rewardkit.world.products import CATEGORIES, damage_cutout, render_cutout, sample_product
 from rewardkit.world.oracle import photo_measurements
+from rewardkit.world.products import CATEGORIES, damage_cutout, render_cutout, sample_product
 
 
 def test_catalogue_has_twelve_categories_with_real_sizes():

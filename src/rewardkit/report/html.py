@@ -72,8 +72,10 @@ def card(image: np.ndarray, lines: Sequence[str]) -> str:
 
 def page(title: str, sections: Sequence[tuple[str, str]], subtitle: str = "") -> str:
     """A full HTML page from (heading, html body) sections."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
+    ]
     if subtitle:
         parts.append(f"<p class='muted'>{esc(subtitle)}</p>")
     toc = "".join(f"<li><a href='#s{i}'>{esc(h)}</a></li>" for i, (h, _) in enumerate(sections))

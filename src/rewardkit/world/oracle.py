@@ -73,16 +73,26 @@ MEASUREMENTS = (
 )
 
 # Reserved prop hues (degrees) -> prop kind.
-_HUES = {"soda can": (-15, 15), "floor lamp": (38, 68), "potted plant": (95, 150),
-         "book": (205, 240)}
+_HUES = {
+    "soda can": (-15, 15),
+    "floor lamp": (38, 68),
+    "potted plant": (95, 150),
+    "book": (205, 240),
+}
 
 
 def _rgb_to_hsv(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     mx, mn = img.max(-1), img.min(-1)
     delta = mx - mn + 1e-8
-    h = np.where(mx == r, (g - b) / delta % 6, np.where(mx == g, (b - r) / delta + 2,
-                                                        (r - g) / delta + 4)) * 60
+    h = (
+        np.where(
+            mx == r,
+            (g - b) / delta % 6,
+            np.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4),
+        )
+        * 60
+    )
     s = np.where(mx > 0, (mx - mn) / (mx + 1e-8), 0)
     return h, s, mx
 
@@ -96,8 +106,10 @@ def photo_measurements(cutout: np.ndarray) -> dict[str, float]:
         raise ValueError("product photo has no opaque pixels")
     ext_x, ext_y = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     trunc = max(
-        opaque[0].sum() / ext_x, opaque[-1].sum() / ext_x,
-        opaque[:, 0].sum() / ext_y, opaque[:, -1].sum() / ext_y,
+        opaque[0].sum() / ext_x,
+        opaque[-1].sum() / ext_x,
+        opaque[:, 0].sum() / ext_y,
+        opaque[:, -1].sum() / ext_y,
     )
     interior = ndimage.binary_erosion(a > 25, iterations=2)
     semi = (a > 38) & (a < 217) & interior
@@ -149,7 +161,10 @@ def label(
     m: dict[str, float | str] = dict(photo_measurements(cutout))
     layer, p = place_product(cutout, S, fill)
     if placement is not None and (placement.x0, placement.y0, placement.x1, placement.y1) != (
-        p.x0, p.y0, p.x1, p.y1
+        p.x0,
+        p.y0,
+        p.x1,
+        p.y1,
     ):
         raise ValueError(f"placement {placement} does not match the cutout placed at fill={fill}")
     # A 3x3 median per channel removes sensor/JPEG noise but keeps edges.
@@ -170,8 +185,11 @@ def label(
     far_cols = (dist <= 2 * ring_r).sum(0) == 0
     xs = np.arange(S)
     cx = (p.x0 + p.x1) / 2
-    edges = [e for e in (_edge_row(img, far_cols & (xs < cx)), _edge_row(img, far_cols & (xs > cx)))
-             if e is not None]
+    edges = [
+        e
+        for e in (_edge_row(img, far_cols & (xs < cx)), _edge_row(img, far_cols & (xs > cx)))
+        if e is not None
+    ]
     edge = float(np.mean(edges)) if edges else float("nan")
     m["contact_gap"] = (edge - p.y1) / S if edges else float("nan")
 
@@ -180,8 +198,9 @@ def label(
     # Contrast against the nearest product pixel and against the product's dominant colour
     # (for striped or dotted products the nearest pixel may be an accent).
     dominant = np.median(photo[core], axis=0)
-    m["contrast"] = float(min(np.median(d_prod[ring]),
-                              np.median(np.linalg.norm(img[ring] - dominant, axis=-1))))
+    m["contrast"] = float(
+        min(np.median(d_prod[ring]), np.median(np.linalg.norm(img[ring] - dominant, axis=-1)))
+    )
     # Clutter: ring pixels that look neither like the product nor like the plain background
     # of their row (the row's median colour in the far columns).
     if far_cols.sum() >= 2:

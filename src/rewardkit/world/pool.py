@@ -30,6 +30,19 @@ POOL_CLASSES = {
 }
 
 
+def _feasible_product(rng: np.random.Generator, product_id: str, size: int):
+    """A product for which an Available scene can be drawn (its colours leave room for a
+    contrasting background); resampled otherwise."""
+    for attempt in range(50):
+        product = sample_product(rng, f"{product_id}-{attempt}")
+        cutout = render_cutout(product, CUTOUT_SIZE)
+        layer, placement = place_product(cutout, size, DEFAULT_FILL)
+        probe = np.random.default_rng(rng.integers(2**32))
+        if sample_scene_spec(probe, product, placement, "Available", layer, size) is not None:
+            return product, cutout, layer, placement
+    raise RuntimeError(f"{product_id}: no feasible product in 50 tries")
+
+
 def render_pool(
     out_dir: str | Path,
     n_prompts: int,
@@ -52,16 +65,17 @@ def render_pool(
     bar = tqdm(total=n_prompts * images_per_prompt, desc="pool", disable=not progress, unit="img")
     for j in range(n_prompts):
         rng_p = np.random.default_rng([seed, j, 7])
-        product = sample_product(rng_p, f"c{seed}-{j}")
-        cutout = render_cutout(product, CUTOUT_SIZE)
-        layer, placement = place_product(cutout, size, DEFAULT_FILL)
+        product, cutout, layer, placement = _feasible_product(rng_p, f"c{seed}-{j}", size)
         prompt = f"an ad photo of a {product.caption}"
         for k in range(images_per_prompt):
             rng = np.random.default_rng([seed, j, k, 8])
-            spec = None
-            while spec is None:
+            for _ in range(100):
                 cls = names[int(rng.choice(len(names), p=probs))]
                 spec = sample_scene_spec(rng, product, placement, cls, layer, size)
+                if spec is not None:
+                    break
+            else:
+                raise RuntimeError(f"prompt {j}: no feasible scene for {product.caption!r}")
             render = render_scene(product, cutout, spec)
             image_id = j * images_per_prompt + k
             path = f"images/{image_id:07d}.png"

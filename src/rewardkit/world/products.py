@@ -55,8 +55,12 @@ def _bottle(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) 
     cx = (x0 + x1) / 2
     d.rounded_rectangle((x0, y0 + 0.38 * h, x1, y1), radius=0.15 * w, fill=255)
     d.polygon(
-        [(x0, y0 + 0.42 * h), (cx - 0.17 * w, y0 + 0.22 * h), (cx + 0.17 * w, y0 + 0.22 * h),
-         (x1, y0 + 0.42 * h)],
+        [
+            (x0, y0 + 0.42 * h),
+            (cx - 0.17 * w, y0 + 0.22 * h),
+            (cx + 0.17 * w, y0 + 0.22 * h),
+            (x1, y0 + 0.42 * h),
+        ],
         fill=255,
     )
     d.rectangle((cx - 0.17 * w, y0, cx + 0.17 * w, y0 + 0.25 * h), fill=255)
@@ -73,9 +77,16 @@ def _perfume(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float)
 def _sneaker(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
     d.polygon(
-        [(x0, y1), (x0, y0 + 0.45 * h), (x0 + 0.08 * w, y0 + 0.05 * h), (x0 + 0.35 * w, y0),
-         (x0 + 0.45 * w, y0 + 0.35 * h), (x0 + 0.8 * w, y0 + 0.5 * h), (x1, y0 + 0.7 * h),
-         (x1, y1)],
+        [
+            (x0, y1),
+            (x0, y0 + 0.45 * h),
+            (x0 + 0.08 * w, y0 + 0.05 * h),
+            (x0 + 0.35 * w, y0),
+            (x0 + 0.45 * w, y0 + 0.35 * h),
+            (x0 + 0.8 * w, y0 + 0.5 * h),
+            (x1, y0 + 0.7 * h),
+            (x1, y1),
+        ],
         fill=255,
     )
 
@@ -86,15 +97,22 @@ def _handbag(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float)
         [(x0, y1), (x0 + 0.1 * w, y0 + 0.35 * h), (x1 - 0.1 * w, y0 + 0.35 * h), (x1, y1)],
         fill=255,
     )
-    d.arc((x0 + 0.25 * w, y0, x1 - 0.25 * w, y0 + 0.7 * h), 180, 360, fill=255,
-          width=max(2, int(0.06 * w)))
+    d.arc(
+        (x0 + 0.25 * w, y0, x1 - 0.25 * w, y0 + 0.7 * h),
+        180,
+        360,
+        fill=255,
+        width=max(2, int(0.06 * w)),
+    )
 
 
 def _table_lamp(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
     cx = (x0 + x1) / 2
-    d.polygon([(x0, y0 + 0.45 * h), (cx - 0.28 * w, y0), (cx + 0.28 * w, y0), (x1, y0 + 0.45 * h)],
-              fill=255)
+    d.polygon(
+        [(x0, y0 + 0.45 * h), (cx - 0.28 * w, y0), (cx + 0.28 * w, y0), (x1, y0 + 0.45 * h)],
+        fill=255,
+    )
     d.rectangle((cx - 0.05 * w, y0 + 0.45 * h, cx + 0.05 * w, y1 - 0.08 * h), fill=255)
     d.ellipse((cx - 0.35 * w, y1 - 0.14 * h, cx + 0.35 * w, y1), fill=255)
 
@@ -112,16 +130,21 @@ def _massage_chair(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: 
     w, h = x1 - x0, y1 - y0
     d.rounded_rectangle((x0, y0, x0 + 0.45 * w, y0 + 0.8 * h), radius=0.2 * w, fill=255)
     d.rounded_rectangle((x0 + 0.2 * w, y0 + 0.45 * h, x1, y0 + 0.75 * h), radius=0.1 * w, fill=255)
-    d.polygon([(x0 + 0.55 * w, y0 + 0.7 * h), (x1, y0 + 0.7 * h), (x1, y1),
-               (x0 + 0.75 * w, y1)], fill=255)
+    d.polygon(
+        [(x0 + 0.55 * w, y0 + 0.7 * h), (x1, y0 + 0.7 * h), (x1, y1), (x0 + 0.75 * w, y1)], fill=255
+    )
     d.rectangle((x0 + 0.1 * w, y0 + 0.75 * h, x0 + 0.6 * w, y1), fill=255)
 
 
 def _sofa(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
     d.rounded_rectangle((x0 + 0.05 * w, y0, x1 - 0.05 * w, y0 + 0.6 * h), radius=0.1 * h, fill=255)
-    d.rounded_rectangle((x0, y0 + 0.35 * h, x0 + 0.12 * w, y0 + 0.85 * h), radius=0.05 * h, fill=255)
-    d.rounded_rectangle((x1 - 0.12 * w, y0 + 0.35 * h, x1, y0 + 0.85 * h), radius=0.05 * h, fill=255)
+    d.rounded_rectangle(
+        (x0, y0 + 0.35 * h, x0 + 0.12 * w, y0 + 0.85 * h), radius=0.05 * h, fill=255
+    )
+    d.rounded_rectangle(
+        (x1 - 0.12 * w, y0 + 0.35 * h, x1, y0 + 0.85 * h), radius=0.05 * h, fill=255
+    )
     d.rectangle((x0 + 0.05 * w, y0 + 0.5 * h, x1 - 0.05 * w, y0 + 0.85 * h), fill=255)
     for fx in (0.07, 0.9):
         d.rectangle((x0 + fx * w, y0 + 0.85 * h, x0 + (fx + 0.03) * w, y1), fill=255)
@@ -129,8 +152,13 @@ def _sofa(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) ->
 
 def _headphones(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
-    d.arc((x0 + 0.05 * w, y0, x1 - 0.05 * w, y0 + 1.2 * h), 180, 360, fill=255,
-          width=max(2, int(0.1 * w)))
+    d.arc(
+        (x0 + 0.05 * w, y0, x1 - 0.05 * w, y0 + 1.2 * h),
+        180,
+        360,
+        fill=255,
+        width=max(2, int(0.1 * w)),
+    )
     d.rounded_rectangle((x0, y0 + 0.5 * h, x0 + 0.28 * w, y1), radius=0.08 * w, fill=255)
     d.rounded_rectangle((x1 - 0.28 * w, y0 + 0.5 * h, x1, y1), radius=0.08 * w, fill=255)
 
@@ -138,24 +166,43 @@ def _headphones(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: flo
 def _backpack(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
     d.rounded_rectangle((x0, y0 + 0.08 * h, x1, y1), radius=0.25 * w, fill=255)
-    d.arc((x0 + 0.3 * w, y0, x1 - 0.3 * w, y0 + 0.2 * h), 180, 360, fill=255,
-          width=max(2, int(0.05 * w)))
+    d.arc(
+        (x0 + 0.3 * w, y0, x1 - 0.3 * w, y0 + 0.2 * h),
+        180,
+        360,
+        fill=255,
+        width=max(2, int(0.05 * w)),
+    )
 
 
 def _laptop(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
     d.rectangle((x0 + 0.1 * w, y0, x1 - 0.1 * w, y0 + 0.85 * h), fill=255)
-    d.polygon([(x0, y1), (x0 + 0.08 * w, y0 + 0.85 * h), (x1 - 0.08 * w, y0 + 0.85 * h), (x1, y1)],
-              fill=255)
+    d.polygon(
+        [(x0, y1), (x0 + 0.08 * w, y0 + 0.85 * h), (x1 - 0.08 * w, y0 + 0.85 * h), (x1, y1)],
+        fill=255,
+    )
 
 
 def _kettle(d: ImageDraw.ImageDraw, x0: float, y0: float, x1: float, y1: float) -> None:
     w, h = x1 - x0, y1 - y0
     d.ellipse((x0 + 0.15 * w, y0 + 0.2 * h, x1 - 0.15 * w, y1 + 0.3 * h), fill=255)
-    d.polygon([(x0 + 0.2 * w, y0 + 0.6 * h), (x0, y0 + 0.3 * h), (x0 + 0.05 * w, y0 + 0.25 * h),
-               (x0 + 0.3 * w, y0 + 0.45 * h)], fill=255)
-    d.arc((x0 + 0.3 * w, y0, x1 - 0.1 * w, y0 + 0.6 * h), 200, 340, fill=255,
-          width=max(2, int(0.06 * w)))
+    d.polygon(
+        [
+            (x0 + 0.2 * w, y0 + 0.6 * h),
+            (x0, y0 + 0.3 * h),
+            (x0 + 0.05 * w, y0 + 0.25 * h),
+            (x0 + 0.3 * w, y0 + 0.45 * h),
+        ],
+        fill=255,
+    )
+    d.arc(
+        (x0 + 0.3 * w, y0, x1 - 0.1 * w, y0 + 0.6 * h),
+        200,
+        340,
+        fill=255,
+        width=max(2, int(0.06 * w)),
+    )
     # Flat base: cut the ellipse at y1.
     d.rectangle((x0, y1, x1, y1 + h), fill=0)
 
@@ -220,7 +267,9 @@ class Product:
         return f"{self.colour} {c.material} {self.category}{extra}, {self.height_cm:.0f} cm"
 
 
-def sample_product(rng: np.random.Generator, product_id: str, category: str | None = None) -> Product:
+def sample_product(
+    rng: np.random.Generator, product_id: str, category: str | None = None
+) -> Product:
     """Sample a product (optionally of a given category) with colours and real size."""
     cat = CATEGORY_BY_NAME[category] if category else CATEGORIES[rng.integers(len(CATEGORIES))]
     h = float(rng.uniform(*cat.height_cm))
@@ -231,11 +280,21 @@ def sample_product(rng: np.random.Generator, product_id: str, category: str | No
     while accent_colour == colour:
         accent_colour = names[rng.integers(len(names))]
     accent = ACCENTS[rng.integers(len(ACCENTS))]
-    return Product(product_id, cat.name, round(h, 1), round(w, 1), colour, accent_colour, accent,
-                   int(rng.integers(2**31)))
+    return Product(
+        product_id,
+        cat.name,
+        round(h, 1),
+        round(w, 1),
+        colour,
+        accent_colour,
+        accent,
+        int(rng.integers(2**31)),
+    )
 
 
-def product_mask(product: Product, size: int, margin: float = 0.08, supersample: int = 4) -> np.ndarray:
+def product_mask(
+    product: Product, size: int, margin: float = 0.08, supersample: int = 4
+) -> np.ndarray:
     """The product silhouette as float alpha (size, size) in [0, 1], anti-aliased.
 
     The longest side spans ``1 - 2 * margin`` of the square cutout, centred.
@@ -284,7 +343,9 @@ def render_cutout(product: Product, size: int = 192) -> np.ndarray:
     return (out * 255 + 0.5).astype(np.uint8)
 
 
-def damage_cutout(cutout: np.ndarray, kind: str, severity: float, rng: np.random.Generator) -> np.ndarray:
+def damage_cutout(
+    cutout: np.ndarray, kind: str, severity: float, rng: np.random.Generator
+) -> np.ndarray:
     """Make an Unsuitable product photo.
 
     Args:
@@ -304,7 +365,7 @@ def damage_cutout(cutout: np.ndarray, kind: str, severity: float, rng: np.random
         if side == 0:  # cut on the left: shift the product so its cut edge lies on column 0
             cut = x0 + int(severity * (x1 - x0))
             out = np.roll(out, -cut, axis=1)
-            out[:, out.shape[1] - cut:] = 0
+            out[:, out.shape[1] - cut :] = 0
         elif side == 1:  # right
             cut = x1 - int(severity * (x1 - x0))
             shift = out.shape[1] - cut
@@ -313,7 +374,7 @@ def damage_cutout(cutout: np.ndarray, kind: str, severity: float, rng: np.random
         elif side == 2:  # top
             cut = y0 + int(severity * (y1 - y0))
             out = np.roll(out, -cut, axis=0)
-            out[out.shape[0] - cut:] = 0
+            out[out.shape[0] - cut :] = 0
         else:  # bottom
             cut = y1 - int(severity * (y1 - y0))
             shift = out.shape[0] - cut

@@ -79,7 +79,9 @@ def sample_item(
         defect, severity = "", 0.0
         if label == "Unsuitable":
             defect = "truncated" if rng.uniform() < 0.5 else "matte"
-            severity = float(rng.uniform(0.25, 0.45) if defect == "truncated" else rng.uniform(0.2, 0.4))
+            severity = float(
+                rng.uniform(0.25, 0.45) if defect == "truncated" else rng.uniform(0.2, 0.4)
+            )
             cutout = damage_cutout(cutout, defect, severity, rng)
         layer, placement = place_product(cutout, size, fill)
         scene_label = "Available" if label == "Unsuitable" else label

@@ -50,9 +50,14 @@ PROPS: dict[str, tuple[float, float, tuple[int, int, int]]] = {
 }
 SURFACES = ("table", "floor", "counter")
 WALL_NAMES = {  # hue anchors for naming muted wall colours in prompts
-    "warm grey": (0.08, 0.12), "sage": (0.3, 0.2), "sky blue": (0.58, 0.25),
-    "cream": (0.12, 0.2), "lilac": (0.78, 0.18), "terracotta": (0.03, 0.28),
-    "mint": (0.42, 0.2), "slate": (0.62, 0.12),
+    "warm grey": (0.08, 0.12),
+    "sage": (0.3, 0.2),
+    "sky blue": (0.58, 0.25),
+    "cream": (0.12, 0.2),
+    "lilac": (0.78, 0.18),
+    "terracotta": (0.03, 0.28),
+    "mint": (0.42, 0.2),
+    "slate": (0.62, 0.12),
 }
 RING_FRACTION = 0.08  # oracle's ring width around the product, as a fraction of the frame
 MIN_PROP_FRACTION = 0.14  # smallest prop height (frame fraction) the oracle can measure at 64 px
@@ -119,11 +124,41 @@ def _far_from(c: np.ndarray, others: list[np.ndarray], d: float) -> bool:
     return all(_dist(c, o * k) >= d for o in others for k in (0.8, 1.0, 1.08))
 
 
+def _muted_batch(rng: np.random.Generator, n: int, v_range: tuple[float, float]) -> np.ndarray:
+    h, s, v = rng.uniform(0, 1, n), rng.uniform(0.04, 0.28, n), rng.uniform(*v_range, n)
+    return np.array([colorsys.hsv_to_rgb(*x) for x in zip(h, s, v, strict=True)], np.float32)
+
+
+def _min_dist(cands: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
+    refs = np.stack([o * k for o in others for k in (0.8, 1.0, 1.08)])  # (R, 3)
+    return np.linalg.norm(cands[:, None] - refs[None], axis=-1).min(1)
+
+
+def _background_colours(rng: np.random.Generator, pcols: list[np.ndarray], n: int = 256):
+    """A (wall, surface) pair: far from the product's colours (also in shade), apart from
+    each other, and with the surface's shadow far from the product too. None if no candidate
+    among ``n`` works (a product whose colours leave no muted background)."""
+    walls = _muted_batch(rng, n, (0.4, 0.95))
+    surfs = _muted_batch(rng, n, (0.25, 0.85))
+    ok_w = _min_dist(walls, pcols) >= 0.38
+    ok_s = (_min_dist(surfs, pcols) >= 0.38) & (_min_dist(surfs * 0.72, pcols) >= 0.3)
+    if not ok_w.any() or not ok_s.any():
+        return None
+    w, sf = walls[ok_w], surfs[ok_s]
+    pair_ok = np.linalg.norm(w[:, None] - sf[None], axis=-1) >= 0.3
+    if not pair_ok.any():
+        return None
+    i, j = np.argwhere(pair_ok)[0]
+    return w[i], sf[j]
+
+
 def wall_name(rgb: tuple[float, float, float]) -> str:
     h, s, v = colorsys.rgb_to_hsv(*rgb)
     if s < 0.08:
         return "white" if v > 0.8 else ("grey" if v > 0.45 else "charcoal")
-    best = min(WALL_NAMES, key=lambda n: min(abs(h - WALL_NAMES[n][0]), 1 - abs(h - WALL_NAMES[n][0])))
+    best = min(
+        WALL_NAMES, key=lambda n: min(abs(h - WALL_NAMES[n][0]), 1 - abs(h - WALL_NAMES[n][0]))
+    )
     return best
 
 
@@ -146,25 +181,28 @@ def sample_scene_spec(
     S = size
     pcols = product_colours(product)
     # Background colours well apart from the product's (so only defects make them similar).
-    for _ in range(300):
-        wall = _muted(rng, (0.4, 0.95))
-        surf = _muted(rng, (0.25, 0.85))
-        if (
-            _dist(wall, surf) >= 0.3
-            and _far_from(wall, pcols, 0.38)
-            and _far_from(surf, pcols, 0.38)
-            and _far_from(surf * 0.72, pcols, 0.3)
-        ):
-            break
-    else:
+    picked = _background_colours(rng, pcols)
+    if picked is None:
         return None
-    light = (float(rng.uniform(0.9, 1.08)), float(rng.uniform(-0.08, 0.08)), float(rng.uniform(-1, 1)))
+    wall, surf = picked
+    light = (
+        float(rng.uniform(0.9, 1.08)),
+        float(rng.uniform(-0.08, 0.08)),
+        float(rng.uniform(-1, 1)),
+    )
     spec = SceneSpec(
-        label=label, defect="", severity=0.0, size=S, fill=fill, edge_y=placement.y1,
-        wall_rgb=tuple(wall.tolist()), surface_rgb=tuple(surf.tolist()),
+        label=label,
+        defect="",
+        severity=0.0,
+        size=S,
+        fill=fill,
+        edge_y=placement.y1,
+        wall_rgb=tuple(wall.tolist()),
+        surface_rgb=tuple(surf.tolist()),
         surface=SURFACES[rng.integers(len(SURFACES))],
         wall_pattern=("plain", "stripes", "gradient")[rng.integers(3)],
-        light=light, shadow=True,
+        light=light,
+        shadow=True,
     )
     ring = RING_FRACTION * S
     if label == "Space Mismatch":
@@ -204,11 +242,25 @@ def sample_scene_spec(
                 cy = (placement.y0 + placement.y1) / 2 + np.sin(ang) * rad_y
                 if cy > spec.edge_y - 1:
                     cy = spec.edge_y - 1 - rng.uniform(0, ring)
-                col = (pcols[rng.integers(len(pcols))] if rng.uniform() < 0.4
-                       else np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.3, 0.9),
-                                                         rng.uniform(0.3, 1.0)), np.float32))
-                spec.clutter.append((("disc", "box", "leaf")[rng.integers(3)], cx / S, cy / S,
-                                     rng.uniform(0.03, 0.06), tuple(col.tolist())))
+                col = (
+                    pcols[rng.integers(len(pcols))]
+                    if rng.uniform() < 0.4
+                    else np.array(
+                        colorsys.hsv_to_rgb(
+                            rng.uniform(), rng.uniform(0.3, 0.9), rng.uniform(0.3, 1.0)
+                        ),
+                        np.float32,
+                    )
+                )
+                spec.clutter.append(
+                    (
+                        ("disc", "box", "leaf")[rng.integers(3)],
+                        cx / S,
+                        cy / S,
+                        rng.uniform(0.03, 0.06),
+                        tuple(col.tolist()),
+                    )
+                )
     if label == "Shape Hallucination":
         ext = _sample_extension(rng, placement, layer)
         if ext is None:
@@ -254,8 +306,11 @@ def _sample_extension(rng: np.random.Generator, p: Placement, layer: np.ndarray)
         if len(rows) == 0:
             return None
         ym = float(rows[rng.integers(len(rows))])
-        box = (col - 1, ym - t / 2, col + length, ym + t / 2) if right else (
-            col - length, ym - t / 2, col + 2, ym + t / 2)
+        box = (
+            (col - 1, ym - t / 2, col + length, ym + t / 2)
+            if right
+            else (col - length, ym - t / 2, col + 2, ym + t / 2)
+        )
         zone = layer[int(ym - t / 2) : int(ym + t / 2) + 1, max(0, col - 3) : col + 4]
     else:
         t = max(0.05 * S, min(0.35 * p.width, 0.1 * S))
@@ -285,8 +340,11 @@ def _sample_prop(rng, product: Product, p: Placement, spec: SceneSpec, mismatch:
     sides = [(1.0, p.x0 - ring - 2.0), (p.x1 + ring + 2.0, S - 1.0)]  # free x ranges
     options = []
     for kind, (h_cm, aspect, _) in PROPS.items():
-        factors = [float(rng.uniform(1.7, 2.3)), float(rng.uniform(0.42, 0.58))] if mismatch else [
-            float(rng.uniform(0.92, 1.08))]
+        factors = (
+            [float(rng.uniform(1.7, 2.3)), float(rng.uniform(0.42, 0.58))]
+            if mismatch
+            else [float(rng.uniform(0.92, 1.08))]
+        )
         for k in factors:
             h = h_cm * px_per_cm * k
             w = aspect * h
@@ -316,8 +374,16 @@ def _sample_decor(rng: np.random.Generator, spec: SceneSpec, p: Placement) -> No
         if y0 + h > spec.edge_y - 0.06 * S:
             continue
         col = _muted(rng, (0.3, 0.9))
-        spec.decor.append((("frame", "shelf", "window")[rng.integers(3)], x0 / S, y0 / S,
-                           (x0 + w) / S, (y0 + h) / S, tuple(col.tolist())))
+        spec.decor.append(
+            (
+                ("frame", "shelf", "window")[rng.integers(3)],
+                x0 / S,
+                y0 / S,
+                (x0 + w) / S,
+                (y0 + h) / S,
+                tuple(col.tolist()),
+            )
+        )
 
 
 SUPERSAMPLE = 4
@@ -363,8 +429,11 @@ def render_scene(product: Product, cutout: np.ndarray, spec: SceneSpec) -> Rende
             d.rectangle((box[0], box[3] - 0.02 * T, box[2], box[3]), fill=c)
         else:
             d.rectangle(box, fill=c)
-            d.line(((box[0] + box[2]) / 2, box[1], (box[0] + box[2]) / 2, box[3]), fill=tuple(
-                int(v * 0.8) for v in c), width=max(1, int(0.01 * T)))
+            d.line(
+                ((box[0] + box[2]) / 2, box[1], (box[0] + box[2]) / 2, box[3]),
+                fill=tuple(int(v * 0.8) for v in c),
+                width=max(1, int(0.01 * T)),
+            )
     if spec.shadow:
         sy = edge
         sw = placement.width * ss * 0.6
@@ -379,8 +448,9 @@ def render_scene(product: Product, cutout: np.ndarray, spec: SceneSpec) -> Rende
         _draw_prop(d, kind, x0, edge - h, x1, edge, col)
     if spec.extension is not None:
         _, x0, y0, x1, y1 = spec.extension
-        d.rectangle((x0 * T, y0 * T, x1 * T, y1 * T),
-                    fill=tuple(int(v * 255) for v in spec.extension_rgb))
+        d.rectangle(
+            (x0 * T, y0 * T, x1 * T, y1 * T), fill=tuple(int(v * 255) for v in spec.extension_rgb)
+        )
     for kind, x, y, r, col in spec.clutter:
         c = tuple(int(v * 255) for v in col)
         bx = (x * T - r * T, y * T - r * T, x * T + r * T, y * T + r * T)
@@ -406,12 +476,21 @@ def _draw_prop(d: ImageDraw.ImageDraw, kind: str, x0, y0, x1, y1, col) -> None:
         d.rectangle((x0, y0, x1, y1), fill=col)
         d.rectangle((x0 + 0.08 * w, y0, x0 + 0.16 * w, y1), fill=dark)
     elif kind == "potted plant":
-        d.polygon([(x0 + 0.2 * w, y1), (x0 + 0.1 * w, y0 + 0.6 * h), (x1 - 0.1 * w, y0 + 0.6 * h),
-                   (x1 - 0.2 * w, y1)], fill=dark)
+        d.polygon(
+            [
+                (x0 + 0.2 * w, y1),
+                (x0 + 0.1 * w, y0 + 0.6 * h),
+                (x1 - 0.1 * w, y0 + 0.6 * h),
+                (x1 - 0.2 * w, y1),
+            ],
+            fill=dark,
+        )
         d.ellipse((x0, y0, x1, y0 + 0.7 * h), fill=col)
     else:  # floor lamp: shade, pole, base
-        d.polygon([(x0, y0 + 0.3 * h), (x0 + 0.2 * w, y0), (x1 - 0.2 * w, y0), (x1, y0 + 0.3 * h)],
-                  fill=col)
+        d.polygon(
+            [(x0, y0 + 0.3 * h), (x0 + 0.2 * w, y0), (x1 - 0.2 * w, y0), (x1, y0 + 0.3 * h)],
+            fill=col,
+        )
         d.rectangle((x0 + 0.3 * w, y0 + 0.3 * h, x1 - 0.3 * w, y1), fill=dark)
         d.rectangle((x0 + 0.15 * w, y1 - 0.05 * h, x1 - 0.15 * w, y1), fill=col)
 
@@ -451,8 +530,10 @@ def _truth_maps(spec: SceneSpec, p: Placement, layer: np.ndarray, product: Produ
 
 def scene_prompt(product: Product, spec: SceneSpec) -> str:
     """A text prompt describing the scene (what a designer would write for the generator)."""
-    parts = [f"a {product.colour} {product.category} on a {spec.surface}",
-             f"in front of a {wall_name(spec.wall_rgb)} wall"]
+    parts = [
+        f"a {product.colour} {product.category} on a {spec.surface}",
+        f"in front of a {wall_name(spec.wall_rgb)} wall",
+    ]
     if spec.props:
         parts.append("next to a " + " and a ".join(k for k, _, _ in spec.props))
     if spec.decor:
@@ -461,6 +542,7 @@ def scene_prompt(product: Product, spec: SceneSpec) -> str:
         parts.append("among colourful objects")
     bright, _, warmth = spec.light
     light = ("warm" if warmth > 0.3 else "cool" if warmth < -0.3 else "soft") + (
-        " bright" if bright > 1.02 else "")
+        " bright" if bright > 1.02 else ""
+    )
     parts.append(f"{light} light")
     return ", ".join(parts)

@@ -20,8 +20,8 @@ from rewardkit.world.community import (
     CommunityLogs,
     pairwise_truth_agreement,
     simulate_community,
-    write_community,
 )
+from rewardkit.world.community_io import write_community
 from rewardkit.world.pool import render_pool
 
 

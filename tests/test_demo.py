@@ -1,0 +1,50 @@
+import json
+
+from rewardkit.cli import main
+
+
+def test_demo_writes_a_readable_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "36", "--users", "2000"]) == 0
+    html = (out / "report.html").read_text()
+    for heading in ("AdWorld: renders and the oracle", "AdWorld community", "Oracle agreement"):
+        assert heading in html
+    assert html.count("<img") > 30
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"]["n"] == 36
+    assert set(summary["world"]["per_class"]) >= {"Available", "Unsuitable"}
+    assert summary["community"]["events"] > 0
+
+
+def test_world_community_command(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert (
+        main(
+            [
+                "world",
+                "community",
+                "--users",
+                "1500",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--prompts",
+                "6",
+                "--images-per-prompt",
+                "5",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 30 and summary["users"] == 1500
+    for f in (
+        "users.parquet",
+        "images.parquet",
+        "truth/images.parquet",
+        "schema.md",
+        "pool.parquet",
+    ):
+        assert (out / f).exists(), f
+    assert list((out / "events").glob("*.parquet"))
