@@ -111,11 +111,10 @@ def _world_label(a: argparse.Namespace) -> int:
 
 
 def _world_community(a: argparse.Namespace) -> int:
-    from rewardkit.world.simulate import simulate_to_folder
+    from rewardkit.world.simulate import community_summary, simulate_pool
 
-    summary = simulate_to_folder(
-        a.out, a.users, a.seed, a.prompts, a.images_per_prompt, a.size, a.events
-    )
+    logs = simulate_pool(a.out, a.users, a.seed, a.prompts, a.images_per_prompt, a.size, a.events)
+    summary = community_summary(logs, a.out)
     print(json.dumps(summary))
     return 0
 

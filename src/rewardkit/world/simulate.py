@@ -1,6 +1,7 @@
 """One call from nothing to a community folder: render the pool, measure it, simulate, write.
 
-This is what ``rewardkit world community`` runs. Output folder::
+``simulate_pool`` + ``community_summary`` is what ``rewardkit world community`` runs.
+Output folder::
 
     images/...            the pool's images (PNG)
     pool.parquet          image_id, prompt_id, prompt, path, label (render truth class)
@@ -25,21 +26,6 @@ from rewardkit.world.community_io import write_community
 from rewardkit.world.pool import render_pool
 
 
-def simulate_to_folder(
-    out_dir: str | Path,
-    users: int,
-    seed: int = 0,
-    prompts: int = 100,
-    images_per_prompt: int = 12,
-    size: int = 64,
-    events: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Render a pool, simulate ``users`` reacting to it, write everything; return a summary."""
-    logs = simulate_pool(out_dir, users, seed, prompts, images_per_prompt, size, events, progress)
-    return community_summary(logs, out_dir)
-
-
 def simulate_pool(
     out_dir: str | Path,
     users: int,
@@ -50,6 +36,8 @@ def simulate_pool(
     events: int | None = None,
     progress: bool = True,
 ) -> CommunityLogs:
+    """Render a pool of ``prompts`` x ``images_per_prompt`` images, simulate ``users``
+    reacting to it, and write pool and logs to ``out_dir``."""
     out = Path(out_dir)
     pool, pixels = render_pool(out, prompts, images_per_prompt, seed, size, progress)
     write_parquet_atomic(out / "pool.parquet", pool)
