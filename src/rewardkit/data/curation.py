@@ -1,0 +1,449 @@
+"""Curation: community event logs -> preference pairs (the Social Reward format).
+
+``curate(events_dir, config, out_path)`` reads a log folder in the community schema
+(``users.parquet``, ``images.parquet``, ``events/*.parquet``; see ``world/community_io.py``)
+and runs five SQL stages with DuckDB (``data/sql/curation_*.sql``, portable SQL: CTEs, window
+functions, integer hashes, so a cluster engine can run the same text):
+
+1. user behaviour -> suspected bots (event rate, remixes per view, remixes without a prior
+   view, seconds from post to remix; flags come from behaviour, never from a truth column),
+2. events without bots and without creators' events on their own posts,
+3. one score per image: remixes per view with a prior (exposure-normalised) or the raw count,
+4. candidate pairs within a prompt and time window (top-K positives x bottom-K negatives),
+5. a capped, hashed sample per prompt, weights and a train/val/test split per prompt.
+
+It writes the pairs as Parquet and a dataset card (``<stem>.card.json`` and ``.card.md``)
+with the count after every stage. ``truth/`` is never read; ``pair_truth_accuracy`` takes
+the truth from its caller, for evaluation only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+
+from rewardkit.io import write_json_atomic, write_parquet_atomic, write_text_atomic
+
+_BIG = 10**15  # stands for "no limit" inside SQL
+SIGNALS = ("remix_rate", "remix_count")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class BotRules:
+    """Behavioural bot detection: an account is flagged when it has ``min_remixes`` remixes
+    (on others' posts) and at least ``min_signals`` of the four signals fire."""
+
+    enabled: bool = True
+    min_remixes: int = 3  # fewer remixes say too little about an account
+    min_signals: int = 2  # two independent signs: one alone fires for some keen humans
+    max_events_per_hour: int = 60  # a human rarely acts more than once a minute for an hour
+    max_remix_per_view: float = 0.8  # humans remix a small share of what they see
+    max_remix_without_view_share: float = 0.2  # a human remix follows a view of the image
+    min_median_seconds_post_to_remix: float = 900.0  # bots pounce minutes after posting
+
+    def __post_init__(self) -> None:
+        _validate(self, "bots")
+
+
+@dataclass
+class CreatorSignal:
+    """Positives remixed by top creators (by follower count) get a weight bonus."""
+
+    enabled: bool = False  # off by default: follower counts are themselves exposure-biased
+    top_quantile: float = 0.9  # top 10% of accounts with followers count as top creators
+    weight_bonus: float = 0.5  # weight 1.5 for such positives
+
+    def __post_init__(self) -> None:
+        _validate(self, "creator_signal")
+
+
+@dataclass
+class Splits:
+    """Split fractions; each prompt goes to exactly one split, by a hash of prompt_id."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0  # also seeds the per-prompt pair sample
+
+    def __post_init__(self) -> None:
+        _validate(self, "splits")
+
+
+@dataclass
+class CurationConfig:
+    """Rules of curation; every default carries its reason. ``curation_naive.yaml`` turns every
+    bias correction off (raw remix counts), ``curation_default.yaml`` spells these defaults."""
+
+    bots: BotRules = field(default_factory=BotRules)
+    exclude_self_remix: bool = True  # creators' own views/remixes of their posts are not votes
+    signal: str = "remix_rate"  # remixes per view (exposure-normalised) or "remix_count"
+    distinct_users: bool = True  # collective feedback: one vote per user and image
+    prior_views: float = 20.0  # pseudo-views at the global rate: low-exposure rates shrink
+    min_remixes_for_positive: int = 1  # a positive was remixed at least once
+    min_views_for_positive: int = 0
+    min_views_for_negative: int = 20  # a negative had the chance to be remixed
+    max_remixes_for_negative: int | None = None  # None: any count (ranked by score)
+    creator_signal: CreatorSignal = field(default_factory=CreatorSignal)
+    time_window_days: float | None = 14.0  # compare posts of similar age (feeds, trends)
+    margin: float = 0.03  # min score gap: remix-rate differences below 3 points are noise
+    max_candidates_per_prompt: int = 64  # top-K positives x bottom-K negatives per prompt
+    max_pairs_per_prompt: int | None = 100  # no prompt dominates the pairs
+    splits: Splits = field(default_factory=Splits)
+
+    def __post_init__(self) -> None:
+        _validate(self, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> CurationConfig:
+        """Read a config from YAML; missing keys take the defaults.
+
+        Args:
+            path: a YAML file with a mapping of CurationConfig fields (nested mappings for
+                ``bots``, ``creator_signal`` and ``splits``).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            FileNotFoundError: if the file does not exist.
+            ValueError: naming the file and key, for an unknown key or a bad value.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: curation config not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({e})") from None
+        try:
+            return _build(cls, {} if raw is None else raw, "")
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (what the dataset card records)."""
+        return dataclasses.asdict(self)
+
+
+# Valid values per field: (type, low, high, nullable); bool fields are (bool, None, None, False).
+_RULES: dict[str, tuple[type, float | None, float | None, bool]] = {
+    "enabled": (bool, None, None, False), "exclude_self_remix": (bool, None, None, False),
+    "distinct_users": (bool, None, None, False), "min_remixes": (int, 0, _BIG, False),
+    "min_signals": (int, 1, 4, False), "max_events_per_hour": (int, 1, _BIG, False),
+    "max_remix_per_view": (float, 0.0, 1e6, False),
+    "max_remix_without_view_share": (float, 0.0, 1.0, False),
+    "min_median_seconds_post_to_remix": (float, 0.0, 1e9, False),
+    "top_quantile": (float, 0.0, 1.0, False), "weight_bonus": (float, 0.0, 1e3, False),
+    "train": (float, 0.0, 1.0, False), "val": (float, 0.0, 1.0, False),
+    "test": (float, 0.0, 1.0, False), "seed": (int, 0, 2**31 - 2, False),
+    "prior_views": (float, 0.0, 1e9, False), "min_remixes_for_positive": (int, 0, _BIG, False),
+    "min_views_for_positive": (int, 0, _BIG, False),
+    "min_views_for_negative": (int, 0, _BIG, False),
+    "max_remixes_for_negative": (int, 0, _BIG, True), "time_window_days": (float, 0, 1e5, True),
+    "margin": (float, 0.0, 1e12, False), "max_candidates_per_prompt": (int, 1, 100_000, False),
+    "max_pairs_per_prompt": (int, 1, _BIG, True),
+}  # fmt: skip
+
+
+def _validate(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(v):
+            continue  # nested configs validate themselves
+        if f.name == "signal":
+            if v not in SIGNALS:
+                raise ValueError(f"{key}: expected one of {list(SIGNALS)}, got {v!r}")
+            continue
+        kind, lo, hi, nullable = _RULES[f.name]
+        if v is None and nullable:
+            continue
+        if kind is bool:
+            if not isinstance(v, bool):
+                raise ValueError(f"{key}: expected true or false, got {v!r}")
+            continue
+        ok = isinstance(v, int) if kind is int else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok or not lo <= v <= hi:  # NaN fails lo <= v
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{key}: expected {what} in [{lo}, {hi}], got {v!r}")
+    if isinstance(obj, Splits) and not math.isclose(obj.train + obj.val + obj.test, 1.0):
+        raise ValueError(f"{where}: train + val + test must be 1, got {obj!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ValueError(f"{prefix}{key}: unknown key (expected one of {sorted(names)})")
+        sub = _NESTED.get(key) if cls is CurationConfig else None
+        if sub is not None:
+            value = _build(sub, value, f"{key}.")
+        elif _RULES.get(key, (None,))[0] is float and type(value) is int:
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)  # validates; errors name "key" or "section.key"
+
+
+_NESTED: dict[str, type] = {"bots": BotRules, "creator_signal": CreatorSignal, "splits": Splits}
+
+
+@dataclass
+class CurationResult:
+    """What ``curate`` returns: the pairs (as written) and the dataset card."""
+
+    pairs: pa.Table
+    card: dict[str, Any]
+
+
+_REQUIRED = {
+    "events": ("event_id", "ts", "user_id", "image_id", "event_type"),
+    "images": ("image_id", "prompt_id", "prompt", "path", "creator_id", "posted_at"),
+    "users": ("user_id",),
+}
+
+
+def _sql(name: str, **params: Any) -> str:
+    text = resources.files("rewardkit.data").joinpath(f"sql/{name}.sql").read_text("utf-8")
+    return Template(text).substitute({k: _literal(v) for k, v in params.items()})
+
+
+def _literal(v: Any) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(_BIG)
+    return str(v)
+
+
+def _check_columns(path: Path, table: str) -> None:
+    names = pq.read_schema(path).names
+    missing = [c for c in _REQUIRED[table] if c not in names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} of the {table} table")
+
+
+def _locate(events_dir: str | os.PathLike, need_followers: bool) -> tuple[Path, list[Path]]:
+    """The log root (with images.parquet) and the event files; checks files and columns."""
+    d = Path(events_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: event log folder not found")
+    if not (d / "events").is_dir() and (d.parent / "images.parquet").is_file():
+        d = d.parent  # given the events/ folder itself
+    parts = sorted((d / "events").glob("*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{d / 'events'}: no event files (expected events/*.parquet)")
+    for name in ("images", "users"):
+        if not (d / f"{name}.parquet").is_file():
+            raise FileNotFoundError(f"{d / f'{name}.parquet'}: missing ({name} table)")
+        _check_columns(d / f"{name}.parquet", name)
+    for p in parts:
+        _check_columns(p, "events")
+    if need_followers and "follower_count" not in pq.read_schema(d / "users.parquet").names:
+        raise ValueError(
+            f"{d / 'users.parquet'}: missing column 'follower_count' (needed by creator_signal)"
+        )
+    return d, parts
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def curate(
+    events_dir: str | os.PathLike, config: CurationConfig, out_path: str | os.PathLike
+) -> CurationResult:
+    """Curate community event logs into preference pairs and write them with a dataset card.
+
+    Args:
+        events_dir: the log folder (``users.parquet``, ``images.parquet``,
+            ``events/*.parquet``), or its ``events`` subfolder.
+        config: the curation rules.
+        out_path: the output Parquet file; ``<stem>.card.json`` and ``<stem>.card.md`` are
+            written beside it.
+
+    Returns:
+        The pairs (columns prompt, pos_path, neg_path, prompt_id, pos_image_id, neg_image_id,
+        pos_score, neg_score, weight, split; paths relative to the output's folder) and the
+        card (counts per stage).
+
+    Raises:
+        FileNotFoundError: naming a missing folder or file.
+        ValueError: naming a file and its missing column(s).
+    """
+    cfg, start = config, time.perf_counter()
+    root, parts = _locate(events_dir, cfg.creator_signal.enabled)
+    out = Path(out_path)
+    con = duckdb.connect(":memory:")
+    try:
+        pairs, card = _run(con, cfg, root, parts)
+    finally:
+        con.close()
+    # Paths relative to the output's folder, so pairs.parquet opens its images from anywhere.
+    image_root = root.resolve()
+    prefix = os.path.relpath(image_root, out.parent.resolve())
+    for col in ("pos_path", "neg_path"):
+        rel = pc.binary_join_element_wise(pa.scalar(prefix), pairs[col], "/")
+        fixed = pc.if_else(pc.starts_with(pairs[col], "/"), pairs[col], rel)
+        pairs = pairs.set_column(pairs.schema.get_field_index(col), col, fixed)
+    card.update(image_root=str(image_root), events_dir=str(root), out=str(out))
+    card["seconds"] = round(time.perf_counter() - start, 3)
+    write_parquet_atomic(out, pairs)
+    write_json_atomic(out.with_name(out.stem + ".card.json"), card)
+    write_text_atomic(out.with_name(out.stem + ".card.md"), card_markdown(card))
+    return CurationResult(pairs, card)
+
+
+def _run(con: Any, cfg: CurationConfig, root: Path, parts: list[Path]) -> tuple[pa.Table, dict]:
+    files = "[" + ", ".join(_quote(p) for p in parts) + "]"
+    con.execute(
+        "CREATE VIEW events AS SELECT user_id, image_id, CAST(event_type AS VARCHAR) AS "
+        f"event_type, ts FROM read_parquet({files}, union_by_name = true)"
+    )
+    for name in ("images", "users"):
+        path = _quote(root / f"{name}.parquet")
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({path})")
+    b, c, s = cfg.bots, cfg.creator_signal, cfg.splits
+
+    def stage(name: str, sql: str) -> None:
+        con.execute(f"CREATE TEMP TABLE {name} AS {sql}")
+
+    stage("user_behaviour", _sql("curation_1_user_behaviour", **dataclasses.asdict(b)))
+    stage("bots", "SELECT user_id FROM user_behaviour WHERE flagged")
+    stage("image_user", _sql("curation_2_clean_events", exclude_self=cfg.exclude_self_remix))
+    stage("top_creators", "SELECT user_id FROM users WHERE 1 = 0" if not c.enabled else (
+        "SELECT user_id FROM users WHERE follower_count > 0 AND follower_count >= (SELECT "
+        f"PERCENTILE_DISC({c.top_quantile}) WITHIN GROUP (ORDER BY follower_count) FROM users "
+        "WHERE follower_count > 0)"
+    ))  # fmt: skip
+    stage("image_scores", _sql(
+        "curation_3_image_scores", distinct_users=cfg.distinct_users, signal=cfg.signal,
+        prior_views=float(cfg.prior_views), min_remixes_for_positive=cfg.min_remixes_for_positive,
+        min_views_for_positive=cfg.min_views_for_positive,
+        min_views_for_negative=cfg.min_views_for_negative,
+        max_remixes_for_negative=_or_big(cfg.max_remixes_for_negative),
+    ))  # fmt: skip
+    window = _or_big(None if cfg.time_window_days is None else cfg.time_window_days * 86_400.0)
+    stage("candidates", _sql(
+        "curation_4_candidates", max_candidates=cfg.max_candidates_per_prompt,
+        margin=float(cfg.margin), window_seconds=window, seed=s.seed,
+    ))  # fmt: skip
+    pairs = con.sql(_sql(
+        "curation_5_pairs", max_pairs_per_prompt=_or_big(cfg.max_pairs_per_prompt), seed=s.seed,
+        creator_bonus=float(c.weight_bonus) if c.enabled else 0.0, train_frac=s.train,
+        val_frac=s.val,
+    )).to_arrow_table()  # fmt: skip
+    pairs = _cast_pairs(pairs)
+    return pairs, _card(con, cfg, pairs)
+
+
+def _or_big(v: float | int | None) -> float | int:
+    return _BIG if v is None else v
+
+
+_PAIR_TYPES = {
+    "prompt": pa.string(), "pos_path": pa.string(), "neg_path": pa.string(),
+    "prompt_id": pa.int64(), "pos_image_id": pa.int64(), "neg_image_id": pa.int64(),
+    "pos_score": pa.float64(), "neg_score": pa.float64(), "weight": pa.float64(),
+    "split": pa.string(),
+}  # fmt: skip
+
+
+def _cast_pairs(t: pa.Table) -> pa.Table:
+    return pa.table({k: t[k].cast(v) for k, v in _PAIR_TYPES.items()})
+
+
+def _card(con: Any, cfg: CurationConfig, pairs: pa.Table) -> dict[str, Any]:
+    cur = con.execute(_sql("curation_6_card", min_remixes=cfg.bots.min_remixes))
+    card: dict[str, Any] = {
+        d[0]: int(v) for d, v in zip(cur.description, cur.fetchone(), strict=True)
+    }
+    split = pairs["split"].to_numpy(zero_copy_only=False)
+    prompt = pairs["prompt_id"].to_numpy()
+    card["pairs_after_caps"] = pairs.num_rows
+    card["pairs_per_split"] = {k: int((split == k).sum()) for k in SPLITS}
+    card["prompts_per_split"] = {k: int(np.unique(prompt[split == k]).size) for k in SPLITS}
+    card["config"] = cfg.to_dict()
+    return card
+
+
+_LABELS = {
+    "events_read": "events read",
+    "events_unknown_image": "events on unknown images (dropped)",
+    "events_after_bot_filter": "events after bot filter",
+    "events_after_self_remix_filter": "events after self-remix filter",
+    "users_checked_for_bots": "accounts checked for bot behaviour",
+    "users_flagged_bots": "accounts flagged as bots",
+    "top_creators": "top creators (creator signal)",
+    "images": "images",
+    "images_scored": "images with kept events",
+    "images_eligible_positive": "images eligible as positive",
+    "images_eligible_negative": "images eligible as negative",
+    "candidate_pairs": "candidate pairs",
+    "pairs_after_caps": "pairs after caps",
+}
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The ``.card.md`` text: what was kept at every stage, and the config."""
+    rows = [(label, card[key]) for key, label in _LABELS.items()]
+    rows += [(f"pairs in {k}", v) for k, v in card["pairs_per_split"].items()]
+    rows += [(f"prompts in {k}", v) for k, v in card["prompts_per_split"].items()]
+    lines = ["# Preference pairs: dataset card", "",
+             f"Curated from `{card['events_dir']}`; image paths are relative to the pairs "
+             f"file's folder (images live under `{card['image_root']}`).", "",
+             "| stage | count |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:,} |" for k, v in rows]
+    lines += ["", "## Config", "", "```yaml", yaml.safe_dump(card["config"], sort_keys=False)]
+    return "\n".join(lines).rstrip() + "\n```\n"
+
+
+def pair_truth_accuracy(pairs: pa.Table, truth_images: pa.Table) -> float:
+    """Share of pairs whose positive has the higher true appeal (evaluation only).
+
+    Args:
+        pairs: curated pairs with pos_image_id and neg_image_id.
+        truth_images: a table with image_id and appeal (e.g. a simulation's truth/images).
+
+    Returns:
+        The share in [0, 1] (ties count one half); nan if there are no pairs.
+
+    Raises:
+        ValueError: if a column is missing or a paired image has no truth.
+    """
+    for name, t, cols in (("pairs", pairs, ("pos_image_id", "neg_image_id")),
+                          ("truth_images", truth_images, ("image_id", "appeal"))):  # fmt: skip
+        missing = [c for c in cols if c not in t.column_names]
+        if missing:
+            raise ValueError(f"{name}: missing column(s) {missing}")
+    if pairs.num_rows == 0:
+        return float("nan")
+    ids = truth_images["image_id"].to_numpy().astype(np.int64)
+    appeal = truth_images["appeal"].to_numpy().astype(np.float64)
+    order = np.argsort(ids)
+    vals = []
+    for col in ("pos_image_id", "neg_image_id"):
+        q = pairs[col].to_numpy().astype(np.int64)
+        k = np.minimum(np.searchsorted(ids, q, sorter=order), len(ids) - 1)
+        if not np.array_equal(ids[order[k]], q):
+            raise ValueError(f"truth_images: no appeal for some {col} values")
+        vals.append(appeal[order[k]])
+    d = vals[0] - vals[1]
+    return float(((d > 0).sum() + 0.5 * (d == 0).sum()) / len(d))
