@@ -161,3 +161,19 @@ def _raw_features(planes: np.ndarray) -> np.ndarray:
 
     feats = [warmth, saturation, brightness, contrast, colourfulness, clutter]
     return np.stack([*feats, centre_focus, palette_harmony], axis=1).astype(np.float32)
+
+
+# A generic photo-aesthetic rating over FEATURE_NAMES: what a photography panel (AVA-style
+# raters), not this community, rewards: contrast, clean and centred composition, harmony, a
+# little brightness; indifferent to warmth, wary of loud saturation. The "aesthetic" baseline
+# is fitted to it, as LAION's predictor was fitted to photography ratings rather than to one
+# community's remixes; it overlaps the community's taste (clutter, centre, harmony) without
+# being it.
+GENERIC_AESTHETIC_WEIGHTS: tuple[float, ...] = (0.0, -0.3, 0.3, 0.9, -0.2, -0.8, 0.7, 0.5)
+
+
+def generic_aesthetic_rating(features: np.ndarray) -> np.ndarray:
+    """A 1-10 rating per image from appearance features (N, 8) -> (N,) float32."""
+    w = np.asarray(GENERIC_AESTHETIC_WEIGHTS, dtype=np.float32)
+    z = features.astype(np.float32) @ w  # (N,)
+    return (1.0 + 9.0 / (1.0 + np.exp(-z))).astype(np.float32)

@@ -1,0 +1,50 @@
+"""The embedded default models shipped inside the package, by scorer name.
+
+=================  ======================================================================
+name               folder under ``rewardkit/assets/models`` and how it was made
+=================  ======================================================================
+clip-score         ``dual-encoder``: small CLIP vision tower + all-MiniLM-L6-v2, trained
+                   contrastively on AdWorld image-caption pairs (our "pretrained CLIP")
+social-reward      ``social-reward``: the same, reward-tuned with the triplet loss on pairs
+                   curated from a simulated community's remix logs
+aesthetic          ``aesthetic``: a linear head on the dual encoder's image embeddings,
+                   fitted to a generic photo-aesthetic rating (not the community's taste)
+=================  ======================================================================
+
+``recipes/train_default_models.py`` rebuilds all three; ``MODELS.md`` beside them records the
+data, settings and measured results. Users point every command at their own folders instead.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["DEFAULT_MODELS", "default_model_path"]
+
+DEFAULT_MODELS: dict[str, str] = {
+    "clip-score": "dual-encoder",
+    "social-reward": "social-reward",
+    "aesthetic": "aesthetic",
+}
+
+
+def default_model_path(name: str) -> Path:
+    """The shipped folder of the embedded default scorer ``name``.
+
+    Raises:
+        ValueError: ``name`` has no embedded default.
+        FileNotFoundError: The package was installed without the shipped weights.
+    """
+    if name not in DEFAULT_MODELS:
+        raise ValueError(
+            f"no embedded default for scorer {name!r}; defaults exist for "
+            f"{', '.join(sorted(DEFAULT_MODELS))} (pass a model folder instead)"
+        )
+    folder = Path(str(resources.files("rewardkit"))) / "assets" / "models" / DEFAULT_MODELS[name]
+    if not (folder / "config.json").is_file() and not (folder / "aesthetic.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: the embedded default {name!r} is missing from this installation; "
+            "rebuild it with `python recipes/train_default_models.py` or pass a model folder"
+        )
+    return folder
