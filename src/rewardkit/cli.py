@@ -65,12 +65,94 @@ def build_parser() -> argparse.ArgumentParser:
         help="approximate number of events (default: about 10 per user)",
     )
 
+    s = sub.add_parser("score", help="score a folder of images or a manifest with a scorer")
+    s.add_argument(
+        "--model",
+        default=None,
+        help="the scorer's folder (default: the embedded default of --scorer)",
+    )
+    s.add_argument("--input", required=True, help="image folder, or Parquet manifest with path")
+    s.add_argument("--out", required=True, help="output Parquet (path, prompt, score, ...)")
+    s.add_argument(
+        "--scorer",
+        default="social-reward",
+        help="a registered scorer: social-reward, clip-score, pickscore, aesthetic, ...",
+    )
+    s.add_argument("--batch-size", type=_positive(int), default=32)
+    s.add_argument("--prompt", default="", help="prompt for a folder, or rows without one")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    cu = sub.add_parser("curate", help="curate community event logs into preference pairs")
+    cu.add_argument("--events", required=True, help="log folder (users, images, events/)")
+    cu.add_argument(
+        "--config", default=None, help="curation YAML (default: the packaged default rules)"
+    )
+    cu.add_argument("--out", required=True, help="output Parquet of preference pairs")
+
+    t = sub.add_parser("train", help="tune a reward model on preference pairs")
+    t.add_argument("--pairs", required=True, help="pairs Parquet from `rewardkit curate`")
+    t.add_argument("--out", required=True, help="run folder: model/, checkpoint/, summary")
+    t.add_argument("--model", default=None, help="start from (default: embedded dual encoder)")
+    t.add_argument("--config", default=None, help="training YAML (RewardTrainConfig fields)")
+    _train_overrides(t, losses=True)
+
+    pt = sub.add_parser("pretrain", help="contrastive pre-training on a manifest's image-texts")
+    pt.add_argument("--manifest", required=True, help="Parquet with path and prompt columns")
+    pt.add_argument("--out", required=True, help="run folder: model/, checkpoint/, summary")
+    pt.add_argument(
+        "--model", default=None, help="start from (default: a new small vision tower + MiniLM)"
+    )
+    pt.add_argument("--config", default=None, help="training YAML (PretrainConfig fields)")
+    _train_overrides(pt, losses=False)
+
+    e = sub.add_parser("eval", help="compare scorers on held-out prompts (pairs and truth)")
+    e.add_argument("--community", required=True, help="community folder (images, truth/)")
+    e.add_argument("--pairs", default=None, help="curated pairs; their split picks prompts")
+    e.add_argument("--split", default="test", help="held-out split of --pairs")
+    e.add_argument("--model", default=None, help="Social Reward folder (default: embedded)")
+    e.add_argument(
+        "--scorer",
+        action="append",
+        default=None,
+        metavar="NAME[=DIR]",
+        help="baseline scorer, repeatable (default: clip-score and aesthetic, embedded)",
+    )
+    e.add_argument("--k", type=_positive(int), default=1, help="k of the top-k hit rate")
+    e.add_argument("--batch-size", type=_positive(int), default=64)
+    e.add_argument("--out", default=None, help="write the table as JSON (and .md beside it)")
+
     d = sub.add_parser("demo", help="run the whole loop on the embedded default, write a report")
     d.add_argument("--out", required=True, help="output folder (report.html inside)")
     d.add_argument("--n", type=_positive(int), default=240, help="images to render and label")
     d.add_argument("--users", type=_positive(int), default=20000, help="community size")
+    d.add_argument("--prompts", type=_positive(int), default=100, help="community prompts")
+    d.add_argument(
+        "--train-steps", type=_positive(int), default=150, help="steps of the reward-tuning run"
+    )
     d.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _train_overrides(p: argparse.ArgumentParser, losses: bool) -> None:
+    """Flags that override single fields of a training config."""
+    p.add_argument("--preset", default=None, help="which layers learn (paper, all, ...)")
+    p.add_argument("--epochs", type=_positive(int), default=None)
+    p.add_argument("--max-steps", type=_positive(int), default=None)
+    p.add_argument("--lr", type=_positive(float), default=None)
+    p.add_argument("--batch-size", type=_positive(int), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    if losses:
+        p.add_argument("--loss", default=None, help="triplet (paper) or bradley-terry")
+
+
+def _train_config(cls, a: argparse.Namespace):
+    import dataclasses
+
+    config = cls.from_yaml(a.config) if a.config else cls()
+    fields = ("preset", "epochs", "max_steps", "lr", "batch_size", "seed", "loss")
+    changes = {f: getattr(a, f) for f in fields if getattr(a, f, None) is not None}
+    return dataclasses.replace(config, **changes)
 
 
 def _world_render(a: argparse.Namespace) -> int:
@@ -119,10 +201,125 @@ def _world_community(a: argparse.Namespace) -> int:
     return 0
 
 
+def _score(a: argparse.Namespace) -> int:
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.models.scorers import available_scorers, create_scorer
+    from rewardkit.scoring import score_images
+
+    if a.scorer not in available_scorers():
+        raise ValueError(
+            f"unknown scorer {a.scorer!r}; available: {', '.join(available_scorers())}"
+        )
+    model = a.model if a.model is not None else default_model_path(a.scorer)
+    scorer = create_scorer(a.scorer, model, device=a.device)
+    summary = score_images(
+        scorer, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
+        progress=not a.no_progress,
+    )  # fmt: skip
+    print(json.dumps(summary.to_dict()))
+    for s in summary.skipped[:10]:
+        print(f"skipped: {s.path}: {s.reason}", file=sys.stderr)
+    if len(summary.skipped) > 10:
+        print(f"skipped: ... {len(summary.skipped) - 10} more in {summary.skipped_report}",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _curate(a: argparse.Namespace) -> int:
+    from importlib import resources
+    from pathlib import Path
+
+    from rewardkit.data.curation import CurationConfig, curate
+
+    config = a.config or resources.files("rewardkit.data").joinpath("curation_default.yaml")
+    result = curate(a.events, CurationConfig.from_yaml(Path(str(config))), a.out)
+    out = Path(a.out)
+    summary = {
+        "out": str(out),
+        "pairs": result.pairs.num_rows,
+        "pairs_per_split": result.card["pairs_per_split"],
+        "card": str(out.with_name(out.stem + ".card.json")),
+        "card_md": str(out.with_name(out.stem + ".card.md")),
+        "config": str(config),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _train(a: argparse.Namespace) -> int:
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.training.reward import RewardTrainConfig, train_reward
+
+    config = _train_config(RewardTrainConfig, a)
+    model = a.model or default_model_path("clip-score")
+    result = train_reward(model, a.pairs, a.out, config)
+    print(json.dumps(_run_summary(result)))
+    return 0
+
+
+def _pretrain(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rewardkit.models.social_reward import build_default_dual_encoder
+    from rewardkit.training.reward import PretrainConfig, pretrain_contrastive
+
+    config = _train_config(PretrainConfig, a)
+    model = a.model
+    if model is None:
+        model = Path(a.out) / "base"
+        if not (model / "config.json").is_file():
+            build_default_dual_encoder(model, seed=config.seed)
+    result = pretrain_contrastive(model, a.manifest, a.out, config)
+    print(json.dumps(_run_summary(result)))
+    return 0
+
+
+def _run_summary(result) -> dict:
+    return {
+        "model": str(result.out_dir / "model"),
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "seconds": round(result.seconds, 1),
+        "metrics": result.metrics,
+    }
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rewardkit.compare import compare_scorers
+    from rewardkit.io import write_json_atomic, write_text_atomic
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.models.scorers import create_scorer
+
+    specs = [("social-reward", a.model)]
+    for spec in a.scorer if a.scorer is not None else ["clip-score", "aesthetic"]:
+        name, _, folder = spec.partition("=")
+        specs.append((name, folder or None))
+    scorers = {}
+    for name, folder in specs:
+        label = name if folder is None else f"{name} ({Path(folder).name})"
+        if label in scorers:
+            raise ValueError(f"--scorer: {label!r} given twice")
+        scorers[label] = create_scorer(name, folder or default_model_path(name))
+    table, _ = compare_scorers(
+        scorers, a.community, a.pairs, split=a.split if a.pairs else None, k=a.k,
+        batch_size=a.batch_size,
+    )  # fmt: skip
+    print(table.to_markdown())
+    if a.out:
+        out = Path(a.out)
+        write_json_atomic(out, {"split": a.split, "k": a.k, "rows": table.rows})
+        write_text_atomic(out.with_suffix(".md"), table.to_markdown() + "\n")
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from rewardkit.demo import run_demo
 
-    path = run_demo(a.out, n=a.n, users=a.users, seed=a.seed)
+    path = run_demo(
+        a.out, n=a.n, users=a.users, seed=a.seed, train_steps=a.train_steps, prompts=a.prompts
+    )
     print(f"report: {path}")
     return 0
 
@@ -134,6 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("world", "render"): _world_render,
         ("world", "label"): _world_label,
         ("world", "community"): _world_community,
+        ("score", None): _score,
+        ("curate", None): _curate,
+        ("train", None): _train,
+        ("pretrain", None): _pretrain,
+        ("eval", None): _eval,
         ("demo", None): _demo,
     }
     key = (a.command, getattr(a, "world_command", None))

@@ -401,11 +401,17 @@ _LABELS = {
 }
 
 
-def card_markdown(card: dict[str, Any]) -> str:
-    """The ``.card.md`` text: what was kept at every stage, and the config."""
+def card_rows(card: dict[str, Any]) -> list[tuple[str, int]]:
+    """(stage, count) rows of a dataset card, in pipeline order, then per split."""
     rows = [(label, card[key]) for key, label in _LABELS.items()]
     rows += [(f"pairs in {k}", v) for k, v in card["pairs_per_split"].items()]
     rows += [(f"prompts in {k}", v) for k, v in card["prompts_per_split"].items()]
+    return rows
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The ``.card.md`` text: what was kept at every stage, and the config."""
+    rows = card_rows(card)
     lines = ["# Preference pairs: dataset card", "",
              f"Curated from `{card['events_dir']}`; image paths are relative to the pairs "
              f"file's folder (images live under `{card['image_root']}`).", "",

@@ -1,0 +1,429 @@
+"""Batched scoring of image folders and manifests with any scorer.
+
+:func:`score_images` runs a scorer with the shared reward signature
+``scorer(images [B,3,H,W] in [0,1], prompts) -> [B]`` over
+
+* a folder: every ``.png``/``.jpg``/``.jpeg``/``.webp`` file under it (recursively, sorted),
+  with one prompt for all; or
+* a manifest: a Parquet file with a ``path`` column (relative to the manifest's folder, or
+  absolute) and optionally ``prompt``, ``image_id`` and any other columns, which are carried
+  through to the output.
+
+Images are decoded by background threads while the model scores the previous batch. Bad or
+missing images are skipped and reported, never fatal. Finished scores are checkpointed to
+``<stem>.partial.parquet`` beside the output every few batches; a re-run with the same input,
+prompt and scorer resumes from it, and it is deleted once the output is written.
+
+Files written beside ``out`` (say ``scores.parquet``):
+
+==========================  =================================================================
+``scores.parquet``          path, prompt, [image_id], score (float32), [other manifest columns]
+``scores.skipped.json``     the images that could not be scored, each with the reason
+``scores.partial.parquet``  the checkpoint; exists only while a run is unfinished
+==========================  =================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rewardkit.io import read_image_rgb, write_json_atomic, write_parquet_atomic
+from rewardkit.models.social_reward import images_to_pixel_values
+
+__all__ = ["IMAGE_SUFFIXES", "ScoreSummary", "SkippedImage", "list_images", "score_images"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CHECKPOINT_EVERY = 20  # batches between checkpoints: at most 20 batches are ever re-scored
+FINGERPRINT_KEY = b"rewardkit_fingerprint"
+SKIPPED_KEY = b"rewardkit_skipped"
+
+RewardFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An input that could not be scored.
+
+    Attributes:
+        path: The path as given (relative to the folder, or as written in the manifest;
+            empty for a manifest row without one).
+        reason: Why it was skipped (missing file, unreadable image, empty path).
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ScoreSummary:
+    """What :func:`score_images` did.
+
+    Attributes:
+        out: The output Parquet file.
+        scored: Rows written to ``out``.
+        skipped: Inputs that could not be scored, in input order.
+        seconds: Wall time of this call.
+        resumed: Scores taken from a checkpoint of an earlier, interrupted run.
+        skipped_report: The JSON file listing ``skipped``.
+    """
+
+    out: Path
+    scored: int
+    skipped: list[SkippedImage] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed: int = 0
+    skipped_report: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (``skipped`` as a count; the list is in ``skipped_report``)."""
+        return {
+            "scored": self.scored,
+            "skipped": len(self.skipped),
+            "resumed": self.resumed,
+            "seconds": round(self.seconds, 3),
+            "out": str(self.out),
+            "skipped_report": None if self.skipped_report is None else str(self.skipped_report),
+        }
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursively, by suffix, case-insensitive), sorted."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def score_images(
+    scorer: nn.Module | RewardFn,
+    input: str | os.PathLike,
+    out: str | os.PathLike,
+    batch_size: int = 32,
+    prompt: str = "",
+    progress: bool = True,
+    num_workers: int = 2,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+) -> ScoreSummary:
+    """Score every image of a folder or manifest and write the scores as Parquet.
+
+    Args:
+        scorer: A :class:`~rewardkit.models.scorers.Scorer` (its ``score_batch`` is used) or
+            any callable with the reward signature ``(images, prompts) -> (B,)``.
+        input: A folder of images, or a manifest Parquet file with a ``path`` column.
+        out: The output Parquet file (written atomically).
+        batch_size: Images per forward pass.
+        prompt: The prompt of every image of a folder, and of manifest rows without one.
+        progress: Show a progress bar.
+        num_workers: Threads decoding upcoming batches while the model runs (0: decode in
+            the calling thread).
+        checkpoint_every: Write the checkpoint every this many batches.
+
+    Returns:
+        The summary: counts, the skipped inputs with reasons, timings and paths.
+
+    Raises:
+        FileNotFoundError: ``input`` does not exist.
+        ValueError: A folder without images, a file that is not a Parquet manifest, or a
+            manifest without a string ``path`` column (the message names file and column).
+    """
+    start = time.perf_counter()
+    if batch_size <= 0 or checkpoint_every <= 0 or num_workers < 0:
+        raise ValueError(
+            f"batch_size and checkpoint_every must be positive and num_workers >= 0; got "
+            f"{batch_size}, {checkpoint_every}, {num_workers}"
+        )
+    out = Path(out)
+    if out.exists() and out.resolve() == Path(input).resolve():
+        raise ValueError(f"{out}: the output would overwrite the input manifest")
+    rows, files = _read_input(Path(input), prompt)
+    partial = out.with_name(out.stem + ".partial.parquet")
+    prompts = rows.column("prompt").to_pylist()
+    paths = rows.column("path").to_pylist()
+    fingerprint = _fingerprint(Path(input), paths, prompts, scorer)
+
+    done, skipped = _read_checkpoint(partial, fingerprint)  # {row: score}, {row: reason}
+    resumed = len(done)
+    for i, f in enumerate(files):
+        if f is None and i not in skipped:
+            skipped[i] = f"row {i}: empty path"
+    pending = [i for i in range(len(files)) if i not in done and i not in skipped]
+    # Batches of similar prompts: less padding in the text tower, and repeated prompts meet
+    # in one batch. The output keeps the input order.
+    pending.sort(key=lambda i: (len(prompts[i]), prompts[i], i))
+    side = _input_side(scorer)
+
+    def checkpoint() -> None:
+        _write_checkpoint(partial, fingerprint, paths, done, skipped)
+
+    bar = tqdm(total=len(files), initial=len(files) - len(pending), desc="score", unit="img",
+               disable=not progress)  # fmt: skip
+    batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
+    loader = _prefetch(batches, files, side, num_workers)
+    try:
+        for n, (index, images, bad) in enumerate(loader):
+            skipped.update(bad)
+            if index:
+                scores = _score(scorer, images, [prompts[i] for i in index], batch_size)
+                done.update(zip(index, scores.tolist(), strict=True))
+            bar.update(len(index) + len(bad))
+            if (n + 1) % checkpoint_every == 0:
+                checkpoint()
+    except BaseException:
+        if done or skipped:  # an interrupt or a failing model keeps the work done so far
+            checkpoint()
+        raise
+    finally:
+        loader.close()  # stops the decoding threads now, also on errors
+        bar.close()
+
+    order = sorted(done)
+    table = _output_table(rows, order, [done[i] for i in order])
+    write_parquet_atomic(out, table)
+    skipped_list = [SkippedImage(paths[i] or "", skipped[i]) for i in sorted(skipped)]
+    report = out.with_name(out.stem + ".skipped.json")
+    write_json_atomic(
+        report,
+        {"input": str(input), "out": str(out), "skipped": [asdict(s) for s in skipped_list]},
+    )
+    partial.unlink(missing_ok=True)
+    return ScoreSummary(
+        out=out,
+        scored=table.num_rows,
+        skipped=skipped_list,
+        seconds=time.perf_counter() - start,
+        resumed=resumed,
+        skipped_report=report,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs.
+
+
+def _read_input(source: Path, prompt: str) -> tuple[pa.Table, list[Path | None]]:
+    """Rows to score (path, prompt, carried columns) and the file of each (None: no path)."""
+    if source.is_dir():
+        files = list_images(source)
+        if not files:
+            raise ValueError(
+                f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)"
+            )
+        rel = [f.relative_to(source).as_posix() for f in files]
+        table = pa.table({"path": pa.array(rel, pa.string()), "prompt": [prompt] * len(rel)})
+        return table, list(files)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: input not found (expected a folder or a manifest)")
+    return _read_manifest(source, prompt)
+
+
+def _read_manifest(path: Path, prompt: str) -> tuple[pa.Table, list[Path | None]]:
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for non-Parquet files
+        raise ValueError(f"{path}: not a folder or a readable Parquet manifest ({e})") from None
+    if "path" not in table.column_names:
+        raise ValueError(
+            f"{path}: manifest is missing column 'path' (image paths, relative to the "
+            f"manifest's folder or absolute); have {table.column_names}"
+        )
+    if not pa.types.is_string(table.schema.field("path").type):
+        raise ValueError(
+            f"{path}: column 'path' must hold strings; got {table.schema.field('path').type}"
+        )
+    if "prompt" in table.column_names:
+        try:
+            prompts = pc.fill_null(table.column("prompt").cast(pa.string()), prompt)
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"{path}: column 'prompt' must hold strings ({e})") from None
+        table = table.set_column(table.schema.get_field_index("prompt"), "prompt", prompts)
+    else:
+        table = table.append_column("prompt", pa.array([prompt] * table.num_rows, pa.string()))
+    base = path.parent
+    files = [None if not p else base / p for p in table.column("path").to_pylist()]
+    return table, files
+
+
+def _output_table(rows: pa.Table, order: list[int], scores: list[float]) -> pa.Table:
+    """The scored rows in input order: path, prompt, [image_id], score, then the rest."""
+    taken = rows.take(pa.array(order, pa.int64()))
+    first = [c for c in ("path", "prompt", "image_id") if c in taken.column_names]
+    rest = [c for c in taken.column_names if c not in first and c != "score"]
+    columns = {c: taken.column(c) for c in first}
+    columns["score"] = pa.array(np.asarray(scores, dtype=np.float32), pa.float32())
+    columns.update({c: taken.column(c) for c in rest})
+    return pa.table(columns)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: decode and stack batches in background threads.
+
+
+def _prefetch(
+    batches: list[list[int]], files: list[Path | None], side: int | None, num_workers: int
+) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+    """Yield loaded batches in order, keeping ``num_workers`` more loading ahead."""
+    if num_workers == 0:
+        for batch in batches:
+            yield _load_batch(batch, files, side)
+        return
+    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="rewardkit-decode")
+    ahead: deque[Future] = deque()
+    upcoming = iter(batches)
+    try:
+        for batch in upcoming:
+            ahead.append(pool.submit(_load_batch, batch, files, side))
+            if len(ahead) > num_workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_batch(
+    batch: list[int], files: list[Path | None], side: int | None
+) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    """Decode a batch: (rows loaded, images (B, 3, H, W) in [0, 1] or None, {row: reason})."""
+    index, arrays, bad = [], [], {}
+    for i in batch:
+        path = files[i]
+        try:
+            arrays.append(read_image_rgb(path))  # (H, W, 3) uint8
+            index.append(i)
+        except (OSError, ValueError) as e:
+            bad[i] = str(e).removeprefix(f"{path}: ")
+    return index, _stack(arrays, side) if arrays else None, bad
+
+
+def _stack(arrays: Sequence[np.ndarray], side: int | None) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> (B, 3, H, W) float in [0, 1].
+
+    Images of one size are stacked as they are (the scorer resizes them itself). Mixed sizes
+    are brought to ``side`` x ``side`` first, the way the scorer would (shortest edge to
+    ``side``, antialiased bilinear, centre crop), so a score does not depend on which other
+    images share its batch. ``side`` is the scorer's input size, or when unknown the smallest
+    edge in the batch.
+    """
+    if all(a.shape == arrays[0].shape for a in arrays):
+        # numpy, not torch: torch ops in a loader thread would start their own thread team.
+        x = np.stack(arrays).transpose(0, 3, 1, 2)  # (B, 3, H, W) uint8
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) / np.float32(255))
+    side = side or min(min(a.shape[:2]) for a in arrays)
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    resized = []
+    for a in arrays:
+        x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float().div_(255.0)  # (1,3,H,W)
+        resized.append(images_to_pixel_values(x, side, zero, one))  # (1, 3, side, side)
+    return torch.cat(resized)  # (B, 3, side, side)
+
+
+def _input_side(scorer: nn.Module | RewardFn) -> int | None:
+    """The square input size the scorer resizes to (``image_size`` of its first submodule
+    that has one, e.g. SocialReward), or None when it does not say."""
+    if not isinstance(scorer, nn.Module):
+        return None
+    for module in scorer.modules():
+        size = getattr(module, "image_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring.
+
+
+def _score(
+    scorer: nn.Module | RewardFn, images: torch.Tensor, prompts: list[str], batch_size: int
+) -> torch.Tensor:
+    """Scores (B,) as float32 on CPU, without autograd bookkeeping."""
+    with torch.inference_mode():
+        score_batch = getattr(scorer, "score_batch", None)
+        if callable(score_batch):
+            scores = score_batch(images, prompts, batch_size=batch_size)
+        else:
+            scores = scorer(images, prompts)
+    scores = scores.detach().float().cpu().reshape(-1)
+    if scores.shape[0] != images.shape[0]:
+        raise ValueError(f"scorer returned {scores.shape[0]} scores for {images.shape[0]} images")
+    return scores
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def _fingerprint(
+    source: Path, paths: list[str | None], prompts: list[str], scorer: nn.Module | RewardFn
+) -> str:
+    """Identifies a run: the input, its rows and prompts, and the scorer (kind, name, size and
+    a checksum of its weights). A checkpoint is resumed only under the same fingerprint."""
+    h = hashlib.sha256()
+    kind = type(scorer).__qualname__ if isinstance(scorer, nn.Module) else repr(scorer)
+    h.update(f"{source.resolve()}\0{kind}\0{getattr(scorer, 'name', '')}\0".encode())
+    if isinstance(scorer, nn.Module):
+        with torch.no_grad():
+            for p in scorer.parameters():
+                h.update(f"{tuple(p.shape)}:{float(p.sum(dtype=torch.float64)):.10e};".encode())
+    for path, prompt in zip(paths, prompts, strict=True):
+        h.update(f"{path}\0{prompt}\1".encode())
+    return h.hexdigest()
+
+
+def _read_checkpoint(partial: Path, fingerprint: str) -> tuple[dict[int, float], dict[int, str]]:
+    """Scores and skips of an interrupted run with the same fingerprint; empty otherwise."""
+    if not partial.is_file():
+        return {}, {}
+    try:
+        table = pq.read_table(partial)
+        meta = table.schema.metadata or {}
+        if meta.get(FINGERPRINT_KEY, b"").decode() != fingerprint:
+            warnings.warn(
+                f"{partial}: checkpoint of a different input, prompt or scorer; starting over",
+                stacklevel=3,
+            )
+            return {}, {}
+        skipped = {int(k): v for k, v in json.loads(meta[SKIPPED_KEY]).items()}
+        index, scores = table.column("index").to_pylist(), table.column("score").to_pylist()
+    except Exception as e:  # a damaged checkpoint only costs the work it held
+        warnings.warn(f"{partial}: unreadable checkpoint ({e}); starting over", stacklevel=3)
+        return {}, {}
+    return dict(zip(index, scores, strict=True)), skipped
+
+
+def _write_checkpoint(
+    partial: Path,
+    fingerprint: str,
+    paths: list[str | None],
+    done: dict[int, float],
+    skipped: dict[int, str],
+) -> None:
+    order = sorted(done)
+    table = pa.table(
+        {
+            "index": pa.array(order, pa.int64()),
+            "path": pa.array([paths[i] for i in order], pa.string()),
+            "score": pa.array([done[i] for i in order], pa.float32()),
+        }
+    )
+    meta = {FINGERPRINT_KEY: fingerprint.encode(), SKIPPED_KEY: json.dumps(skipped).encode()}
+    write_parquet_atomic(partial, table.replace_schema_metadata(meta))
