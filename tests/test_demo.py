@@ -5,15 +5,28 @@ from rewardkit.cli import main
 
 def test_demo_writes_a_readable_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "36", "--users", "2000"]) == 0
+    args = ["--n", "36", "--users", "2000", "--prompts", "20", "--train-steps", "2"]
+    assert main(["demo", "--out", str(out), *args]) == 0
     html = (out / "report.html").read_text()
-    for heading in ("AdWorld: renders and the oracle", "AdWorld community", "Oracle agreement"):
+    for heading in (
+        "AdWorld: renders and the oracle",
+        "AdWorld community",
+        "Oracle agreement",
+        "Social Reward: from remix logs",
+        "Scorers on held-out prompts",
+        "Highest and lowest ranked",
+    ):
         assert heading in html
     assert html.count("<img") > 30
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"]["n"] == 36
     assert set(summary["world"]["per_class"]) >= {"Available", "Unsuitable"}
     assert summary["community"]["events"] > 0
+    reward = summary["social_reward"]
+    assert reward["train"]["steps"] == 2
+    names = [row["scorer"] for row in reward["table"]]
+    assert names[0] == "Social Reward (shipped)" and len(names) == 4
+    assert all(row["truth_pairs_n"] > 0 for row in reward["table"])
 
 
 def test_world_community_command(tmp_path, capsys):

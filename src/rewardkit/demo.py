@@ -4,6 +4,8 @@ Stages so far (later stages append their sections):
 1. AdWorld: render a labelled sample, label it with the oracle, check the oracle against the
    render truth on clean and degraded images.
 2. Community: render an image pool, simulate a community reacting to it, summarise its logs.
+3. Social Reward: curate pairs from the logs, tune a reward model briefly, compare the
+   shipped scorers on held-out prompts against the community's true appeal.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from rewardkit.world.export import label_manifest, render_world
 from rewardkit.world.oracle import MEASUREMENTS, thresholds_table
 from rewardkit.world.scene import CLASSES
 from rewardkit.world.simulate import community_summary, simulate_pool
+
+PROMPTS = 100  # community prompts: 10 held out for evaluation, 80 give training pairs
+DEMO_TRAIN_STEPS = 150  # a short reward-tuning run: the loop working, not the shipped model
 
 
 def _plt():
@@ -96,11 +101,13 @@ def world_section(out: Path, n: int, seed: int, timings: dict) -> tuple[str, dic
     return body, stats
 
 
-def community_section(out: Path, users: int, seed: int, timings: dict) -> tuple[str, dict]:
+def community_section(
+    out: Path, users: int, seed: int, timings: dict, prompts: int = PROMPTS
+) -> tuple[str, dict]:
     plt = _plt()
     t = time.perf_counter()
     logs = simulate_pool(
-        out / "community", users, seed, prompts=40, images_per_prompt=12, progress=False
+        out / "community", users, seed, prompts=prompts, images_per_prompt=12, progress=False
     )
     timings["community"] = time.perf_counter() - t
     summary = community_summary(logs, out / "community")
@@ -164,7 +171,7 @@ def community_section(out: Path, users: int, seed: int, timings: dict) -> tuple[
     agreement = summary["pairwise_truth_agreement"]
     ev = summary["events_by_type"]
     body = (
-        f"<p>{summary['users']:,} users, {summary['images']:,} images in 40 prompts, "
+        f"<p>{summary['users']:,} users, {summary['images']:,} images in {prompts} prompts, "
         f"{summary['events']:,} events ({', '.join(f'{k}: {v:,}' for k, v in ev.items())}).</p>"
         + plots
         + "<p>Within a prompt, how often does a signal order two images like their true appeal? "
@@ -178,27 +185,42 @@ def community_section(out: Path, users: int, seed: int, timings: dict) -> tuple[
     return body, summary
 
 
-def run_demo(out_dir: str | Path, n: int = 240, users: int = 20000, seed: int = 0) -> Path:
+def run_demo(
+    out_dir: str | Path,
+    n: int = 240,
+    users: int = 20000,
+    seed: int = 0,
+    train_steps: int = DEMO_TRAIN_STEPS,
+    prompts: int = PROMPTS,
+) -> Path:
     """Run every stage on the embedded default and write ``out_dir/report.html``."""
+    from rewardkit.demo_reward import reward_section
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     world_body, world_stats = world_section(out, n, seed, timings)
-    comm_body, comm_stats = community_section(out, users, seed, timings)
+    comm_body, comm_stats = community_section(out, users, seed, timings, prompts)
+    reward_body, reward_stats = reward_section(out, out / "community", train_steps, timings)
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",
         [
             ("AdWorld: renders and the oracle", world_body),
             ("AdWorld community: implicit feedback logs", comm_body),
+            ("Social Reward: from remix logs to a reward model", reward_body),
             ("Run", table_html(["stage", "seconds"], [(k, v) for k, v in timings.items()])),
         ],
         subtitle=f"seed {seed}; everything offline on the embedded default",
     )
     path = out / "report.html"
     write_text_atomic(path, html)
-    write_json_atomic(
-        out / "summary.json", {"world": world_stats, "community": comm_stats, "seconds": timings}
-    )
+    summary = {
+        "world": world_stats,
+        "community": comm_stats,
+        "social_reward": reward_stats,
+        "seconds": timings,
+    }
+    write_json_atomic(out / "summary.json", summary)
     return path
