@@ -303,7 +303,12 @@ class SocialReward(nn.Module):
         if len(prompts) != images.shape[0]:
             raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
         img = self.embed_images(images)  # (B, D)
-        txt = self.embed_texts(prompts)  # (B, D)
+        # Batches often repeat a prompt (one prompt, many images): encode each text once.
+        unique = list(dict.fromkeys(prompts))
+        txt = self.embed_texts(unique)  # (U, D)
+        if len(unique) < len(prompts):
+            where = {p: i for i, p in enumerate(unique)}
+            txt = txt[torch.tensor([where[p] for p in prompts], device=txt.device)]  # (B, D)
         return (img * txt).sum(dim=-1)  # (B,)
 
 
