@@ -21,14 +21,15 @@ def test_train_then_eval(community, tmp_path, capsys):
     tiny = make_tiny_clip(tmp_path / "tiny")
     capsys.readouterr()
     pairs = str(community / "pairs.parquet")
-    args = ["train", "--pairs", pairs, "--out", str(tmp_path / "run"), "--model", str(tiny)]
+    run = str(tmp_path / "run")
+    args = ["train", "reward", "--pairs", pairs, "--out", run, "--model", str(tiny)]
     assert main([*args, "--max-steps", "3", "--batch-size", "4", "--preset", "all"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and summary["resumed_from"] == 0
     model = tmp_path / "run" / "model"
     out = tmp_path / "eval.json"
-    argv = ["eval", "--community", str(community / "c"), "--pairs", pairs, "--model", str(model),
-            "--scorer", f"clip-score={tiny}", "--out", str(out)]  # fmt: skip
+    argv = ["eval", "reward", "--community", str(community / "c"), "--pairs", pairs,
+            "--model", str(model), "--scorer", f"clip-score={tiny}", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "social-reward" in table and "clip-score (tiny)" in table
@@ -39,7 +40,8 @@ def test_train_then_eval(community, tmp_path, capsys):
 
 
 def test_eval_defaults_use_the_shipped_models(community, capsys):
-    argv = ["eval", "--community", str(community / "c"), "--pairs", str(community / "pairs.parquet")]
+    pairs = str(community / "pairs.parquet")
+    argv = ["eval", "reward", "--community", str(community / "c"), "--pairs", pairs]
     assert main(argv) == 0
     table = capsys.readouterr().out
     for name in ("social-reward", "clip-score", "aesthetic"):
@@ -47,11 +49,11 @@ def test_eval_defaults_use_the_shipped_models(community, capsys):
 
 
 def test_eval_and_train_errors_name_the_problem(community, tmp_path, capsys):
-    assert main(["eval", "--community", str(tmp_path / "nowhere")]) == 2
+    assert main(["eval", "reward", "--community", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 1\nbogus: 2\n")
-    argv = ["train", "--pairs", str(community / "pairs.parquet"), "--out", str(tmp_path / "r"),
-            "--config", str(bad)]  # fmt: skip
+    argv = ["train", "reward", "--pairs", str(community / "pairs.parquet"),
+            "--out", str(tmp_path / "r"), "--config", str(bad)]  # fmt: skip
     assert main(argv) == 2
     assert "bad.yaml: unknown key" in capsys.readouterr().err

@@ -90,14 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cu.add_argument("--out", required=True, help="output Parquet of preference pairs")
 
-    t = sub.add_parser("train", help="tune a reward model on preference pairs")
+    train = sub.add_parser("train", help="train a model: reward (pairs), contrastive (captions)")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+    t = tsub.add_parser("reward", help="tune a reward model on preference pairs")
     t.add_argument("--pairs", required=True, help="pairs Parquet from `rewardkit curate`")
     t.add_argument("--out", required=True, help="run folder: model/, checkpoint/, summary")
     t.add_argument("--model", default=None, help="start from (default: embedded dual encoder)")
     t.add_argument("--config", default=None, help="training YAML (RewardTrainConfig fields)")
     _train_overrides(t, losses=True)
 
-    pt = sub.add_parser("pretrain", help="contrastive pre-training on a manifest's image-texts")
+    pt = tsub.add_parser("contrastive", help="CLIP pre-training on a manifest's image-texts")
     pt.add_argument("--manifest", required=True, help="Parquet with path and prompt columns")
     pt.add_argument("--out", required=True, help="run folder: model/, checkpoint/, summary")
     pt.add_argument(
@@ -106,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", default=None, help="training YAML (PretrainConfig fields)")
     _train_overrides(pt, losses=False)
 
-    e = sub.add_parser("eval", help="compare scorers on held-out prompts (pairs and truth)")
+    ev = sub.add_parser("eval", help="evaluate models: reward (scorers side by side)")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("reward", help="compare scorers on held-out prompts (pairs and truth)")
     e.add_argument("--community", required=True, help="community folder (images, truth/)")
     e.add_argument("--pairs", default=None, help="curated pairs; their split picks prompts")
     e.add_argument("--split", default="test", help="held-out split of --pairs")
@@ -333,12 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("world", "community"): _world_community,
         ("score", None): _score,
         ("curate", None): _curate,
-        ("train", None): _train,
-        ("pretrain", None): _pretrain,
-        ("eval", None): _eval,
+        ("train", "reward"): _train,
+        ("train", "contrastive"): _pretrain,
+        ("eval", "reward"): _eval,
         ("demo", None): _demo,
     }
-    key = (a.command, getattr(a, "world_command", None))
+    key = (a.command, getattr(a, f"{a.command}_command", None))
     try:
         return handlers[key](a)
     except (ValueError, FileNotFoundError) as e:

@@ -61,9 +61,9 @@ def reward_section(out: Path, community: Path, train_steps: int, timings: dict) 
     gallery = _ranking_gallery(community, scores["Social Reward (shipped)"], truth)
     body = (
         "<p>Remix logs become preference pairs (<code>rewardkit curate</code>), pairs tune a "
-        "dual encoder with the triplet loss (<code>rewardkit train</code>), and every scorer "
-        "is compared on the held-out prompts (<code>rewardkit eval</code>): on the curated "
-        "test pairs, and against the community's ground-truth appeal.</p>"
+        "dual encoder with the triplet loss (<code>rewardkit train reward</code>), and every "
+        "scorer is compared on the held-out prompts (<code>rewardkit eval reward</code>): on "
+        "the curated test pairs, and against the community's ground-truth appeal.</p>"
         "<h3>Scorers on held-out prompts</h3>"
         + table.to_html()
         + "<p class='muted'>pairs: curated test pairs (ties half / ties correct); truth: every "

@@ -1,4 +1,4 @@
-"""Training recipes on tiny dual encoders: they learn, checkpoint, resume exactly, refuse bad input."""
+"""Training recipes on tiny dual encoders: they learn, resume exactly, refuse bad input."""
 
 from pathlib import Path
 
