@@ -37,10 +37,10 @@ from rewardkit.data.curation import CurationConfig, curate
 from rewardkit.models.defaults import DEFAULT_MODELS
 from rewardkit.models.scorers import fit_aesthetic_head
 from rewardkit.models.social_reward import SocialReward, build_default_dual_encoder
+from rewardkit.training.loop import load_images
 from rewardkit.training.reward import (
     PretrainConfig,
     RewardTrainConfig,
-    load_images,
     pretrain_contrastive,
     train_reward,
 )

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from rewardkit.evaluation import EvalTable, evaluate_scores
 from rewardkit.models.scorers import Scorer
-from rewardkit.training.reward import load_images
+from rewardkit.training.loop import load_images
 
 __all__ = ["compare_scorers", "community_images", "score_images_in_memory"]
 

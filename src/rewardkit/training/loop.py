@@ -1,0 +1,287 @@
+"""The training loop every recipe shares, its configs' base, checkpoints and data helpers.
+
+Recipes (``training/reward.py``, ``training/rfnet.py``) are plain functions that prepare
+data and a ``step_loss(rows) -> loss`` closure and hand them to :func:`run_training`, which
+owns the optimiser, accelerate, checkpoints (safetensors for weights) and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from rewardkit.io import default_permissions, read_image_rgb, write_json_atomic
+
+__all__ = [
+    "TrainConfigBase",
+    "TrainResult",
+    "as_float",
+    "load_checkpoint",
+    "load_images",
+    "permutation",
+    "read_table",
+    "resumable",
+    "run_training",
+    "save_checkpoint",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainConfigBase:
+    lr: float
+    batch_size: int
+    epochs: int
+    max_steps: int | None = None  # stop early (smoke tests, budgets); None: all epochs
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # max grad norm; None: off
+    seed: int = 0
+    checkpoint_every: int = 200  # optimiser steps between checkpoints
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be positive; got {self.lr}")
+        for name in ("batch_size", "epochs", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1; got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1 or null; got {self.max_steps}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision: 'no', 'bf16' or 'fp16'; got {self.mixed_precision}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        """Load from YAML; unknown keys are an error naming the file and the key."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: invalid YAML ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+        try:
+            return cls(**raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+@dataclass
+class TrainResult:
+    """What a recipe did: where the model is, its curve and its validation figures."""
+
+    out_dir: Path
+    steps: int
+    seconds: float
+    resumed_from: int
+    history: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def load_images(paths: Sequence[str], root: Path, progress: bool = False) -> torch.Tensor:
+    """Decode images into a uint8 tensor (N, 3, H, W); every image must have the same size.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file that cannot be read, or the first
+            image whose size differs from the others.
+    """
+    arrays, shape = [], None
+    for rel in tqdm(paths, desc="load", disable=not progress, unit="img"):
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        arr = read_image_rgb(path)  # (H, W, 3)
+        if shape is None:
+            shape = arr.shape
+        elif arr.shape != shape:
+            raise ValueError(f"{path}: size {arr.shape[:2]} differs from {shape[:2]}")
+        arrays.append(arr)
+    if not arrays:
+        raise ValueError(f"{root}: no images to load")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255.0)
+
+
+def read_table(path: Path, required: Sequence[str]):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    table = pq.read_table(path)
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; has {table.column_names}")
+    return table
+
+
+# ---------------------------------------------------------------------------------------
+# The shared loop: an epoch-wise seeded permutation of row indices, one closure per step.
+
+
+def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def resumable(config: TrainConfigBase) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (budgets aside)."""
+    keep = asdict(config)
+    for budget in ("max_steps", "checkpoint_every"):
+        keep.pop(budget)
+    return keep
+
+
+def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> None:
+    """Trainable weights (safetensors), optimiser state and counters, written atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    default_permissions(tmp)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) -> dict:
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("signature") != signature:
+        raise ValueError(
+            f"{folder}: checkpoint was made with other settings or data; remove it or use "
+            f"another --out (checkpoint {state.get('signature')}, now {signature})"
+        )
+    weights = load_file(folder / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise ValueError(f"{folder}: checkpoint has unknown parameters {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return state
+
+
+def run_training(
+    model: nn.Module,
+    n_rows: int,
+    step_loss: Callable[[torch.Tensor], torch.Tensor],
+    config: TrainConfigBase,
+    out_dir: Path,
+    signature: dict,
+    evaluate: Callable[[], dict[str, float]] | None,
+    save_model: Callable[[Path], object],
+    progress: bool,
+    lr_factor: Callable[[int, int], float] | None = None,
+) -> TrainResult:
+    """The loop every recipe shares: seeded epoch permutations of ``n_rows`` row indices,
+    ``step_loss(rows)`` per step, AdamW on the parameters that require grad, checkpoints
+    (trainable weights in safetensors, optimiser, counters) every ``checkpoint_every`` steps
+    and at each epoch end, exact resume from them, ``evaluate()`` after each epoch, and
+    ``save_model(out_dir / "model")`` at the end.
+
+    Args:
+        lr_factor: ``(step, total_steps) -> multiplier`` of ``config.lr`` (a schedule);
+            None keeps the rate constant.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=None)
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    model = accelerator.unwrap_model(prepared)
+
+    steps_per_epoch = max(1, n_rows // config.batch_size)  # drop the ragged last batch
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    ckpt = out_dir / CHECKPOINT_DIR
+    step, history = 0, []
+    if (ckpt / "state.json").is_file():
+        state = load_checkpoint(ckpt, model, optimizer, signature)
+        step, history = int(state["step"]), list(state["history"])
+    resumed_from = step
+    start = time.perf_counter()
+    bar = tqdm(total=total, initial=step, desc="train", disable=not progress, unit="step")
+    running: list[float] = []
+    while step < total:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = permutation(n_rows, config.seed, epoch)
+        rows = order[within * config.batch_size : (within + 1) * config.batch_size]
+        if lr_factor is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, total)
+        model.train()
+        with accelerator.autocast():
+            loss = step_loss(rows)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if config.grad_clip is not None:
+            accelerator.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        step += 1
+        running.append(float(loss.detach()))
+        bar.update()
+        bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
+        end_of_epoch = step % steps_per_epoch == 0 or step == total
+        if end_of_epoch:
+            entry: dict[str, Any] = {"step": step, "epoch": math.ceil(step / steps_per_epoch)}
+            entry["loss"] = float(np.mean(running)) if running else float("nan")
+            running = []
+            if evaluate is not None:
+                model.eval()
+                entry.update(evaluate())
+            history.append(entry)
+            if progress:  # epoch lines on stderr: stdout carries the CLI's JSON summary
+                bar.write(json.dumps(entry), file=sys.stderr)
+        if step % config.checkpoint_every == 0 or end_of_epoch:
+            state = {"step": step, "history": history, "signature": signature}
+            save_checkpoint(ckpt, model, optimizer, state)
+    bar.close()
+    model.eval()
+    metrics = evaluate() if evaluate is not None else {}
+    save_model(out_dir / "model")
+    result = TrainResult(
+        out_dir=out_dir,
+        steps=step,
+        seconds=time.perf_counter() - start,
+        resumed_from=resumed_from,
+        history=history,
+        metrics=metrics,
+    )
+    summary = {**asdict(result), "out_dir": str(out_dir), "config": asdict(config)}
+    write_json_atomic(out_dir / "train_summary.json", summary)
+    return result
