@@ -9,9 +9,15 @@ social-reward      ``social-reward``: the same, reward-tuned with the triplet lo
                    curated from a simulated community's remix logs
 aesthetic          ``aesthetic``: a linear head on the dual encoder's image embeddings,
                    fitted to a generic photo-aesthetic rating (not the community's taste)
+depth              ``depth``: a small DPT trained on AdWorld's ground-truth depth maps
+saliency           ``saliency``: a small Segformer trained on AdWorld's saliency maps
+rfnet              ``rfnet``: the RFNet inspector (small ResNet, all five inputs)
+rfnet-image-only   ``rfnet-image-only``: the same backbone on the generated image alone
 =================  ======================================================================
 
-``recipes/train_default_models.py`` rebuilds all three; ``MODELS.md`` beside them records the
+``recipes/train_default_models.py`` rebuilds the first three,
+``recipes/train_modality_models.py`` the depth and saliency models and
+``recipes/train_rfnet_models.py`` the inspectors; ``MODELS.md`` beside them records the
 data, settings and measured results. Users point every command at their own folders instead.
 """
 
@@ -26,6 +32,10 @@ DEFAULT_MODELS: dict[str, str] = {
     "clip-score": "dual-encoder",
     "social-reward": "social-reward",
     "aesthetic": "aesthetic",
+    "depth": "depth",
+    "saliency": "saliency",
+    "rfnet": "rfnet",
+    "rfnet-image-only": "rfnet-image-only",
 }
 
 
