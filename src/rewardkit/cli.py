@@ -108,7 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", default=None, help="training YAML (PretrainConfig fields)")
     _train_overrides(pt, losses=False)
 
-    ev = sub.add_parser("eval", help="evaluate models: reward (scorers side by side)")
+    rf = tsub.add_parser("rfnet", help="train the RFNet inspector on labelled ad images")
+    rf.add_argument("--manifest", required=True, help="AdWorld manifest.parquet or RF1M folder")
+    rf.add_argument("--out", required=True, help="run folder (with --ablation: one per variant)")
+    rf.add_argument("--config", default=None, help="training YAML (RFNetTrainConfig fields)")
+    rf.add_argument("--model-config", default=None, help="RFNet architecture YAML")
+    rf.add_argument("--variant", default="full", help="full, image-only, no-<modality>")
+    rf.add_argument(
+        "--ablation", action="store_true", help="train full, image-only and every no-<modality>"
+    )
+    rf.add_argument("--maps", default="predicted", help="depth/saliency: predicted or truth")
+    _train_overrides(rf, losses=False, presets=False)
+
+    ev = sub.add_parser("eval", help="evaluate models: reward (scorers side by side), rfnet")
     esub = ev.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("reward", help="compare scorers on held-out prompts (pairs and truth)")
     e.add_argument("--community", required=True, help="community folder (images, truth/)")
@@ -126,6 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive(int), default=64)
     e.add_argument("--out", default=None, help="write the table as JSON (and .md beside it)")
 
+    er = esub.add_parser("rfnet", help="RFNet: P/R/F1/AP, confusion, baseline and ablation")
+    er.add_argument("--manifest", required=True, help="held-out AdWorld manifest or RF1M folder")
+    er.add_argument("--model", default=None, help="RFNet folder (default: embedded)")
+    er.add_argument("--runs", default=None, help="a `train rfnet --ablation` folder: all tables")
+    er.add_argument("--maps", default="predicted", help="depth/saliency: predicted or truth")
+    er.add_argument("--seed", type=int, default=0, help="seed of the degraded copy")
+    er.add_argument("--out", default=None, help="write the results as JSON (.md beside it)")
+
+    ins = sub.add_parser("inspect", help="RFNet verdicts for generated ad images")
+    ins.add_argument("--model", default=None, help="RFNet folder (default: embedded)")
+    ins.add_argument(
+        "--input", required=True, help="manifest (path, product_path, caption) or folder"
+    )
+    ins.add_argument("--out", required=True, help="verdicts Parquet")
+    ins.add_argument("--product", default=None, help="product photo, for a folder input")
+    ins.add_argument("--caption", default=None, help="product caption, for a folder input")
+    ins.add_argument("--batch-size", type=_positive(int), default=64)
+
     d = sub.add_parser("demo", help="run the whole loop on the embedded default, write a report")
     d.add_argument("--out", required=True, help="output folder (report.html inside)")
     d.add_argument("--n", type=_positive(int), default=240, help="images to render and label")
@@ -138,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_overrides(p: argparse.ArgumentParser, losses: bool) -> None:
+def _train_overrides(p: argparse.ArgumentParser, losses: bool, presets: bool = True) -> None:
     """Flags that override single fields of a training config."""
-    p.add_argument("--preset", default=None, help="which layers learn (paper, all, ...)")
+    if presets:
+        p.add_argument("--preset", default=None, help="which layers learn (paper, all, ...)")
     p.add_argument("--epochs", type=_positive(int), default=None)
     p.add_argument("--max-steps", type=_positive(int), default=None)
     p.add_argument("--lr", type=_positive(float), default=None)
@@ -318,6 +349,40 @@ def _eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train_rfnet(a: argparse.Namespace) -> int:
+    from rewardkit.rfnet_runs import train_rfnet_command
+    from rewardkit.training.rfnet import RFNetTrainConfig
+
+    config = _train_config(RFNetTrainConfig, a)
+    summary = train_rfnet_command(
+        a.manifest, a.out, config, a.model_config, a.variant, a.ablation, a.maps
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _eval_rfnet(a: argparse.Namespace) -> int:
+    from rewardkit.rfnet_runs import eval_rfnet_command
+
+    text = eval_rfnet_command(a.manifest, a.model, a.runs, a.maps, a.seed, a.out)
+    print(text)
+    return 0
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from rewardkit.inspection import inspect_images, read_inspection_input
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.models.inspector import Inspector
+
+    rows = read_inspection_input(a.input, a.product, a.caption)
+    inspector = Inspector.from_pretrained(a.model or default_model_path("rfnet"))
+    summary = inspect_images(inspector, rows, a.out, batch_size=a.batch_size)
+    print(json.dumps(summary.to_dict()))
+    for s in summary.skipped[:10]:
+        print(f"skipped: row {s['row']}: {s['path']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
 def _demo(a: argparse.Namespace) -> int:
     from rewardkit.demo import run_demo
 
@@ -340,6 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train", "reward"): _train,
         ("train", "contrastive"): _pretrain,
         ("eval", "reward"): _eval,
+        ("train", "rfnet"): _train_rfnet,
+        ("eval", "rfnet"): _eval_rfnet,
+        ("inspect", None): _inspect,
         ("demo", None): _demo,
     }
     key = (a.command, getattr(a, f"{a.command}_command", None))

@@ -1,0 +1,106 @@
+"""The inspector: RFNet plus the modality extractors it needs, behind one call.
+
+``Inspector(product, generated, captions) -> logits (B, C)`` computes depth and saliency of
+the generated images with the extractors and the caption tokens with the (frozen) caption
+encoder, then runs RFNet. Everything between the generated pixels and the logits is
+differentiable, so Recurrent Generation uses it as the accept test and RFFT back-propagates
+``available_log_prob`` into the generator.
+
+A model folder is an RFNet folder (``config.json`` + ``model.safetensors``); an optional
+``inspector.json`` names the depth / saliency / caption folders to use (relative to the
+folder, or absolute), the embedded defaults otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rewardkit.models.rfnet import AVAILABLE, RFNet
+
+__all__ = ["INSPECTOR_FILE", "Inspector"]
+
+INSPECTOR_FILE = "inspector.json"
+
+
+class Inspector(nn.Module):
+    """RFNet with its extractors.
+
+    Args:
+        rfnet: The classifier.
+        depth: Map extractor (images -> (B, 1, H, W) in [0, 1]) or None if unused.
+        saliency: Map extractor or None if unused.
+        caption: Caption encoder with ``encode(list[str]) -> (tokens, mask)`` or None.
+    """
+
+    def __init__(self, rfnet: RFNet, depth=None, saliency=None, caption=None) -> None:
+        super().__init__()
+        self.rfnet = rfnet
+        mods = set(rfnet.config.modalities)
+        for kind, module in (("depth", depth), ("saliency", saliency), ("caption", caption)):
+            if kind in mods and module is None:
+                raise ValueError(f"RFNet uses {kind!r} but no {kind} extractor was given")
+        self.depth = depth if "depth" in mods else None
+        self.saliency = saliency if "saliency" in mods else None
+        self.caption = caption if "caption" in mods else None
+        self.requires_grad_(False)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.rfnet.config.classes)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Inspector:
+        """Load an RFNet folder and its extractors (``inspector.json`` or the defaults)."""
+        from rewardkit.models.modalities import load_modality
+
+        folder = Path(path)
+        rfnet = RFNet.from_pretrained(folder)
+        pointers: dict[str, str] = {}
+        if (folder / INSPECTOR_FILE).is_file():
+            try:
+                pointers = json.loads((folder / INSPECTOR_FILE).read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{folder / INSPECTOR_FILE}: invalid JSON ({err})") from err
+        mods = set(rfnet.config.modalities)
+        extractors = {}
+        for kind in ("depth", "saliency", "caption"):
+            if kind not in mods:
+                extractors[kind] = None
+                continue
+            pointer = pointers.get(kind)
+            if pointer is not None and not Path(pointer).is_absolute():
+                pointer = str(folder / pointer)
+            extractors[kind] = load_modality(kind, pointer)
+        return cls(rfnet, **extractors).to(device).eval()
+
+    def save_pointers(self, folder: str | Path, pointers: dict[str, str]) -> None:
+        """Record which extractor folders this RFNet was trained with."""
+        (Path(folder) / INSPECTOR_FILE).write_text(json.dumps(pointers, indent=2) + "\n")
+
+    def forward(
+        self, product: torch.Tensor, generated: torch.Tensor, captions: list[str]
+    ) -> torch.Tensor:
+        """Logits (B, C) for product photos (B, 3, H, W) composited on white, generated
+        images (B, 3, H, W) in [0, 1] and one caption per image."""
+        if len(captions) != generated.shape[0]:
+            raise ValueError(f"got {generated.shape[0]} images but {len(captions)} captions")
+        inputs = {"product": product, "generated": generated}
+        inputs["depth"] = self.depth(generated) if self.depth is not None else None
+        inputs["saliency"] = self.saliency(generated) if self.saliency is not None else None
+        tokens = mask = None
+        if self.caption is not None:
+            with torch.no_grad():
+                tokens, mask = self.caption.encode(list(captions))
+            tokens, mask = tokens.to(generated.device).float(), mask.to(generated.device)
+        return self.rfnet(**inputs, caption_tokens=tokens, caption_mask=mask)
+
+    def available_log_prob(
+        self, product: torch.Tensor, generated: torch.Tensor, captions: list[str]
+    ) -> torch.Tensor:
+        """log P(Available) per image (B,): the reward RFFT maximises."""
+        logits = self(product, generated, captions)
+        return torch.log_softmax(logits, dim=-1)[:, self.classes.index(AVAILABLE)]

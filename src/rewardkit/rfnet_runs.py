@@ -1,0 +1,173 @@
+"""What ``rewardkit train rfnet`` and ``rewardkit eval rfnet`` run: sample tables in, runs
+and the paper's tables out.
+
+``train_rfnet_command`` loads an AdWorld manifest (or an RF1M folder), splits it by product,
+prepares the inspection tensors once and trains one variant, or with ``ablation`` every
+variant of :data:`rewardkit.training.rfnet.VARIANTS` (full, image-only, each input removed),
+each from scratch into ``out/<variant>``. ``eval_rfnet_command`` evaluates one model, or every
+variant of such a folder, on held-out samples, clean and degraded (blur, noise, JPEG with
+depth and saliency predicted again), and renders the tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+
+from rewardkit.io import write_json_atomic, write_text_atomic
+from rewardkit.models.rfnet import RFNet, RFNetConfig
+from rewardkit.training.rfnet import (
+    VARIANTS,
+    RFNetTrainConfig,
+    degrade_inspection_data,
+    evaluate_rfnet,
+    predict_rfnet,
+    prepare_inspection_data,
+    train_rfnet,
+)
+
+__all__ = ["eval_rfnet_command", "load_samples", "train_rfnet_command"]
+
+
+def load_samples(source: str | Path, split: bool = True) -> pa.Table:
+    """An AdWorld manifest (``.parquet``) or an RF1M folder, with a ``split`` by product."""
+    from rewardkit.data.samples import load_adworld_manifest, load_rf1m, split_by_product
+
+    source = Path(source)
+    if source.is_dir():
+        table = load_rf1m(source)
+    elif source.is_file():
+        table = load_adworld_manifest(source)
+    else:
+        raise FileNotFoundError(f"{source}: no such manifest or RF1M folder")
+    return split_by_product(table) if split else table
+
+
+def _model_config(path: str | Path | None) -> RFNetConfig:
+    if path is None:
+        return RFNetConfig.small()
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model config not found") from None
+    try:
+        return RFNetConfig.from_dict({**RFNetConfig.small().to_dict(), **raw})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def train_rfnet_command(
+    manifest: str | Path,
+    out: str | Path,
+    config: RFNetTrainConfig,
+    model_config: str | Path | None = None,
+    variant: str = "full",
+    ablation: bool = False,
+    maps: str = "predicted",
+    progress: bool = True,
+) -> dict:
+    """Train one variant into ``out`` or, with ``ablation``, all into ``out/<variant>``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"--variant: expected one of {sorted(VARIANTS)}; got {variant!r}")
+    base = _model_config(model_config)
+    samples = load_samples(manifest)
+    full = dataclasses.replace(base, modalities=VARIANTS["full"])
+    data = prepare_inspection_data(samples, full, maps=maps, progress=progress)
+    names = list(VARIANTS) if ablation else [variant]
+    summary = {"samples": len(data), "split": {s: data.split.count(s) for s in set(data.split)}}
+    runs = {}
+    for name in names:
+        run_dir = Path(out) / name if ablation else Path(out)
+        cfg = dataclasses.replace(base, modalities=VARIANTS[name])
+        result = train_rfnet(data, run_dir, cfg, config, progress=progress)
+        runs[name] = {"model": str(run_dir / "model"), "steps": result.steps,
+                      "seconds": round(result.seconds, 1), "metrics": result.metrics}  # fmt: skip
+    summary["runs"] = runs
+    if ablation:
+        write_json_atomic(Path(out) / "runs.json", summary)
+    return summary
+
+
+def _evaluate_model(model: RFNet, clean, degraded) -> dict:
+    out = {}
+    for name, data in (("clean", clean), ("degraded", degraded)):
+        rows = data.rows("test") if "test" in data.split else None
+        probs = predict_rfnet(model, data, rows)
+        labels = data.labels if rows is None else data.labels[rows]
+        out[name] = evaluate_rfnet(probs, labels, data.classes)
+    return out
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def _tables(results: dict[str, dict]) -> str:
+    lines = []
+    for cond in ("clean", "degraded"):
+        lines += [
+            f"### RFNet vs image-only baseline ({cond} held-out renders)",
+            "",
+            "| model | P | R | F1 | AP | accuracy (all classes) |",
+            "|---|--:|--:|--:|--:|--:|",
+        ]
+        for name in ("full", "image-only"):
+            if name in results:
+                r = results[name][cond]
+                cells = [r["precision"], r["recall"], r["f1"], r["ap"], r["accuracy"]]
+                lines.append(f"| {name} | " + " | ".join(_pct(v) for v in cells) + " |")
+        lines.append("")
+        ablation = [n for n in results if n.startswith("no-")]
+        if ablation:
+            lines += [
+                f"### Modality ablation ({cond}): each row trained without one input",
+                "",
+                "| removed | AP | accuracy |",
+                "|---|--:|--:|",
+            ]
+            for name in ["full", *ablation]:
+                r = results[name][cond]
+                label = "none (full RFNet)" if name == "full" else name.removeprefix("no-")
+                lines.append(f"| {label} | {_pct(r['ap'])} | {_pct(r['accuracy'])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def eval_rfnet_command(
+    manifest: str | Path,
+    model: str | Path | None = None,
+    runs: str | Path | None = None,
+    maps: str = "predicted",
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> str:
+    """Evaluate a model (or every run of an ablation folder) on ``manifest``; all of its
+    samples are held out (``split`` ignored) unless it is the training manifest's test split.
+    Returns the Markdown tables; writes JSON (+ .md) to ``out``."""
+    from rewardkit.models.defaults import default_model_path
+
+    samples = load_samples(manifest, split=False)
+    samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
+    if runs is not None:
+        folders = {
+            n: Path(runs) / n / "model" for n in VARIANTS if (Path(runs) / n / "model").is_dir()
+        }
+        if not folders:
+            raise FileNotFoundError(f"{runs}: no <variant>/model folders (train with --ablation)")
+    else:
+        folders = {"full": Path(model) if model else default_model_path("rfnet")}
+    models = {n: RFNet.from_pretrained(f) for n, f in folders.items()}
+    widest = dataclasses.replace(next(iter(models.values())).config, modalities=VARIANTS["full"])
+    clean = prepare_inspection_data(samples, widest, maps=maps, progress=progress)
+    degraded = degrade_inspection_data(clean, seed, predict_maps=maps == "predicted")
+    results = {n: _evaluate_model(m, clean, degraded) for n, m in models.items()}
+    text = _tables(results)
+    if out is not None:
+        write_json_atomic(Path(out), {"manifest": str(manifest), "results": results})
+        write_text_atomic(Path(out).with_suffix(".md"), text + "\n")
+    return text

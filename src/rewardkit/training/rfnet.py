@@ -1,0 +1,414 @@
+"""RFNet recipes: prepare inspection tensors, train (the paper's schedule), evaluate.
+
+- :func:`prepare_inspection_data` turns a sample table (``rewardkit.data.samples``: path,
+  product_path, caption, label, split, optional depth/saliency paths) into tensors at the
+  model's resolution. Depth and saliency come from the modality extractors by default
+  (``maps="predicted"``: what the inspector sees at inspection time) or from the table's
+  ground-truth maps (``maps="truth"``). Caption token states are computed once (the caption
+  encoder is frozen).
+- :func:`train_rfnet`: cross-entropy with inverse-frequency class weights, AdamW, lr 1e-4
+  divided by 10 at half the steps, 10 epochs (the paper's schedule), optional degradation
+  of the generated images (blur, noise, JPEG) so the inspector tolerates imperfect images;
+  checkpoints and resume from :mod:`rewardkit.training.loop`.
+- :func:`evaluate_rfnet`: precision, recall, F1 and AP of "Available vs not" (AP from the
+  Available probability), accuracy, and the per-class confusion matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig
+from rewardkit.training.loop import TrainConfigBase, TrainResult, resumable, run_training
+
+__all__ = [
+    "InspectionData",
+    "RFNetTrainConfig",
+    "VARIANTS",
+    "degrade_inspection_data",
+    "average_precision",
+    "evaluate_rfnet",
+    "predict_rfnet",
+    "prepare_inspection_data",
+    "train_rfnet",
+]
+
+# The paper's two tables: RFNet vs the same backbone on the generated image alone, and the
+# ablation that removes one input at a time (each variant is trained from scratch).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "full": MODALITIES,
+    "image-only": ("generated",),
+    **{f"no-{m}": tuple(x for x in MODALITIES if x != m) for m in MODALITIES},
+}
+
+
+@dataclass
+class RFNetTrainConfig(TrainConfigBase):
+    """RFNet training; defaults are the paper's schedule where it gives one."""
+
+    lr: float = 1e-4  # paper
+    batch_size: int = 32
+    epochs: int = 10  # paper
+    weight_decay: float = 1e-4
+    lr_drop_at: float = 0.5  # paper: lr / 10 at half of training
+    class_weighting: bool = True  # inverse class frequency in the cross-entropy
+    degrade: float = 0.5  # share of training images blurred/noised (generated images are)
+
+
+@dataclass
+class InspectionData:
+    """Inspection inputs for N samples at one resolution R (uint8 images, float tokens)."""
+
+    product: torch.Tensor  # (N, 3, R, R) uint8, composited on white
+    generated: torch.Tensor  # (N, 3, R, R) uint8
+    depth: torch.Tensor | None  # (N, 1, R, R) uint8, 255 = nearest
+    saliency: torch.Tensor | None  # (N, 1, R, R) uint8
+    caption_tokens: torch.Tensor | None  # (N, T, H) float32
+    caption_mask: torch.Tensor | None  # (N, T) long
+    labels: torch.Tensor  # (N,) long, index into classes
+    classes: tuple[str, ...]
+    split: list[str]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def rows(self, split: str) -> torch.Tensor:
+        """Row indices (long) of one split."""
+        return torch.tensor([i for i, s in enumerate(self.split) if s == split], dtype=torch.long)
+
+    def batch(
+        self,
+        rows: torch.Tensor,
+        modalities: tuple[str, ...] = MODALITIES,
+        device: torch.device | str = "cpu",
+    ) -> dict:
+        """Model inputs for ``rows``: float images in [0, 1], caption tokens and mask; the
+        modalities a model does not use are None."""
+        use = set(modalities)
+
+        def f(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows].to(device).float().div_(255.0)
+
+        out = {
+            "product": f(self.product),
+            "generated": f(self.generated),
+            "depth": f(self.depth),
+            "saliency": f(self.saliency),
+            "caption_tokens": None,
+            "caption_mask": None,
+        }
+        if self.caption_tokens is not None:
+            out["caption_tokens"] = self.caption_tokens[rows].to(device)
+            out["caption_mask"] = self.caption_mask[rows].to(device)
+        for name in MODALITIES:
+            if name not in use:
+                keys = ("caption_tokens", "caption_mask") if name == "caption" else (name,)
+                for key in keys:
+                    out[key] = None
+        return out
+
+
+def _load_rgb(path: str, size: int, on_white: bool) -> np.ndarray:
+    with Image.open(path) as im:
+        if on_white:  # transparent product photo -> RGB on white (alpha is the mask)
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(canvas, rgba)
+        im = im.convert("RGB")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+
+
+def _load_grey(path: str, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("L")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im)
+
+
+@torch.no_grad()
+def _predict_maps(extractor, generated: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """uint8 images (N, 3, R, R) -> uint8 maps (N, 1, R, R) from an extractor in [0, 1]."""
+    out = []
+    for i in range(0, generated.shape[0], batch_size):
+        maps = extractor(generated[i : i + batch_size].float() / 255.0)  # (B, 1, R, R)
+        out.append((maps.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def prepare_inspection_data(
+    table: pa.Table,
+    config: RFNetConfig,
+    maps: str = "predicted",
+    depth_model=None,
+    saliency_model=None,
+    caption_encoder=None,
+    progress: bool = True,
+) -> InspectionData:
+    """Decode and encode every sample of ``table`` for an RFNet with ``config``.
+
+    Args:
+        table: Samples with absolute paths (``rewardkit.data.samples`` loaders): path,
+            product_path, caption, label, split; depth_path/saliency_path for ``maps="truth"``.
+        config: The model config (resolution, modalities, classes).
+        maps: ``"predicted"`` (the extractors; default models when None) or ``"truth"``.
+        depth_model / saliency_model / caption_encoder: Extractors to use instead of the
+            embedded defaults (``rewardkit.models.modalities.load_modality``).
+        progress: Show a progress bar while decoding.
+
+    Raises:
+        ValueError: Unknown ``maps``, a label outside ``config.classes`` (naming the row),
+            or missing map paths for ``maps="truth"``.
+    """
+    from rewardkit.models.modalities import load_modality
+
+    if maps not in ("predicted", "truth"):
+        raise ValueError(f"maps must be 'predicted' or 'truth'; got {maps!r}")
+    mods = set(config.modalities)
+    size = config.resolution
+    classes = tuple(config.classes)
+    labels = []
+    for i, lab in enumerate(table["label"].to_pylist()):
+        if lab not in classes:
+            raise ValueError(f"row {i}: label {lab!r} is not one of the model's classes {classes}")
+        labels.append(classes.index(lab))
+    paths = table["path"].to_pylist()
+    gen, prod, dep, sal = [], [], [], []
+    need_truth = maps == "truth" and bool(mods & {"depth", "saliency"})
+    for i in tqdm(range(table.num_rows), desc="decode", disable=not progress, unit="img"):
+        gen.append(_load_rgb(paths[i], size, on_white=False))
+        prod.append(_load_rgb(table["product_path"][i].as_py(), size, on_white=True))
+        if need_truth:
+            for kind, bucket in (("depth", dep), ("saliency", sal)):
+                if kind in mods:
+                    column = f"{kind}_path"
+                    p = table[column][i].as_py() if column in table.column_names else None
+                    if not p:
+                        raise ValueError(f"row {i}: no {kind}_path for maps='truth'")
+                    bucket.append(_load_grey(p, size))
+    generated = torch.from_numpy(np.stack(gen)).permute(0, 3, 1, 2).contiguous()
+    product = torch.from_numpy(np.stack(prod)).permute(0, 3, 1, 2).contiguous()
+    depth = saliency = None
+    if "depth" in mods:
+        if maps == "truth":
+            depth = torch.from_numpy(np.stack(dep)).unsqueeze(1)
+        else:
+            depth = _predict_maps(depth_model or load_modality("depth"), generated)
+    if "saliency" in mods:
+        if maps == "truth":
+            saliency = torch.from_numpy(np.stack(sal)).unsqueeze(1)
+        else:
+            saliency = _predict_maps(saliency_model or load_modality("saliency"), generated)
+    tokens = mask = None
+    if "caption" in mods:
+        encoder = caption_encoder or load_modality("caption")
+        captions = [str(c) for c in table["caption"].to_pylist()]
+        tokens, mask = _encode_captions(encoder, captions)
+    split = table["split"].to_pylist() if "split" in table.column_names else ["test"] * len(paths)
+    return InspectionData(
+        product=product, generated=generated, depth=depth, saliency=saliency,
+        caption_tokens=tokens, caption_mask=mask,
+        labels=torch.tensor(labels, dtype=torch.long), classes=classes, split=split,
+        paths=[str(p) for p in paths],
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _encode_captions(encoder, captions: list[str], batch_size: int = 256):
+    """Token states (N, T, H) and mask (N, T), padded to the longest caption overall."""
+    unique = sorted(set(captions))
+    toks, masks = [], []
+    for i in range(0, len(unique), batch_size):
+        t, m = encoder.encode(unique[i : i + batch_size])  # (b, t, H), (b, t)
+        toks.append(t.float().cpu())
+        masks.append(m.long().cpu())
+    length = max(t.shape[1] for t in toks)
+    toks = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t in toks])  # (U, T, H)
+    masks = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in masks])  # (U, T)
+    where = {c: k for k, c in enumerate(unique)}
+    index = torch.tensor([where[c] for c in captions])
+    return toks[index], masks[index]  # (N, T, H), (N, T)
+
+
+def _degrade(images: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """Blur and noise a random share of float images (B, 3, R, R), as generators produce."""
+    if share <= 0:
+        return images
+    pick = torch.rand(images.shape[0], generator=generator) < share  # (B,)
+    if not pick.any():
+        return images
+    x = images[pick]
+    kernel = torch.tensor([1.0, 2.0, 1.0]) / 4.0
+    k2 = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3).to(x)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+    mix = torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x)
+    noise = torch.randn(x.shape, generator=generator).to(x) * 0.02
+    out = images.clone()
+    out[pick] = (mix * blurred + (1 - mix) * x + noise).clamp(0, 1)
+    return out
+
+
+def train_rfnet(
+    data: InspectionData,
+    out_dir: str | Path,
+    model_config: RFNetConfig | None = None,
+    config: RFNetTrainConfig | None = None,
+    init: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train RFNet on the ``train`` rows of ``data``; validation accuracy after each epoch.
+
+    Args:
+        data: From :func:`prepare_inspection_data` with the same model config.
+        out_dir: Run folder: ``model/``, ``checkpoint/``, ``train_summary.json``.
+        model_config: Architecture (default: :meth:`RFNetConfig.small`); ignored with ``init``.
+        config: Schedule (the paper's by default).
+        init: Start from a saved RFNet folder instead of a new model.
+        progress: Show progress.
+    """
+    config = config or RFNetTrainConfig()
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    model = (
+        RFNet.from_pretrained(init)
+        if init is not None
+        else RFNet(model_config or RFNetConfig.small())
+    )
+    if tuple(model.config.classes) != data.classes:
+        raise ValueError(f"model classes {model.config.classes} != data classes {data.classes}")
+    train_rows, val_rows = data.rows("train"), data.rows("val")
+    if len(train_rows) < config.batch_size:
+        raise ValueError(f"{len(train_rows)} training samples < batch_size {config.batch_size}")
+    counts = torch.bincount(data.labels[train_rows], minlength=len(data.classes)).float()
+    weight = None
+    if config.class_weighting:
+        weight = counts.sum() / (len(counts) * counts.clamp_min(1.0))  # (C,)
+    noise_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    def step_loss(batch: torch.Tensor) -> torch.Tensor:
+        rows = train_rows[batch]
+        inputs = data.batch(rows, model.config.modalities)
+        if inputs["generated"] is not None:
+            inputs["generated"] = _degrade(inputs["generated"], config.degrade, noise_gen)
+        logits = model(**inputs)  # (B, C)
+        w = None if weight is None else weight.to(logits.device)
+        return F.cross_entropy(logits, data.labels[rows].to(logits.device), weight=w)
+
+    def evaluate() -> dict[str, float]:
+        if len(val_rows) == 0:
+            return {}
+        probs = predict_rfnet(model, data, val_rows)
+        acc = float((probs.argmax(1) == data.labels[val_rows]).float().mean())
+        return {"val_accuracy": acc}
+
+    def lr_factor(step: int, total: int) -> float:
+        return 1.0 if step < config.lr_drop_at * total else 0.1
+
+    signature = {
+        "recipe": "rfnet",
+        "config": resumable(config),
+        "model": model.config.to_dict(),
+        "samples": len(data),
+    }
+    return run_training(
+        model, len(train_rows), step_loss, config, out_dir, signature, evaluate,
+        model.save_pretrained, progress, lr_factor,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def predict_rfnet(
+    model: RFNet, data: InspectionData, rows: torch.Tensor | None = None, batch_size: int = 128
+) -> torch.Tensor:
+    """Class probabilities (N, C) for ``rows`` of ``data`` (all rows when None)."""
+    rows = torch.arange(len(data)) if rows is None else rows
+    was_training = model.training
+    model.eval()
+    try:
+        mods = tuple(model.config.modalities)
+        out = [
+            F.softmax(model(**data.batch(r, mods)), dim=-1).cpu() for r in rows.split(batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, len(data.classes))
+
+
+def degrade_inspection_data(
+    data: InspectionData,
+    seed: int,
+    depth_model=None,
+    saliency_model=None,
+    predict_maps: bool = True,
+) -> InspectionData:
+    """A copy whose generated images are blurred, noised and JPEG-compressed
+    (``world.perturb.degrade``), with depth and saliency predicted again from them
+    (``predict_maps``; otherwise the maps are kept, e.g. ground-truth maps)."""
+    import dataclasses
+
+    from rewardkit.models.modalities import load_modality
+    from rewardkit.world.perturb import degrade
+
+    rng = np.random.default_rng(seed)
+    images = data.generated.permute(0, 2, 3, 1).numpy()  # (N, R, R, 3)
+    degraded = np.stack([degrade(np.ascontiguousarray(im), rng) for im in images])
+    generated = torch.from_numpy(degraded).permute(0, 3, 1, 2).contiguous()
+    depth, saliency = data.depth, data.saliency
+    if not predict_maps:
+        return dataclasses.replace(data, generated=generated)
+    if depth is not None:
+        depth = _predict_maps(depth_model or load_modality("depth"), generated)
+    if saliency is not None:
+        saliency = _predict_maps(saliency_model or load_modality("saliency"), generated)
+    return dataclasses.replace(data, generated=generated, depth=depth, saliency=saliency)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AP: mean of the precision at the rank of each positive (scores sorted descending;
+    tied scores are taken as one threshold)."""
+    positive = positive.astype(bool)
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], positive[order]
+    tp = np.cumsum(y)
+    last = np.r_[s[1:] != s[:-1], True]  # end of each run of tied scores
+    precision = tp[last] / (np.nonzero(last)[0] + 1)
+    recall_gain = np.diff(np.r_[0, tp[last]]) / n_pos
+    return float((precision * recall_gain).sum())
+
+
+def evaluate_rfnet(probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
+    """Available-vs-not P/R/F1/AP, accuracy and the confusion matrix (rows = truth)."""
+    probs_np, labels_np = probs.numpy(), labels.numpy()
+    a = classes.index(AVAILABLE)
+    pred = probs_np.argmax(1)
+    is_pos, said_pos = labels_np == a, pred == a
+    tp = int((is_pos & said_pos).sum())
+    precision = tp / max(1, int(said_pos.sum()))
+    recall = tp / max(1, int(is_pos.sum()))
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels_np, pred), 1)
+    return {
+        "n": int(len(labels_np)),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "ap": average_precision(probs_np[:, a], is_pos),
+        "accuracy": float((pred == labels_np).mean()),
+        "classes": list(classes),
+        "confusion": confusion.tolist(),
+    }
