@@ -15,6 +15,8 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
         "Social Reward: from remix logs",
         "Scorers on held-out prompts",
         "Highest and lowest ranked",
+        "RFNet: the inspector on new products",
+        "verdict: Available",
     ):
         assert heading in html
     assert html.count("<img") > 30
@@ -22,6 +24,8 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
     assert summary["world"]["n"] == 36
     assert set(summary["world"]["per_class"]) >= {"Available", "Unsuitable"}
     assert summary["community"]["events"] > 0
+    rf = summary["rfnet"]["results"]["RFNet (shipped)"]["clean"]
+    assert rf["n"] == 36 and len(rf["confusion"]) == 6
     reward = summary["social_reward"]
     assert reward["train"]["steps"] == 2
     names = [row["scorer"] for row in reward["table"]]

@@ -4,7 +4,8 @@ Stages so far (later stages append their sections):
 1. AdWorld: render a labelled sample, label it with the oracle, check the oracle against the
    render truth on clean and degraded images.
 2. Community: render an image pool, simulate a community reacting to it, summarise its logs.
-3. Social Reward: curate pairs from the logs, tune a reward model briefly, compare the
+3. RFNet: the shipped inspector and its image-only baseline on the renders of stage 1.
+4. Social Reward: curate pairs from the logs, tune a reward model briefly, compare the
    shipped scorers on held-out prompts against the community's true appeal.
 """
 
@@ -195,12 +196,14 @@ def run_demo(
 ) -> Path:
     """Run every stage on the embedded default and write ``out_dir/report.html``."""
     from rewardkit.demo_reward import reward_section
+    from rewardkit.demo_rfnet import rfnet_section
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     world_body, world_stats = world_section(out, n, seed, timings)
+    rfnet_body, rfnet_stats = rfnet_section(out, timings)
     comm_body, comm_stats = community_section(out, users, seed, timings, prompts)
     reward_body, reward_stats = reward_section(out, out / "community", train_steps, timings)
     timings["total"] = time.perf_counter() - t0
@@ -208,6 +211,7 @@ def run_demo(
         "rewardkit demo",
         [
             ("AdWorld: renders and the oracle", world_body),
+            ("RFNet: the inspector on new products", rfnet_body),
             ("AdWorld community: implicit feedback logs", comm_body),
             ("Social Reward: from remix logs to a reward model", reward_body),
             ("Run", table_html(["stage", "seconds"], [(k, v) for k, v in timings.items()])),
@@ -218,6 +222,7 @@ def run_demo(
     write_text_atomic(path, html)
     summary = {
         "world": world_stats,
+        "rfnet": rfnet_stats,
         "community": comm_stats,
         "social_reward": reward_stats,
         "seconds": timings,
