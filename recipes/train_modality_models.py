@@ -66,7 +66,7 @@ class CentrePrior(nn.Module):
         return g.expand(b, 1, h, w)
 
 
-def _readme(kind: str, model_cls: type, report: dict, manifest: Path, config: dict) -> str:
+def _readme(kind: str, report: dict, manifest: Path, config: dict) -> str:
     figures = report[kind]
     rows = "\n".join(
         f"| {name} | " + " | ".join(f"{v:.3f}" for v in m.values()) + " |"
@@ -77,10 +77,17 @@ def _readme(kind: str, model_cls: type, report: dict, manifest: Path, config: di
         "depth": "DPTForDepthEstimation (ViT backbone, patch 8, width 64, 4 layers; fusion 32), "
         "64 px input. Output of `load_modality('depth')`: nearness in [0, 1] (1 = nearest), "
         "min-max normalised per image. Loss: MiDaS's scale- and shift-invariant L1 "
-        "(median / mean-absolute-deviation normalisation of prediction and truth).",
+        "(median / mean-absolute-deviation normalisation of prediction and truth).\n\n"
+        "Spearman is tie-aware: the truth's flat back wall is one large tie, and AdWorld's "
+        "depth mostly grows towards the bottom row, so a row ramp already ranks well; "
+        "AbsRel (after least-squares scale and shift) and MAE (min-max normalised) are the "
+        "figures that separate a depth model from that prior.",
         "saliency": "SegformerForSemanticSegmentation (widths 16-32-64-128, one block per "
         "stage, strides 2-2-2-2, decoder 64), one label, 64 px input, 32 x 32 logits "
-        "upsampled then sigmoid. Loss: BCE + soft IoU.",
+        "upsampled then sigmoid. Loss: BCE + soft IoU.\n\n"
+        "IoU@0.5 binarises both maps at 0.5; iou_adaptive thresholds the prediction at twice "
+        "its mean (fair to uncalibrated maps such as spectral residual); cc is Pearson's "
+        "correlation with the soft truth.",
     }[kind]
     return (
         f"# Embedded default {kind} model\n\n{what}\n\n"
@@ -145,7 +152,7 @@ def main() -> None:
             dst = ASSETS / kind
             cls.from_pretrained(src).save_pretrained(dst)
             summary = json.loads((a.work / kind / "train_summary.json").read_text())
-            readme = _readme(kind, cls, report, a.manifest, summary["config"])
+            readme = _readme(kind, report, a.manifest, summary["config"])
             write_text_atomic(dst / "README.md", readme)
             log(f"shipped {kind} -> {dst} ({size / 1e6:.2f} MB)")
 

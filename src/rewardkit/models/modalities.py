@@ -126,12 +126,12 @@ def small_saliency_config() -> SegformerConfig:
 # Learned map extractors: a transformers vision model with preprocessing in torch.
 
 
-def _min_max(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
     """Per-image min-max normalisation of (B, 1, H, W) maps to [0, 1] (constant maps -> 0)."""
     flat = maps.flatten(1)  # (B, H*W)
     lo = flat.amin(dim=1).view(-1, 1, 1, 1)
-    hi = flat.amax(dim=1).view(-1, 1, 1, 1)
-    return (maps - lo) / (hi - lo).clamp_min(eps)
+    spread = flat.amax(dim=1).view(-1, 1, 1, 1) - lo
+    return (maps - lo) / torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -229,6 +229,7 @@ class _PretrainedMapExtractor(nn.Module):
     """
 
     auto_class = None
+    task = ""  # the transformers task, for error messages
     processor_type = ""
     default_mean: tuple[float, float, float] = IMAGENET_MEAN
     default_std: tuple[float, float, float] = IMAGENET_STD
@@ -308,7 +309,7 @@ class _PretrainedMapExtractor(nn.Module):
                 architecture exactly (missing, unexpected or mis-shaped keys).
         """
         source = str(path_or_id)
-        model = _load_strict(cls.auto_class, source, cls.processor_type or cls.__name__)
+        model = _load_strict(cls.auto_class, source, cls.task)
         hw, mean, std = _read_preprocessor(source, model.config, cls.default_mean, cls.default_std)
         extractor = cls(model, hw, mean, std)
         if dtype is not None:
@@ -366,6 +367,7 @@ class DepthEstimator(_PretrainedMapExtractor):
     """
 
     auto_class = AutoModelForDepthEstimation
+    task = "depth-estimation"
     processor_type = "DPTImageProcessor"
     default_mean = HALF
     default_std = HALF
@@ -414,6 +416,7 @@ class SaliencyEstimator(_PretrainedMapExtractor):
     """
 
     auto_class = AutoModelForSemanticSegmentation
+    task = "semantic-segmentation"
     processor_type = "SegformerImageProcessor"
 
     def __init__(
