@@ -45,29 +45,34 @@ def per_image_loop(scorer: Scorer, files: list[Path], prompts: list[str]) -> lis
 
 def compare(
     scorer: Scorer, source: Path, files: list[Path], prompts: list[str], batch_size: int,
-    out: Path, prompt: str = "",
+    out: Path, prompt: str = "", repeats: int = 3,
 ) -> dict:  # fmt: skip
-    start = time.perf_counter()
-    loop_scores = per_image_loop(scorer, files, prompts)
-    loop_s = time.perf_counter() - start
-    summary = score_images(scorer, source, out, batch_size, prompt=prompt, progress=False)
+    # Best of `repeats` for both paths: this machine may be shared, and a co-tenant's burst
+    # should not decide the figure.
+    loop_s = batched_s = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loop_scores = per_image_loop(scorer, files, prompts)
+        loop_s = min(loop_s, time.perf_counter() - start)
+        summary = score_images(scorer, source, out, batch_size, prompt=prompt, progress=False)
+        batched_s = min(batched_s, summary.seconds)
     batched = pq.read_table(out).column("score").to_pylist()
     n = len(files)
     max_diff = max(abs(a - b) for a, b in zip(batched, loop_scores, strict=True))
     return {
         "images": n,
         "unique_prompts": len(set(prompts)),
-        "batched_images_per_second": round(n / summary.seconds, 1),
+        "batched_images_per_second": round(n / batched_s, 1),
         "per_image_images_per_second": round(n / loop_s, 1),
-        "speedup": round(loop_s / summary.seconds, 2),
-        "batched_seconds": round(summary.seconds, 3),
+        "speedup": round(loop_s / batched_s, 2),
+        "batched_seconds": round(batched_s, 3),
         "per_image_seconds": round(loop_s, 3),
         "max_abs_score_difference": max_diff,
         "skipped": len(summary.skipped),
     }
 
 
-def bench(n: int, size: int, batch_size: int, seed: int = 0) -> dict:
+def bench(n: int, size: int, batch_size: int, repeats: int = 3, seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = build_default_dual_encoder(root / "model", image_size=64, seed=seed)
@@ -80,12 +85,12 @@ def bench(n: int, size: int, batch_size: int, seed: int = 0) -> dict:
         folder = root / "world" / "images"
         files = list_images(folder)
         by_folder = compare(scorer, folder, files, [FOLDER_PROMPT] * len(files), batch_size,
-                            root / "folder.parquet", prompt=FOLDER_PROMPT)  # fmt: skip
+                            root / "folder.parquet", FOLDER_PROMPT, repeats)  # fmt: skip
         manifest = root / "world" / "manifest.parquet"
         rows = pq.read_table(manifest, columns=["path", "prompt"]).to_pylist()
         by_manifest = compare(scorer, manifest, [manifest.parent / r["path"] for r in rows],
                               [r["prompt"] for r in rows], batch_size,
-                              root / "manifest.parquet")  # fmt: skip
+                              root / "manifest.parquet", "", repeats)  # fmt: skip
     return {"folder": by_folder, "manifest": by_manifest}
 
 
@@ -94,14 +99,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="timings kept: the best of these")
     a = ap.parse_args()
     load_before = os.getloadavg()[0]
-    results = bench(a.n, a.size, a.batch_size)
+    results = bench(a.n, a.size, a.batch_size, a.repeats)
     out = {
         "benchmark": "scoring",
         "model": "default dual encoder: CLIP vision 4x192 @ 64 px + all-MiniLM-L6-v2",
         "image_size": a.size,
         "batch_size": a.batch_size,
+        "repeats": a.repeats,
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
