@@ -120,6 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--maps", default="predicted", help="depth/saliency: predicted or truth")
     _train_overrides(rf, losses=False, presets=False)
 
+    tg = tsub.add_parser("generator", help="train the small SD + ControlNet ad generator")
+    tg.add_argument("--manifest", required=True, help="AdWorld render manifest (the scenes)")
+    tg.add_argument("--out", required=True, help="run folder: vae/, diffusion/, model/")
+    tg.add_argument("--probe", default=None, help="manifest of held-out products to probe")
+    tg.add_argument("--probe-size", type=_positive(int), default=64)
+    tg.add_argument("--probe-every", type=int, default=400, help="steps between probes")
+    tg.add_argument("--vae-steps", type=_positive(int), default=600)
+    tg.add_argument("--vae-batch-size", type=_positive(int), default=8)
+    tg.add_argument("--vae-lr", type=float, default=2e-3)
+    tg.add_argument("--max-steps", type=_positive(int), default=2500, help="diffusion steps")
+    tg.add_argument("--batch-size", type=_positive(int), default=32)
+    tg.add_argument("--lr", type=float, default=5e-4)
+    tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("generate", help="generate ad images around product photos")
+    g.add_argument("--products", required=True, help="folder of product photos, or a manifest")
+    g.add_argument("--out", required=True, help="output folder (images, attempts, manifests)")
+    g.add_argument("--generator", default=None, help="pipeline folder (default: embedded)")
+    gp = g.add_mutually_exclusive_group()
+    gp.add_argument("--prompt", default=None, help="one prompt for every product")
+    gp.add_argument("--prompts", default=None, help="file with one prompt per line")
+    g.add_argument("--until-accepted", action="store_true", help="Recurrent Generation")
+    g.add_argument("--inspector", default=None, help="RFNet folder (default: embedded)")
+    g.add_argument(
+        "--judge", default="inspector", choices=("inspector", "oracle"),
+        help="accept test: the RFNet inspector, or AdWorld's oracle (measurement)",
+    )  # fmt: skip
+    g.add_argument("--max-attempts", type=_positive(int), default=8)
+    g.add_argument("--batch-size", type=_positive(int), default=16)
+    g.add_argument("--steps", type=_positive(int), default=None, help="DDIM steps")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--limit", type=_positive(int), default=None, help="first N products only")
+    g.add_argument("--no-progress", action="store_true")
+
     ev = sub.add_parser("eval", help="evaluate models: reward (scorers side by side), rfnet")
     esub = ev.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("reward", help="compare scorers on held-out prompts (pairs and truth)")
@@ -361,6 +397,52 @@ def _train_rfnet(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train_generator(a: argparse.Namespace) -> int:
+    from rewardkit.generation.default import GeneratorArch
+    from rewardkit.training.generator import (
+        DiffusionTrainConfig,
+        VAETrainConfig,
+        train_generator,
+    )
+
+    summary = train_generator(
+        a.manifest,
+        a.out,
+        GeneratorArch(),
+        VAETrainConfig(
+            max_steps=a.vae_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
+        ),
+        DiffusionTrainConfig(
+            max_steps=a.max_steps,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            seed=a.seed,
+            probe_every=a.probe_every,
+        ),
+        probe_manifest=a.probe,
+        probe_size=a.probe_size,
+        progress=not a.no_progress,
+    )
+    print(json.dumps({k: summary[k] for k in ("rows", "vae", "diffusion")}, default=float))
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from rewardkit.generation.run import generate_command, sampler_for
+    from rewardkit.models.defaults import default_model_path
+
+    generator = a.generator or default_model_path("generator")
+    stats = generate_command(
+        generator, a.products, a.out, prompt=a.prompt, prompts_file=a.prompts,
+        until_accepted=a.until_accepted, judge=a.judge, inspector=a.inspector,
+        max_attempts=a.max_attempts, batch_size=a.batch_size,
+        sampler=sampler_for(generator, a.steps, a.guidance), seed=a.seed, limit=a.limit,
+        progress=not a.no_progress,
+    )  # fmt: skip
+    print(json.dumps(stats))
+    return 0
+
+
 def _eval_rfnet(a: argparse.Namespace) -> int:
     from rewardkit.rfnet_runs import eval_rfnet_command
 
@@ -406,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("train", "contrastive"): _pretrain,
         ("eval", "reward"): _eval,
         ("train", "rfnet"): _train_rfnet,
+        ("train", "generator"): _train_generator,
+        ("generate", None): _generate,
         ("eval", "rfnet"): _eval_rfnet,
         ("inspect", None): _inspect,
         ("demo", None): _demo,

@@ -36,6 +36,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "saliency": "saliency",
     "rfnet": "rfnet",
     "rfnet-image-only": "rfnet-image-only",
+    "generator": "generator",
 }
 
 
@@ -52,7 +53,8 @@ def default_model_path(name: str) -> Path:
             f"{', '.join(sorted(DEFAULT_MODELS))} (pass a model folder instead)"
         )
     folder = Path(str(resources.files("rewardkit"))) / "assets" / "models" / DEFAULT_MODELS[name]
-    if not (folder / "config.json").is_file() and not (folder / "aesthetic.json").is_file():
+    markers = ("config.json", "aesthetic.json", "model_index.json")
+    if not any((folder / m).is_file() for m in markers):
         raise FileNotFoundError(
             f"{folder}: the embedded default {name!r} is missing from this installation; "
             "rebuild it with `python recipes/train_default_models.py` or pass a model folder"

@@ -160,6 +160,10 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> N
     trainable = {
         n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
     }
+    # Buffers too (BatchNorm statistics, EMA weights): resume must continue them exactly.
+    trainable.update(
+        {f"buffer:{n}": b.detach().cpu().contiguous() for n, b in _persistent_buffers(model)}
+    )
     save_file(trainable, str(tmp / "trainable.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -172,6 +176,11 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    names = set(model.state_dict().keys())
+    return [(n, b) for n, b in model.named_buffers() if n in names]
+
+
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) -> dict:
     state = json.loads((folder / "state.json").read_text())
     if state.get("signature") != signature:
@@ -181,6 +190,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) 
         )
     weights = load_file(folder / "trainable.safetensors")
     params = dict(model.named_parameters())
+    params.update({f"buffer:{n}": b for n, b in _persistent_buffers(model)})
     unknown = sorted(set(weights) - set(params))
     if unknown:
         raise ValueError(f"{folder}: checkpoint has unknown parameters {unknown[:5]}")
@@ -202,6 +212,7 @@ def run_training(
     save_model: Callable[[Path], object],
     progress: bool,
     lr_factor: Callable[[int, int], float] | None = None,
+    after_step: Callable[[int], dict | None] | None = None,
 ) -> TrainResult:
     """The loop every recipe shares: seeded epoch permutations of ``n_rows`` row indices,
     ``step_loss(rows)`` per step, AdamW on the parameters that require grad, checkpoints
@@ -212,6 +223,8 @@ def run_training(
     Args:
         lr_factor: ``(step, total_steps) -> multiplier`` of ``config.lr`` (a schedule);
             None keeps the rate constant.
+        after_step: called with the step count after every optimiser step (EMA updates,
+            periodic probes); a dict it returns is logged to the history with the step.
     """
     from accelerate import Accelerator
 
@@ -254,6 +267,13 @@ def run_training(
         optimizer.step()
         step += 1
         running.append(float(loss.detach()))
+        if after_step is not None:
+            logged = after_step(step)
+            if logged:
+                entry = {"step": step, **logged}
+                history.append(entry)
+                if progress:
+                    bar.write(json.dumps(entry), file=sys.stderr)
         bar.update()
         bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
         end_of_epoch = step % steps_per_epoch == 0 or step == total

@@ -1,0 +1,468 @@
+"""The ad generator: Stable Diffusion + ControlNet inpainting components and our own loop.
+
+Components are the diffusers/transformers classes of a ``StableDiffusionControlNetInpaintPipeline``
+folder (``unet``, ``controlnet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``), so a
+user's SD 1.5 + ControlNet folder and the embedded small generator load the same way.
+
+The denoising loop is written out once, step by step, and shared by generation, Recurrent
+Generation and reward fine-tuning (which only decides where gradients flow):
+
+1. noise ``x_T`` per sample from its own seed (a sample does not depend on its batch);
+2. for each DDIM timestep t (``scheduler.set_timesteps``), high to low:
+   a. ControlNet on the latent, the text and the Canny image -> residuals per UNet block;
+   b. UNet on the latent (plus the inpainting mask and masked-image latent when it has 9
+      input channels), the text and the residuals -> eps, for the prompt and for the empty
+      prompt; classifier-free guidance eps = eps_u + w (eps_c - eps_u);
+   c. DDIM step (eq. 1, eta = 0):
+      x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+      x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps
+   d. product preservation (eq. 2): x_prev = (1 - M) x_prev + M x_o(prev), with x_o(prev)
+      the product latent noised to level prev with the sample's own noise;
+3. decode the final latent with the VAE; the caller pastes the product pixels back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from rewardkit.generation.product import PreparedProduct, paste_back, stack_products
+from rewardkit.io import default_permissions
+
+__all__ = [
+    "AdGenerator",
+    "SamplerConfig",
+    "SampleOutput",
+    "GenerationBatch",
+    "prepare_batch",
+    "denoise",
+    "generate_images",
+]
+
+COMPONENTS = ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_CLASS = "StableDiffusionControlNetInpaintPipeline"
+_LIBRARY = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "controlnet": ("diffusers", "ControlNetModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "scheduler": ("diffusers", "DDIMScheduler"),
+}
+
+
+class AdGenerator:
+    """The components of an SD + ControlNet inpainting pipeline, loaded from one folder."""
+
+    def __init__(self, unet, controlnet, vae, text_encoder, tokenizer, scheduler) -> None:
+        self.unet, self.controlnet, self.vae = unet, controlnet, vae
+        self.text_encoder, self.tokenizer, self.scheduler = text_encoder, tokenizer, scheduler
+        if unet.config.in_channels not in (vae.config.latent_channels, 9):
+            raise ValueError(
+                f"unet has {unet.config.in_channels} input channels; expected the VAE's "
+                f"{vae.config.latent_channels} or 9 (inpainting)"
+            )
+        for m in self.modules():
+            m.eval()
+
+    # -- loading and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device = "cpu", dtype=torch.float32
+    ) -> AdGenerator:
+        """Load every component from ``folder`` (a diffusers pipeline folder); nothing is
+        downloaded. Raises naming the folder and the missing component."""
+        from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: generator folder not found")
+        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: not a Stable Diffusion + ControlNet pipeline folder; missing "
+                f"component folder(s) {missing} (expected {list(COMPONENTS)})"
+            )
+        kw = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
+        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", **kw)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **kw)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", **kw)
+        gen = cls(unet, controlnet, vae, text_encoder, tokenizer, scheduler)
+        return gen.to(device, None if dtype == torch.float32 else dtype)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the folder as diffusers lays out the pipeline (atomic: a temp folder renamed)."""
+        import diffusers
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in COMPONENTS:
+            getattr(self, name).save_pretrained(tmp / name)
+        index = {
+            "_class_name": PIPELINE_CLASS,
+            "_diffusers_version": diffusers.__version__,
+            **{k: list(v) for k, v in _LIBRARY.items()},
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        default_permissions(tmp)
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.controlnet, self.vae, self.text_encoder]
+
+    def to(self, device, dtype=None) -> AdGenerator:
+        for m in self.modules():
+            m.to(device=device) if dtype is None else m.to(device=device, dtype=dtype)
+        return self
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def resolution(self) -> int:
+        size = self.unet.config.sample_size
+        size = size[0] if isinstance(size, list | tuple) else size
+        return int(size) * self.vae_factor
+
+    @property
+    def inpainting(self) -> bool:
+        return self.unet.config.in_channels == 9
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.prediction_type)
+
+    # -- encoders -----------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text states (B, L, D) from the text encoder's last hidden layer, as SD uses them."""
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = tok.input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Images in [0, 1] (B, 3, H, W) -> scaled latents (the posterior mean by default)."""
+        dist = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
+        z = dist.sample() if sample else dist.mean
+        return z * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]; differentiable when called with grad."""
+        x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x + 1) / 2).clamp(0, 1)
+
+    # -- noise-schedule helpers -----------------------------------------------------------
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    def timesteps(self, steps: int) -> list[int]:
+        self.scheduler.set_timesteps(steps)
+        return [int(t) for t in self.scheduler.timesteps]
+
+    def to_eps_x0(self, out: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor):
+        """The network output (epsilon, v or sample prediction) -> (eps, x0_hat)."""
+        sa, s1 = a_t.sqrt(), (1 - a_t).sqrt()
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return out, (x_t - s1 * out) / sa
+        if kind == "v_prediction":
+            return sa * out + s1 * x_t, sa * x_t - s1 * out
+        if kind == "sample":
+            return (x_t - sa * out) / s1, out
+        raise ValueError(f"scheduler prediction_type {kind!r} is not supported")
+
+
+@dataclass
+class SamplerConfig:
+    """Settings of the denoising loop (the reference pipeline: DDIM 40 steps, CFG 7.5)."""
+
+    steps: int = 40
+    guidance_scale: float = 7.5
+    controlnet_scale: float = 1.0
+    blend: bool = True  # eq. 2, product latent blended in after every step
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1; got {self.steps}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale: must be >= 0; got {self.guidance_scale}")
+
+
+@dataclass
+class GenerationBatch:
+    """Conditioning of one batch, in latent space where it applies."""
+
+    text: torch.Tensor  # (B, L, D) prompt states
+    uncond: torch.Tensor  # (B, L, D) negative-prompt states
+    control: torch.Tensor  # (B, 3, H, W) Canny image in [0, 1]
+    inpaint_lat: torch.Tensor  # (B, 1, h, w) 1 = paint (for a 9-channel UNet)
+    masked_lat: torch.Tensor  # (B, C, h, w) latent of the image with the painted region blanked
+    keep_lat: torch.Tensor  # (B, 1, h, w) M of eq. 2: latent cells wholly inside the product
+    product_lat: torch.Tensor  # (B, C, h, w) x_o of eq. 2
+    noise: torch.Tensor  # (B, C, h, w) x_T, one seed per sample
+    keep: torch.Tensor  # (B, 1, H, W) product alpha, for a differentiable paste-back
+    product: torch.Tensor  # (B, 3, H, W) product on grey in [0, 1]
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """One noise tensor per seed, independent of the batch it is drawn in."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    ).to(device, dtype)
+
+
+def prepare_batch(
+    gen: AdGenerator,
+    products: Sequence[PreparedProduct],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    negative_prompt: str = "",
+) -> GenerationBatch:
+    """Encode prompts and products of one batch (always without gradients: they are inputs)."""
+    if not (len(products) == len(prompts) == len(seeds)):
+        raise ValueError(
+            f"products, prompts and seeds differ in length "
+            f"({len(products)}, {len(prompts)}, {len(seeds)})"
+        )
+    if products[0].size != gen.resolution:
+        raise ValueError(
+            f"products prepared at {products[0].size} px; the generator works at "
+            f"{gen.resolution} px"
+        )
+    dev, dt = gen.device, gen.dtype
+    t = {k: v.to(dev, dt) for k, v in stack_products(list(products)).items()}
+    f = gen.vae_factor
+    h = gen.resolution // f
+    with torch.no_grad():
+        text = gen.encode_prompts(prompts)
+        uncond = gen.encode_prompts([negative_prompt] * len(prompts))
+        # SD inpainting conditioning: the image with the painted region blanked (0 in [-1, 1],
+        # i.e. mid grey in [0, 1]), and the paint mask at latent size.
+        masked = t["product"] * (1 - t["inpaint"]) + 0.5 * t["inpaint"]
+        masked_lat = gen.encode_images(masked)
+        product_lat = gen.encode_images(t["product"])
+    inpaint_lat = F.interpolate(t["inpaint"], size=(h, h), mode="nearest")
+    # A latent cell is blended only if every pixel under it is product (min-pool of keep).
+    keep_lat = -F.max_pool2d(-t["keep"], kernel_size=f, stride=f)
+    noise = seeded_noise(seeds, (gen.latent_channels, h, h), dev, dt)
+    return GenerationBatch(
+        text=text,
+        uncond=uncond,
+        control=t["control"],
+        inpaint_lat=inpaint_lat,
+        masked_lat=masked_lat,
+        keep_lat=keep_lat,
+        product_lat=product_lat,
+        noise=noise,
+        keep=t["keep"],
+        product=t["product"],
+    )
+
+
+def predict(
+    gen: AdGenerator,
+    x_t: torch.Tensor,
+    t: int,
+    batch: GenerationBatch,
+    text: torch.Tensor,
+    controlnet_scale: float = 1.0,
+    unet=None,
+    controlnet=None,
+) -> torch.Tensor:
+    """One network evaluation: ControlNet residuals, then the UNet; returns its raw output.
+
+    ``unet``/``controlnet`` override the generator's (a fine-tuned copy vs the reference)."""
+    unet = unet or gen.unet
+    controlnet = controlnet or gen.controlnet
+    n = x_t.shape[0] // batch.noise.shape[0]  # 2 under classifier-free guidance
+    rep = (lambda v: v.repeat(n, *([1] * (v.dim() - 1)))) if n > 1 else (lambda v: v)
+    timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    down, mid = controlnet(
+        x_t,
+        timestep,
+        encoder_hidden_states=text,
+        controlnet_cond=rep(batch.control),
+        conditioning_scale=controlnet_scale,
+        return_dict=False,
+    )
+    model_in = x_t
+    if gen.inpainting:
+        model_in = torch.cat([x_t, rep(batch.inpaint_lat), rep(batch.masked_lat)], dim=1)
+    return unet(
+        model_in,
+        timestep,
+        encoder_hidden_states=text,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        return_dict=False,
+    )[0]
+
+
+def guided_eps(
+    gen: AdGenerator,
+    x_t: torch.Tensor,
+    t: int,
+    a_t: torch.Tensor,
+    batch: GenerationBatch,
+    config: SamplerConfig,
+    unet=None,
+    controlnet=None,
+) -> torch.Tensor:
+    """Step 2a-b: eps under classifier-free guidance (one doubled batch)."""
+    if config.guidance_scale == 1.0:
+        out = predict(gen, x_t, t, batch, batch.text, config.controlnet_scale, unet, controlnet)
+        return gen.to_eps_x0(out, x_t, a_t)[0]
+    x2 = torch.cat([x_t, x_t])
+    text = torch.cat([batch.uncond, batch.text])
+    out = predict(gen, x2, t, batch, text, config.controlnet_scale, unet, controlnet)
+    eps_u, eps_c = gen.to_eps_x0(out, x2, a_t)[0].chunk(2)
+    return eps_u + config.guidance_scale * (eps_c - eps_u)
+
+
+def ddim_step(x_t, eps, a_t, a_prev):
+    """Eq. 1 (DDIM, eta = 0): returns (x_prev, x0_hat)."""
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+
+
+def blend_product(x: torch.Tensor, batch: GenerationBatch, a: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: keep the product cells on the product latent noised to the same level."""
+    noised = a.sqrt() * batch.product_lat + (1 - a).sqrt() * batch.noise
+    return (1 - batch.keep_lat) * x + batch.keep_lat * noised
+
+
+@dataclass
+class SampleOutput:
+    latents: torch.Tensor  # final (or, with stop_at, the step's x0_hat) latents
+    x0_hat: torch.Tensor | None  # the one-step prediction at ``stop_at``
+    timestep: int | None  # the timestep of ``stop_at``
+
+
+def denoise(
+    gen: AdGenerator,
+    batch: GenerationBatch,
+    config: SamplerConfig,
+    grad_last: int = 0,
+    checkpoint: bool = False,
+    stop_at: int | None = None,
+    unet=None,
+    controlnet=None,
+) -> SampleOutput:
+    """The loop (module docstring). Gradients flow only through the last ``grad_last`` steps
+    (0: none, ``config.steps``: all, i.e. full backprop); earlier steps run under no_grad and
+    their result is detached (truncated backprop). ``checkpoint`` recomputes each grad step in
+    the backward pass instead of storing its activations. ``stop_at`` (a step index) ends the
+    loop at that step and returns its one-step prediction x0_hat (RFFT's objective)."""
+    steps = gen.timesteps(config.steps)
+    acp = gen.alphas_cumprod()
+    final = torch.tensor(float(gen.scheduler.final_alpha_cumprod), device=acp.device)
+    stride = gen.scheduler.config.num_train_timesteps // config.steps
+    x = batch.noise.clone()
+    last = len(steps) if stop_at is None else stop_at + 1
+    if not 0 < last <= len(steps):
+        raise ValueError(f"stop_at: must be in [0, {len(steps) - 1}]; got {stop_at}")
+    x0 = None
+    for i, t in enumerate(steps[:last]):
+        a_t = acp[t].to(x.dtype)
+        prev = t - stride
+        a_prev = (acp[prev] if prev >= 0 else final).to(x.dtype)
+        with_grad = i >= len(steps) - grad_last and torch.is_grad_enabled()
+
+        def step(x_in, t=t, a_t=a_t, a_prev=a_prev):
+            eps = guided_eps(gen, x_in, t, a_t, batch, config, unet, controlnet)
+            x_out, x0_out = ddim_step(x_in, eps, a_t, a_prev)
+            if config.blend:
+                x_out = blend_product(x_out, batch, a_prev)
+            return x_out, x0_out
+
+        ctx = nullcontext() if with_grad else torch.no_grad()
+        with ctx:
+            if with_grad and checkpoint:
+                x, x0 = grad_checkpoint(step, x, use_reentrant=False)
+            else:
+                x, x0 = step(x)
+        if not with_grad:
+            x, x0 = x.detach(), x0.detach()
+    if stop_at is not None:
+        return SampleOutput(latents=x0, x0_hat=x0, timestep=steps[stop_at])
+    return SampleOutput(latents=x, x0_hat=None, timestep=None)
+
+
+def paste_back_tensor(images: torch.Tensor, batch: GenerationBatch) -> torch.Tensor:
+    """Differentiable paste-back: product pixels (alpha) over generated images in [0, 1].
+    Uses the binary keep mask; ``generate_images`` pastes the exact anti-aliased layer."""
+    return images * (1 - batch.keep) + batch.product * batch.keep
+
+
+def generate_images(
+    gen: AdGenerator,
+    products: Sequence[PreparedProduct],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config: SamplerConfig | None = None,
+    batch_size: int = 16,
+) -> list[np.ndarray]:
+    """Generate one image per (product, prompt, seed), pasted back: RGB uint8 arrays."""
+    config = config if config is not None else SamplerConfig()
+    out: list[np.ndarray] = []
+    for i in range(0, len(products), batch_size):
+        sl = slice(i, i + batch_size)
+        batch = prepare_batch(gen, products[sl], prompts[sl], seeds[sl], config.negative_prompt)
+        with torch.no_grad():
+            latents = denoise(gen, batch, config).latents
+            images = gen.decode_latents(latents)
+        arr = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+        out.extend(paste_back(a, p) for a, p in zip(arr, products[sl], strict=True))
+    return out

@@ -1,0 +1,254 @@
+"""Recurrent Generation: regenerate the products whose image fails inspection, in batches.
+
+A queue holds (product, attempt) jobs. Each batch takes the next jobs from the queue; after
+the judge's verdicts, a failing product goes back to the end of the queue with a new seed
+until it passes or has used ``max_attempts``. So every batch stays full (new products and
+retries side by side) instead of looping over one product at a time. The seed of attempt k
+of product i is a function of (seed, i, k) only, so the images do not depend on how batches
+were formed (the per-product loop in ``benchmarks/bench_recurrent.py`` makes the same ones).
+
+Judges share one call: ``judge(images [B, 3, H, W] in [0, 1], prompts, **context) ->
+(labels, scores)``; an image is accepted when its label is ``Available``. ``OracleJudge``
+(AdWorld's ground truth, for measurement) and ``InspectorJudge`` (RFNet) implement it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rewardkit.generation.pipeline import AdGenerator, SamplerConfig, generate_images
+from rewardkit.generation.product import PreparedProduct
+
+__all__ = [
+    "ProductJob",
+    "Attempt",
+    "RecurrentResult",
+    "OracleJudge",
+    "InspectorJudge",
+    "attempt_seed",
+    "recurrent_generate",
+    "available_rate_after",
+]
+
+AVAILABLE = "Available"
+
+
+@dataclass
+class ProductJob:
+    """One product to generate for: its photo (RGBA), prompt, caption and real height."""
+
+    product_id: str
+    photo: np.ndarray  # RGBA uint8
+    prepared: PreparedProduct
+    prompt: str
+    caption: str
+    height_cm: float
+    fill: float
+
+
+@dataclass
+class Attempt:
+    product: int  # index into the jobs
+    attempt: int  # 1-based
+    seed: int
+    image: np.ndarray  # RGB uint8, product pasted back
+    label: str
+    score: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.label == AVAILABLE
+
+
+@dataclass
+class RecurrentResult:
+    attempts: list[Attempt]
+    final: list[Attempt]  # one per product: the accepted attempt, or the best-scoring one
+    max_attempts: int
+    seconds: float
+    batches: int
+    images_generated: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images_generated = len(self.attempts)
+
+    @property
+    def accepted(self) -> int:
+        return sum(a.accepted for a in self.final)
+
+    def stats(self) -> dict:
+        n = len(self.final)
+        acc = [a for a in self.final if a.accepted]
+        return {
+            "products": n,
+            "accepted": len(acc),
+            "accepted_rate": len(acc) / n if n else 0.0,
+            "first_attempt_rate": available_rate_after(self, 1),
+            "rate_after_attempts": {
+                k: available_rate_after(self, k) for k in range(1, self.max_attempts + 1)
+            },
+            "mean_attempts_per_accepted": (
+                float(np.mean([a.attempt for a in acc])) if acc else float("nan")
+            ),
+            "images_generated": self.images_generated,
+            "seconds": round(self.seconds, 2),
+            "accepted_per_second": len(acc) / self.seconds if self.seconds else 0.0,
+            "batches": self.batches,
+        }
+
+
+def available_rate_after(result: RecurrentResult, k: int) -> float:
+    """Share of products with an accepted image within their first ``k`` attempts."""
+    n = len(result.final)
+    return sum(a.accepted and a.attempt <= k for a in result.final) / n if n else 0.0
+
+
+def attempt_seed(seed: int, product: int, attempt: int) -> int:
+    return int(np.random.SeedSequence([seed, product, attempt]).generate_state(1)[0])
+
+
+Judge = Callable[..., tuple[list[str], torch.Tensor]]
+
+
+class OracleJudge:
+    """AdWorld's oracle as a judge: label from pixels, score 1 for Available else 0."""
+
+    name = "oracle"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
+        from rewardkit.world.oracle import label
+
+        arr = (images.detach().float().permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(
+            np.uint8
+        )
+        labels = [
+            label(photo, img, h, fill=f)[0]
+            for img, photo, h, f in zip(
+                arr, context["photos"], context["heights"], context["fills"], strict=True
+            )
+        ]
+        scores = torch.tensor([1.0 if lab == AVAILABLE else 0.0 for lab in labels])
+        return labels, scores
+
+
+class InspectorJudge:
+    """An RFNet inspector as a judge: its verdict (argmax class), score P(Available)."""
+
+    name = "inspector"
+
+    def __init__(self, inspector) -> None:
+        self.inspector = inspector.eval()
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
+        from PIL import Image
+
+        size = self.inspector.rfnet.config.resolution
+        products = []
+        for photo in context["photos"]:
+            im = Image.fromarray(photo, "RGBA")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            rgb = Image.alpha_composite(white, im).convert("RGB")
+            products.append(np.asarray(rgb.resize((size, size), Image.BILINEAR)))
+        p = torch.from_numpy(np.stack(products)).permute(0, 3, 1, 2).float() / 255
+        g = images.float()
+        if g.shape[-1] != size:
+            g = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear")
+        with torch.no_grad():
+            probs = torch.softmax(self.inspector(p, g, list(context["captions"])), dim=-1)
+        classes = self.inspector.classes
+        labels = [classes[k] for k in probs.argmax(-1).tolist()]
+        return labels, probs[:, classes.index(AVAILABLE)]
+
+
+def _judge_batch(judge: Judge, images: list[np.ndarray], jobs: list[ProductJob]):
+    t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    return judge(
+        t,
+        [j.prompt for j in jobs],
+        photos=[j.photo for j in jobs],
+        captions=[j.caption for j in jobs],
+        heights=[j.height_cm for j in jobs],
+        fills=[j.fill for j in jobs],
+    )
+
+
+def recurrent_generate(
+    gen: AdGenerator,
+    jobs: Sequence[ProductJob],
+    judge: Judge,
+    config: SamplerConfig | None = None,
+    max_attempts: int = 8,
+    batch_size: int = 16,
+    seed: int = 0,
+    refill: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> RecurrentResult:
+    """Generate until each product has an accepted image or used ``max_attempts``.
+
+    Args:
+        refill: True: batches mix new products and retries (the queue above). False: one
+            product at a time, retried until done (the naive loop, for comparison).
+        progress: called with (products finished, products) after every batch.
+    """
+    config = config if config is not None else SamplerConfig()
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts: must be >= 1; got {max_attempts}")
+    if not jobs:
+        raise ValueError("no products to generate for")
+    start = time.perf_counter()
+    queue: deque[tuple[int, int]] = deque((i, 1) for i in range(len(jobs)))
+    attempts: list[Attempt] = []
+    best: dict[int, Attempt] = {}
+    done: set[int] = set()
+    batches = 0
+    while queue:
+        if refill:
+            take = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+        else:
+            take = [queue.popleft()]
+        idx = [i for i, _ in take]
+        seeds = [attempt_seed(seed, i, k) for i, k in take]
+        batch_jobs = [jobs[i] for i in idx]
+        images = generate_images(
+            gen,
+            [j.prepared for j in batch_jobs],
+            [j.prompt for j in batch_jobs],
+            seeds,
+            config,
+            batch_size=len(take),
+        )
+        labels, scores = _judge_batch(judge, images, batch_jobs)
+        batches += 1
+        retry = []
+        for (i, k), s, img, lab, sc in zip(
+            take, seeds, images, labels, scores.tolist(), strict=True
+        ):
+            a = Attempt(product=i, attempt=k, seed=s, image=img, label=lab, score=float(sc))
+            attempts.append(a)
+            if i not in best or a.accepted or (not best[i].accepted and sc > best[i].score):
+                best[i] = a
+            if a.accepted or k >= max_attempts:
+                done.add(i)
+            else:
+                retry.append((i, k + 1))
+        if refill:
+            queue.extend(retry)
+        else:
+            for r in reversed(retry):
+                queue.appendleft(r)
+        if progress is not None:
+            progress(len(done), len(jobs))
+    final = [best[i] for i in range(len(jobs))]
+    return RecurrentResult(
+        attempts=attempts,
+        final=final,
+        max_attempts=max_attempts,
+        seconds=time.perf_counter() - start,
+        batches=batches,
+    )

@@ -1,0 +1,250 @@
+"""``rewardkit generate``: products in, ad images out, optionally until accepted.
+
+Inputs: ``--products`` is a folder of product photos (RGBA, or on white), or an AdWorld
+world folder / manifest (its ``product_path``, ``prompt``, ``caption``, ``product_height_cm``
+and ``fill`` columns are used). Prompts come from ``--prompt``, ``--prompts FILE`` (one per
+line, in product order, cycled) or the manifest.
+
+Outputs in ``--out``:
+
+- ``images/<product>.png``: the accepted image per product, or the best one when the budget
+  ran out (``best_effort`` in the manifest);
+- ``attempts/<product>_a<k>.png`` and ``attempts.parquet``: every attempt with its verdict;
+- ``manifest.parquet``: the returned images, with ``path``, ``product_path``, ``caption``,
+  ``product_height_cm`` and ``fill``, so ``rewardkit world label`` and ``rewardkit inspect``
+  accept it (``attempts.parquet`` too);
+- ``products/<product>.png``: the product photos as given (RGBA), which both manifests point to;
+- ``stats.json``: available rate after k attempts, attempts per accepted image, time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from rewardkit.generation.pipeline import AdGenerator, SamplerConfig
+from rewardkit.generation.product import prepare_product
+from rewardkit.generation.recurrent import (
+    InspectorJudge,
+    OracleJudge,
+    ProductJob,
+    RecurrentResult,
+    recurrent_generate,
+)
+from rewardkit.io import write_json_atomic, write_parquet_atomic, write_png_atomic
+from rewardkit.world.placement import DEFAULT_FILL
+
+__all__ = ["load_jobs", "generate_command", "write_result"]
+
+_CM = re.compile(r"(\d+(?:\.\d+)?)\s*cm\b")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _height(caption: str) -> float:
+    m = _CM.search(caption or "")
+    return float(m.group(1)) if m else float("nan")
+
+
+def _load_photo(path: Path):
+    from rewardkit.world.export import load_product_photo
+
+    return load_product_photo(path)
+
+
+def load_jobs(
+    products: str | Path,
+    size: int,
+    prompt: str | None = None,
+    prompts_file: str | Path | None = None,
+    caption: str | None = None,
+    fill: float | None = None,
+    limit: int | None = None,
+) -> tuple[list[ProductJob], list[dict]]:
+    """Jobs from a product folder or a manifest; bad photos are skipped and reported."""
+    src = Path(products)
+    if src.is_dir() and (src / "manifest.parquet").is_file():
+        src = src / "manifest.parquet"
+    rows: list[dict] = []
+    if src.is_file():
+        table = pq.read_table(src)
+        if "product_path" not in table.column_names:
+            raise ValueError(f"{src}: a product manifest needs a product_path column")
+        for r in table.to_pylist():
+            p = Path(r["product_path"])
+            rows.append(
+                {
+                    "path": p if p.is_absolute() else src.parent / p,
+                    "prompt": r.get("prompt"),
+                    "caption": r.get("caption") or "",
+                    "height": r.get("product_height_cm"),
+                    "fill": r.get("fill"),
+                    "id": Path(r["product_path"]).stem,
+                }
+            )
+    elif src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{src}: no product photos ({', '.join(IMAGE_SUFFIXES)})")
+        rows = [{"path": f, "prompt": None, "caption": "", "height": None, "fill": None,
+                 "id": f.stem} for f in files]  # fmt: skip
+    else:
+        raise FileNotFoundError(f"{src}: no such product folder or manifest")
+    if limit is not None:
+        rows = rows[:limit]
+    file_prompts: list[str] | None = None
+    if prompts_file is not None:
+        file_prompts = [ln.strip() for ln in Path(prompts_file).read_text().splitlines()]
+        file_prompts = [p for p in file_prompts if p]
+        if not file_prompts:
+            raise ValueError(f"{prompts_file}: no prompts (one per line)")
+    jobs, skipped = [], []
+    for i, r in enumerate(rows):
+        text = prompt or (file_prompts[i % len(file_prompts)] if file_prompts else r["prompt"])
+        if not text:
+            raise ValueError(
+                f"{src}: product {r['id']} has no prompt; give --prompt or --prompts FILE"
+            )
+        cap = caption or r["caption"]
+        f = float(fill or r["fill"] or DEFAULT_FILL)
+        try:
+            photo = _load_photo(r["path"])
+            prepared = prepare_product(photo, size, f)
+        except (OSError, ValueError) as err:
+            skipped.append({"row": i, "path": str(r["path"]), "reason": str(err)})
+            continue
+        height = float(r["height"]) if r["height"] is not None else _height(cap)
+        jobs.append(ProductJob(r["id"], photo, prepared, text, cap, height, f))
+    if not jobs:
+        raise ValueError(f"{src}: no usable product photos ({len(skipped)} skipped)")
+    return jobs, skipped
+
+
+def write_result(out: Path, jobs: list[ProductJob], result: RecurrentResult, judged: bool) -> dict:
+    """Images, both manifests and stats (see module docstring); returns the stats."""
+    for j in jobs:
+        write_png_atomic(out / "products" / f"{j.product_id}.png", j.photo)
+    rows = []
+    for a in result.attempts:
+        j = jobs[a.product]
+        rel = f"attempts/{j.product_id}_a{a.attempt}.png"
+        write_png_atomic(out / rel, a.image)
+        rows.append(_row(j, a, rel, judged))
+    write_parquet_atomic(out / "attempts.parquet", pa.Table.from_pylist(rows))
+    final = []
+    for a in result.final:
+        j = jobs[a.product]
+        rel = f"images/{j.product_id}.png"
+        write_png_atomic(out / rel, a.image)
+        r = _row(j, a, rel, judged)
+        r["best_effort"] = judged and not a.accepted
+        r["attempts_used"] = max(b.attempt for b in result.attempts if b.product == a.product)
+        final.append(r)
+    write_parquet_atomic(out / "manifest.parquet", pa.Table.from_pylist(final))
+    stats = result.stats() if judged else {
+        "products": len(jobs), "images_generated": result.images_generated,
+        "seconds": round(result.seconds, 2),
+    }  # fmt: skip
+    write_json_atomic(out / "stats.json", stats)
+    return stats
+
+
+def _row(j: ProductJob, a, rel: str, judged: bool) -> dict:
+    return {
+        "image_id": Path(rel).stem,
+        "product_id": j.product_id,
+        "path": rel,
+        "product_path": f"products/{j.product_id}.png",
+        "prompt": j.prompt,
+        "caption": j.caption,
+        "product_height_cm": j.height_cm,
+        "fill": j.fill,
+        "attempt": a.attempt,
+        "seed": a.seed,
+        "verdict": a.label if judged else None,
+        "score": a.score if judged else None,
+        "accepted": a.accepted if judged else None,
+    }
+
+
+class _AcceptAll:
+    name = "none"
+
+    def __call__(self, images, prompts, **context):
+        import torch
+
+        return ["Available"] * images.shape[0], torch.ones(images.shape[0])
+
+
+def sampler_for(
+    generator: str | Path, steps: int | None = None, guidance: float | None = None
+) -> SamplerConfig:
+    """The sampler a generator folder recommends (``rewardkit_generator.json``, written by
+    ``rewardkit train generator``), else the reference pipeline's; flags override."""
+    card = Path(generator) / "rewardkit_generator.json"
+    rec = json.loads(card.read_text()).get("sampler", {}) if card.is_file() else {}
+    base = SamplerConfig(**rec)
+    return SamplerConfig(
+        steps=steps or base.steps,
+        guidance_scale=base.guidance_scale if guidance is None else guidance,
+        controlnet_scale=base.controlnet_scale,
+        blend=base.blend,
+        negative_prompt=base.negative_prompt,
+    )
+
+
+def generate_command(
+    generator: str | Path,
+    products: str | Path,
+    out: str | Path,
+    prompt: str | None = None,
+    prompts_file: str | Path | None = None,
+    until_accepted: bool = False,
+    judge: str = "inspector",
+    inspector: str | Path | None = None,
+    max_attempts: int = 8,
+    batch_size: int = 16,
+    sampler: SamplerConfig | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    sampler = sampler if sampler is not None else SamplerConfig()
+    gen = AdGenerator.from_pretrained(generator)
+    jobs, skipped = load_jobs(products, gen.resolution, prompt, prompts_file, limit=limit)
+    if until_accepted:
+        if judge == "oracle":
+            if any(j.height_cm != j.height_cm for j in jobs):  # NaN: no size known
+                raise ValueError("--judge oracle needs each product's height (manifest or caption)")
+            accept = OracleJudge()
+        elif judge == "inspector":
+            from rewardkit.models.defaults import default_model_path
+            from rewardkit.models.inspector import Inspector
+
+            accept = InspectorJudge(
+                Inspector.from_pretrained(inspector or default_model_path("rfnet"))
+            )
+        else:
+            raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
+    else:
+        accept = _AcceptAll()
+    bar = tqdm(total=len(jobs), desc="generate", unit="product", disable=not progress)
+
+    def tick(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    result = recurrent_generate(
+        gen, jobs, accept, sampler, max_attempts if until_accepted else 1, batch_size, seed,
+        progress=tick,
+    )  # fmt: skip
+    bar.close()
+    out = Path(out)
+    stats = write_result(out, jobs, result, judged=until_accepted)
+    stats.update({"judge": accept.name, "skipped": skipped, "sampler": asdict(sampler)})
+    write_json_atomic(out / "stats.json", stats)
+    return stats

@@ -1,0 +1,480 @@
+"""Recipe: train the embedded ad generator on AdWorld renders (``rewardkit train generator``).
+
+Two stages, each a resumable run of the shared loop (``training/loop.py``):
+
+1. VAE (``AutoencoderKL``): L1 + L2 reconstruction and a small KL term on the renders; its
+   ``scaling_factor`` is then set to 1 / std of the training latents, as SD's is.
+2. Diffusion: the 9-channel inpainting UNet, the ControlNet and the text encoder together, from
+   scratch, on the cached latents: a random timestep, the noised latent, the prompt (dropped to
+   "" with ``prompt_dropout`` so classifier-free guidance works), the product's Canny image,
+   the paint mask and masked-image latent (as ``generation.pipeline`` feeds them at sampling
+   time) -> MSE to the target of the scheduler's prediction type (v by default). An EMA of the
+   weights is kept (in the checkpoints, so resume is exact) and is what gets saved. Every
+   ``probe_every`` steps the EMA model generates one image per probe product (the same
+   products, prompts and seeds each time), the oracle judges them, and the available rate
+   and class counts are logged to the history, so the curve shows what the model can do.
+
+The training renders carry defects in a chosen mix, so the model learns scenes with their
+failures: like a real base model, it fails often (see the recipe's README for the measured rate).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from rewardkit.generation.default import GeneratorArch, build_generator
+from rewardkit.generation.pipeline import AdGenerator, SamplerConfig, generate_images
+from rewardkit.generation.product import PreparedProduct, prepare_product
+from rewardkit.io import read_image_rgb, read_image_rgba, write_json_atomic
+from rewardkit.training.loop import TrainConfigBase, read_table, resumable, run_training
+
+__all__ = [
+    "VAETrainConfig",
+    "DiffusionTrainConfig",
+    "GeneratorData",
+    "prepare_generator_data",
+    "train_vae",
+    "train_diffusion",
+    "train_generator",
+]
+
+MANIFEST_COLUMNS = ("path", "product_path", "prompt", "fill")
+
+
+@dataclass
+class VAETrainConfig(TrainConfigBase):
+    lr: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 1
+    kl_weight: float = 1e-6
+    checkpoint_every: int = 200
+
+
+@dataclass
+class DiffusionTrainConfig(TrainConfigBase):
+    lr: float = 5e-4
+    batch_size: int = 32
+    epochs: int = 100  # a budget in steps (max_steps) usually ends training first
+    warmup_steps: int = 100
+    prompt_dropout: float = 0.1
+    ema_decay: float = 0.999
+    probe_every: int = 400  # steps between probe generations (0: off)
+    probe_steps: int = 20  # DDIM steps of probe generations
+    probe_guidance: float = 3.0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.prompt_dropout < 1:
+            raise ValueError(f"prompt_dropout: must be in [0, 1); got {self.prompt_dropout}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay: must be in (0, 1); got {self.ema_decay}")
+
+
+@dataclass
+class GeneratorData:
+    """Training renders with their prepared products, as uint8 tensors (N, C, S, S)."""
+
+    images: torch.Tensor
+    control: torch.Tensor  # (N, 1, S, S) Canny of the product
+    inpaint: torch.Tensor  # (N, 1, S, S) paint mask
+    product: torch.Tensor  # (N, 3, S, S) product on grey
+    prompts: list[str]
+    fingerprint: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _resolve(root: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else root / p
+
+
+def prepare_generator_data(
+    manifest: str | Path, size: int, cache: Path | None = None, progress: bool = True
+) -> GeneratorData:
+    """Read a render manifest (``world render``): images, products (placed and prepared at
+    ``size``) and prompts. Cached as one .pt file when ``cache`` is given."""
+    manifest = Path(manifest)
+    table = read_table(manifest, MANIFEST_COLUMNS)
+    fingerprint = {"manifest": str(manifest.resolve()), "rows": table.num_rows, "size": size}
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, weights_only=False)
+        if saved.fingerprint == fingerprint:
+            return saved
+    root = manifest.parent
+    rows = table.to_pylist()
+    images, control, inpaint, product = [], [], [], []
+    for i, r in enumerate(tqdm(rows, desc="prepare", disable=not progress, unit="img")):
+        try:
+            img = read_image_rgb(_resolve(root, r["path"]))
+            cut = read_image_rgba(_resolve(root, r["product_path"]))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{manifest}: row {i}: {err}") from None
+        if img.shape[:2] != (size, size):
+            raise ValueError(f"{manifest}: row {i}: image is {img.shape[:2]}, expected {size} px")
+        pp = prepare_product(cut, size, float(r["fill"]))
+        images.append(img)
+        control.append(pp.control[..., :1])
+        inpaint.append(pp.inpaint[..., None] > 0.5)
+        product.append(pp.product)
+
+    def t(arrs):
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+    data = GeneratorData(
+        images=t(images),
+        control=t(control),
+        inpaint=t(inpaint),
+        product=t(product),
+        prompts=[str(r["prompt"]) for r in rows],
+        fingerprint=fingerprint,
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(data, tmp)
+        tmp.replace(cache)
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 1: the VAE.
+
+
+def train_vae(
+    gen: AdGenerator,
+    data: GeneratorData,
+    out_dir: Path,
+    config: VAETrainConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train ``gen.vae`` in place; returns reconstruction figures on the first 512 images."""
+    config = config if config is not None else VAETrainConfig()
+    vae = gen.vae
+    vae.requires_grad_(True)
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        x = data.images[rows].float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        return (
+            F.l1_loss(rec, x) + F.mse_loss(rec, x) + config.kl_weight * post.kl().mean()
+        )  # fmt: skip
+
+    signature = {"stage": "vae", **resumable(config), **data.fingerprint}
+    result = run_training(
+        vae,
+        len(data),
+        step_loss,
+        config,
+        out_dir,
+        signature,
+        evaluate=None,
+        save_model=lambda path: vae.save_pretrained(path),
+        progress=progress,
+    )
+    vae.requires_grad_(False)
+    vae.eval()
+    with torch.no_grad():
+        x = data.images[:512].float() / 255
+        z = vae.encode(x * 2 - 1).latent_dist.mean
+        rec = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        mse = float(F.mse_loss(rec, x))
+        std = float(z.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out_dir / "model")
+    return {"steps": result.steps, "psnr_db": float(10 * np.log10(1 / mse)), "latent_std": std}
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 2: UNet + ControlNet + text encoder.
+
+
+class DiffusionTrainee(nn.Module):
+    """The trained parts, and their EMA as buffers (saved in checkpoints)."""
+
+    def __init__(self, gen: AdGenerator) -> None:
+        super().__init__()
+        self.unet, self.controlnet, self.text_encoder = gen.unet, gen.controlnet, gen.text_encoder
+        self.ema = nn.Module()
+        self.ema.unet = copy.deepcopy(gen.unet).requires_grad_(False)
+        self.ema.controlnet = copy.deepcopy(gen.controlnet).requires_grad_(False)
+        self.ema.text_encoder = copy.deepcopy(gen.text_encoder).requires_grad_(False)
+        for name, param in list(self.ema.named_parameters()):
+            # Parameters of the EMA copy become buffers (not trained, but checkpointed).
+            owner = self.ema.get_submodule(name.rsplit(".", 1)[0])
+            leaf = name.rsplit(".", 1)[1]
+            delattr(owner, leaf)
+            owner.register_buffer(leaf, param.detach().clone())
+
+    def live(self) -> list[nn.Module]:
+        return [self.unet, self.controlnet, self.text_encoder]
+
+    def shadows(self) -> list[nn.Module]:
+        return [self.ema.unet, self.ema.controlnet, self.ema.text_encoder]
+
+    @torch.no_grad()
+    def update_ema(self, step: int, decay: float) -> None:
+        d = min(decay, (1 + step) / (10 + step))  # short warm-up, as diffusers' EMAModel
+        for live, shadow in zip(self.live(), self.shadows(), strict=True):
+            params, buffers = dict(live.named_parameters()), dict(shadow.named_buffers())
+            names = list(params)
+            torch._foreach_lerp_(
+                [buffers[n] for n in names], [params[n].detach() for n in names], 1 - d
+            )
+
+
+def _latents(
+    gen: AdGenerator, images: torch.Tensor, paint: torch.Tensor | None = None, batch: int = 256
+) -> torch.Tensor:
+    """Scaled latents of uint8 images; with ``paint``, of the images with that region grey
+    (the inpainting UNet's masked-image input, as ``prepare_batch`` builds it)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = images[i : i + batch].float() / 255
+            if paint is not None:
+                m = paint[i : i + batch].float()
+                x = x * (1 - m) + 0.5 * m
+            out.append(gen.encode_images(x).cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class Probe:
+    """Fixed products, prompts and seeds generated during training and judged by the oracle."""
+
+    products: list[PreparedProduct]
+    cutouts: list[np.ndarray]
+    prompts: list[str]
+    heights: list[float]
+    fills: list[float]
+
+    @classmethod
+    def from_manifest(cls, manifest: str | Path, size: int, n: int) -> Probe:
+        manifest = Path(manifest)
+        table = read_table(manifest, (*MANIFEST_COLUMNS, "product_height_cm"))
+        rows = table.slice(0, n).to_pylist()
+        cutouts = [read_image_rgba(_resolve(manifest.parent, r["product_path"])) for r in rows]
+        return cls(
+            products=[
+                prepare_product(c, size, float(r["fill"]))
+                for c, r in zip(cutouts, rows, strict=True)
+            ],
+            cutouts=cutouts,
+            prompts=[str(r["prompt"]) for r in rows],
+            heights=[float(r["product_height_cm"]) for r in rows],
+            fills=[float(r["fill"]) for r in rows],
+        )
+
+    def judge(self, gen: AdGenerator, config: SamplerConfig, seed: int = 0) -> dict:
+        from rewardkit.world.oracle import label
+
+        seeds = [seed * 100_003 + i for i in range(len(self.products))]
+        images = generate_images(gen, self.products, self.prompts, seeds, config, batch_size=32)
+        labels = [
+            label(c, img, h, fill=f)[0]
+            for c, img, h, f in zip(self.cutouts, images, self.heights, self.fills, strict=True)
+        ]
+        counts = Counter(labels)
+        return {
+            "probe_available": counts.get("Available", 0) / len(labels),
+            "probe_counts": dict(counts),
+        }
+
+
+def train_diffusion(
+    gen: AdGenerator,
+    data: GeneratorData,
+    out_dir: Path,
+    config: DiffusionTrainConfig | None = None,
+    probe: Probe | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train UNet + ControlNet + text encoder of ``gen``; the EMA weights end up in ``gen``."""
+    config = config if config is not None else DiffusionTrainConfig()
+    gen.vae.requires_grad_(False)
+    latents = _latents(gen, data.images)
+    masked_lat = _latents(gen, data.product, paint=data.inpaint)
+    h = latents.shape[-1]
+    inpaint_lat = F.interpolate(data.inpaint.float(), size=(h, h), mode="nearest")
+    tok = gen.tokenizer
+    ids = tok(
+        data.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    empty = tok(
+        [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+    ).input_ids[0]
+    acp = gen.scheduler.alphas_cumprod.float()
+    n_train = gen.scheduler.config.num_train_timesteps
+    trainee = DiffusionTrainee(gen)
+    for m in trainee.live():
+        m.requires_grad_(True)
+    rng = torch.Generator().manual_seed(config.seed + 1)
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        b = len(rows)
+        z0 = latents[rows]
+        noise = torch.randn(z0.shape, generator=rng)
+        t = torch.randint(0, n_train, (b,), generator=rng)
+        a = acp[t].view(b, 1, 1, 1)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        kind = gen.prediction_type
+        target = {
+            "epsilon": noise,
+            "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
+            "sample": z0,
+        }[kind]
+        drop = torch.rand(b, generator=rng) < config.prompt_dropout
+        batch_ids = torch.where(drop[:, None], empty[None], ids[rows])
+        text = gen.text_encoder(batch_ids)[0]
+        control = data.control[rows].float().div(255).expand(-1, 3, -1, -1)
+        down, mid = gen.controlnet(
+            x_t, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False
+        )
+        model_in = x_t
+        if gen.inpainting:
+            model_in = torch.cat([x_t, inpaint_lat[rows], masked_lat[rows]], dim=1)
+        out = gen.unet(
+            model_in,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+        return F.mse_loss(out, target)
+
+    def with_ema(fn):
+        """Run ``fn`` with the EMA weights swapped into ``gen`` (restored afterwards)."""
+        saved = [copy.deepcopy(m.state_dict()) for m in trainee.live()]
+        for live, shadow in zip(trainee.live(), trainee.shadows(), strict=True):
+            live.load_state_dict(shadow.state_dict(), strict=True)
+            live.eval()
+        try:
+            return fn()
+        finally:
+            for live, state in zip(trainee.live(), saved, strict=True):
+                live.load_state_dict(state)
+                live.train()
+
+    sampler = SamplerConfig(steps=config.probe_steps, guidance_scale=config.probe_guidance)
+
+    def after_step(step: int) -> dict | None:
+        trainee.update_ema(step, config.ema_decay)
+        if probe is None or config.probe_every <= 0 or step % config.probe_every:
+            return None
+        start = time.perf_counter()
+        with torch.no_grad():
+            figures = with_ema(lambda: probe.judge(gen, sampler))
+        figures["probe_seconds"] = round(time.perf_counter() - start, 1)
+        return figures
+
+    def lr_factor(step: int, total: int) -> float:
+        return min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+    def save_model(path: Path) -> None:
+        pass  # the caller saves the assembled pipeline
+
+    # Probing is observation, not training: its settings may change on resume.
+    keep = {k: v for k, v in resumable(config).items() if not k.startswith("probe_")}
+    signature = {"stage": "diffusion", **keep, **data.fingerprint}
+    result = run_training(
+        trainee,
+        len(data),
+        step_loss,
+        config,
+        out_dir,
+        signature,
+        evaluate=None,
+        save_model=save_model,
+        progress=progress,
+        lr_factor=lr_factor,
+        after_step=after_step,
+    )
+    for live, shadow in zip(trainee.live(), trainee.shadows(), strict=True):
+        live.load_state_dict(shadow.state_dict(), strict=True)
+        live.requires_grad_(False)
+        live.eval()
+    probes = [h for h in result.history if "probe_available" in h]
+    return {"steps": result.steps, "seconds": result.seconds, "probes": probes}
+
+
+def train_generator(
+    manifest: str | Path,
+    out: str | Path,
+    arch: GeneratorArch | None = None,
+    vae_config: VAETrainConfig | None = None,
+    diffusion_config: DiffusionTrainConfig | None = None,
+    probe_manifest: str | Path | None = None,
+    probe_size: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Both stages into ``out`` (work folders ``vae/``, ``diffusion/``), the pipeline folder
+    in ``out/model``. Re-running resumes each stage from its checkpoint; a finished VAE stage
+    is reused."""
+    arch = arch if arch is not None else GeneratorArch()
+    vae_config = vae_config if vae_config is not None else VAETrainConfig()
+    diffusion_config = diffusion_config if diffusion_config is not None else DiffusionTrainConfig()
+    from diffusers import AutoencoderKL
+
+    out = Path(out)
+    gen = build_generator(arch, seed=vae_config.seed)
+    cache = out / "data.pt"
+    data = prepare_generator_data(manifest, arch.resolution, cache, progress)
+    summary: dict = {"arch": asdict(arch), "manifest": str(manifest), "rows": len(data)}
+    vae_dir = out / "vae"
+    if (vae_dir / "model" / "config.json").is_file() and (vae_dir / "vae.json").is_file():
+        gen.vae = AutoencoderKL.from_pretrained(vae_dir / "model", local_files_only=True)
+        summary["vae"] = json.loads((vae_dir / "vae.json").read_text())
+    else:
+        summary["vae"] = train_vae(gen, data, vae_dir, vae_config, progress)
+        write_json_atomic(vae_dir / "vae.json", summary["vae"])
+    gen.vae.requires_grad_(False).eval()
+    probe = (
+        Probe.from_manifest(probe_manifest, arch.resolution, probe_size) if probe_manifest else None
+    )
+    summary["diffusion"] = train_diffusion(
+        gen, data, out / "diffusion", diffusion_config, probe, progress
+    )
+    summary["vae_config"] = asdict(vae_config)
+    summary["diffusion_config"] = asdict(diffusion_config)
+    gen.save_pretrained(out / "model")
+    write_json_atomic(out / "model" / "rewardkit_generator.json", _card(summary))
+    write_json_atomic(out / "train_generator.json", summary)
+    return summary
+
+
+def _card(summary: dict) -> dict:
+    """What a user of the folder needs: how it was trained and the sampler it was probed with."""
+    d = summary["diffusion_config"]
+    return {
+        "trained_by": "rewardkit train generator",
+        "rows": summary["rows"],
+        "vae": summary["vae"],
+        "diffusion_steps": summary["diffusion"]["steps"],
+        "sampler": {"steps": 40, "guidance_scale": d["probe_guidance"]},
+        "probes": summary["diffusion"]["probes"],
+    }
+
+
+def table_of_probes(summary: dict) -> pa.Table:
+    probes = summary["diffusion"]["probes"]
+    return pa.Table.from_pylist(
+        [{"step": p["step"], "available": p["probe_available"]} for p in probes]
+    )

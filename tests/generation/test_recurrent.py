@@ -1,0 +1,141 @@
+"""Recurrent Generation: batches refill with failing products; the loop and the CLI."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rewardkit.cli import main
+from rewardkit.generation.pipeline import SamplerConfig
+from rewardkit.generation.product import prepare_product
+from rewardkit.generation.recurrent import ProductJob, attempt_seed, recurrent_generate
+from rewardkit.io import write_png_atomic
+
+FAST = SamplerConfig(steps=2, guidance_scale=1.0)
+
+
+class SeedJudge:
+    """Accepts an attempt when its seed is divisible by 3 (about a third pass), deterministic."""
+
+    name = "seed"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, images, prompts, **context):
+        self.calls.append(images.shape[0])
+        means = images.mean(dim=(1, 2, 3))
+        labels = ["Available" if s % 3 == 0 else "Space Mismatch" for s in context["seeds"]]
+        return labels, means
+
+
+def _jobs(gen, photos, n):
+    return [
+        ProductJob(f"p{i}", photos[i % len(photos)], prepare_product(photos[i % len(photos)],
+                   gen.resolution), "a mug on a table", "mug, 10 cm", 10.0, 0.4)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+@pytest.fixture()
+def seed_judge(monkeypatch):
+    """Pass the attempt seeds to the judge as context (the real judges do not need them)."""
+    import rewardkit.generation.recurrent as rec
+
+    judge = SeedJudge()
+    original = rec._judge_batch
+    seeds_of: dict[int, int] = {}
+
+    def judge_batch(j, images, jobs):
+        return j(
+            torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255,
+            [x.prompt for x in jobs],
+            seeds=[seeds_of[id(img)] for img in images],
+        )
+
+    orig_generate = rec.generate_images
+
+    def generate(gen, products, prompts, seeds, config, batch_size):
+        out = orig_generate(gen, products, prompts, seeds, config, batch_size)
+        for img, s in zip(out, seeds, strict=True):
+            seeds_of[id(img)] = s
+        return out
+
+    monkeypatch.setattr(rec, "_judge_batch", judge_batch)
+    monkeypatch.setattr(rec, "generate_images", generate)
+    yield judge
+    monkeypatch.setattr(rec, "_judge_batch", original)
+
+
+def test_refill_keeps_batches_full_and_matches_the_per_product_loop(
+    tiny_generator, photos, seed_judge
+):
+    jobs = _jobs(tiny_generator, photos, 7)
+    batched = recurrent_generate(tiny_generator, jobs, seed_judge, FAST, max_attempts=4,
+                                 batch_size=4, seed=1)  # fmt: skip
+    calls_batched = list(seed_judge.calls)
+    seed_judge.calls.clear()
+    single = recurrent_generate(tiny_generator, jobs, seed_judge, FAST, max_attempts=4,
+                                batch_size=4, seed=1, refill=False)  # fmt: skip
+    assert set(seed_judge.calls) == {1}
+    # Same attempts, same seeds, same verdicts: only the batching differs.
+    key = lambda r: sorted((a.product, a.attempt, a.seed, a.label) for a in r.attempts)  # noqa: E731
+    assert key(batched) == key(single)
+    assert batched.batches < single.batches
+    # Batches are full while the queue holds enough jobs: only the tail runs short.
+    assert sum(calls_batched) == len(batched.attempts) and calls_batched[0] == 4
+    assert batched.batches <= -(-len(batched.attempts) // 4) + 4
+    for a in batched.final:
+        tries = [b for b in batched.attempts if b.product == a.product]
+        if a.accepted:
+            assert a.seed % 3 == 0 and a.attempt == max(b.attempt for b in tries)
+        else:
+            assert len(tries) == 4  # budget spent: the best-scoring attempt is returned
+            assert a.score == max(b.score for b in tries)
+        assert all(b.seed == attempt_seed(1, b.product, b.attempt) for b in tries)
+    stats = batched.stats()
+    rates = list(stats["rate_after_attempts"].values())
+    assert rates == sorted(rates) and rates[-1] == stats["accepted_rate"]
+
+
+def test_generate_cli_until_accepted_with_the_oracle(tmp_path, tiny_generator, photos):
+    gen_dir = tiny_generator.save_pretrained(tmp_path / "gen")
+    products = tmp_path / "products"
+    for i, p in enumerate(photos):
+        write_png_atomic(products / f"item{i}.png", p)
+    (products / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    rc = main([
+        "generate", "--generator", str(gen_dir), "--products", str(products), "--out", str(out),
+        "--prompt", "a mug on a table, in front of a sage wall", "--until-accepted",
+        "--judge", "oracle", "--max-attempts", "2", "--steps", "2", "--no-progress",
+    ])  # fmt: skip
+    # No size in a plain folder: the oracle cannot judge size, so the command says so.
+    assert rc == 2
+    (tmp_path / "prompts.txt").write_text("a mug on a table\n")
+    import pyarrow as pa
+
+    manifest = tmp_path / "products.parquet"
+    paths = [str(products / f"item{i}.png") for i in range(3)] + [str(products / "broken.png")]
+    pq.write_table(pa.table({"product_path": paths, "caption": ["mug, 10 cm"] * 4}), manifest)
+    rc = main([
+        "generate", "--generator", str(gen_dir), "--products", str(manifest), "--out", str(out),
+        "--prompts", str(tmp_path / "prompts.txt"), "--until-accepted", "--judge", "oracle",
+        "--max-attempts", "2", "--steps", "2", "--batch-size", "2", "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["products"] == 3 and len(stats["skipped"]) == 1
+    final = pq.read_table(out / "manifest.parquet").to_pylist()
+    attempts = pq.read_table(out / "attempts.parquet").to_pylist()
+    assert len(final) == 3 and 3 <= len(attempts) <= 6
+    for r in final:
+        assert (out / r["path"]).is_file() and (out / r["product_path"]).is_file()
+        assert r["best_effort"] == (not r["accepted"])
+    # The log is a manifest the oracle and the inspector accept.
+    assert main(["world", "label", "--manifest", str(out / "attempts.parquet"),
+                 "--out", str(tmp_path / "labels.parquet")]) == 0  # fmt: skip
+    labels = pq.read_table(tmp_path / "labels.parquet").column("oracle_label").to_pylist()
+    assert labels == [r["verdict"] for r in attempts]
