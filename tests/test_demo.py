@@ -4,8 +4,17 @@ from rewardkit.cli import main
 
 
 def test_demo_writes_a_readable_report(tmp_path, capsys):
+    from rewardkit.generation.default import GeneratorArch, build_generator
+
+    # A tiny random generator at 64 px stands in for the shipped one: the stage's logic is
+    # under test here, not the weights.
+    tiny = GeneratorArch(unet_channels=(16, 32, 32), vae_channels=(8, 16), text_width=32,
+                         text_layers=1, text_heads=2, max_tokens=48)  # fmt: skip
+    gen_dir = build_generator(tiny).save_pretrained(tmp_path / "gen")
     out = tmp_path / "demo"
-    args = ["--n", "36", "--users", "2000", "--prompts", "20", "--train-steps", "2"]
+    args = ["--n", "36", "--users", "2000", "--prompts", "20", "--train-steps", "2",
+            "--gen-products", "3", "--gen-attempts", "2", "--gen-steps", "3",
+            "--generator", str(gen_dir)]  # fmt: skip
     assert main(["demo", "--out", str(out), *args]) == 0
     html = (out / "report.html").read_text()
     for heading in (
@@ -17,6 +26,8 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
         "Highest and lowest ranked",
         "RFNet: the inspector on new products",
         "verdict: Available",
+        "Ad generation and Recurrent Generation",
+        "First attempt and returned image",
     ):
         assert heading in html
     assert html.count("<img") > 30
@@ -31,6 +42,9 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
     names = [row["scorer"] for row in reward["table"]]
     assert names[0] == "Social Reward (shipped)" and len(names) == 4
     assert all(row["truth_pairs_n"] > 0 for row in reward["table"])
+    gen = summary["generation"]
+    assert gen["products"] == 3 and 3 <= gen["stats"]["images_generated"] <= 6
+    assert len(gen["oracle_curve"]) == 2 and 0 <= gen["inspector_oracle_agreement"] <= 1
 
 
 def test_world_community_command(tmp_path, capsys):

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--probe-every", type=int, default=400, help="steps between probes")
     tg.add_argument("--vae-steps", type=_positive(int), default=600)
     tg.add_argument("--vae-batch-size", type=_positive(int), default=8)
-    tg.add_argument("--vae-lr", type=float, default=2e-3)
+    tg.add_argument("--vae-lr", type=float, default=1e-3)
     tg.add_argument("--max-steps", type=_positive(int), default=2500, help="diffusion steps")
     tg.add_argument("--batch-size", type=_positive(int), default=32)
     tg.add_argument("--lr", type=float, default=5e-4)
@@ -200,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--train-steps", type=_positive(int), default=150, help="steps of the reward-tuning run"
     )
+    d.add_argument(
+        "--gen-products", type=_positive(int), default=24, help="products to generate for"
+    )
+    d.add_argument(
+        "--gen-attempts", type=_positive(int), default=8, help="Recurrent Generation budget"
+    )
+    d.add_argument(
+        "--gen-steps",
+        type=_positive(int),
+        default=None,
+        help="DDIM steps (default: the generator's)",
+    )
+    d.add_argument("--generator", default=None, help="generator folder (default: embedded)")
     d.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -469,8 +482,10 @@ def _demo(a: argparse.Namespace) -> int:
     from rewardkit.demo import run_demo
 
     path = run_demo(
-        a.out, n=a.n, users=a.users, seed=a.seed, train_steps=a.train_steps, prompts=a.prompts
-    )
+        a.out, n=a.n, users=a.users, seed=a.seed, train_steps=a.train_steps, prompts=a.prompts,
+        gen_products=a.gen_products, gen_attempts=a.gen_attempts, gen_steps=a.gen_steps,
+        generator=a.generator,
+    )  # fmt: skip
     print(f"report: {path}")
     return 0
 

@@ -7,6 +7,8 @@ Stages so far (later stages append their sections):
 3. RFNet: the shipped inspector and its image-only baseline on the renders of stage 1.
 4. Social Reward: curate pairs from the logs, tune a reward model briefly, compare the
    shipped scorers on held-out prompts against the community's true appeal.
+5. Generation: the shipped generator on new products, first attempts vs Recurrent
+   Generation with the shipped inspector as the accept test, judged by the oracle too.
 """
 
 from __future__ import annotations
@@ -193,8 +195,13 @@ def run_demo(
     seed: int = 0,
     train_steps: int = DEMO_TRAIN_STEPS,
     prompts: int = PROMPTS,
+    gen_products: int = 24,
+    gen_attempts: int = 8,
+    gen_steps: int | None = None,
+    generator: str | Path | None = None,
 ) -> Path:
     """Run every stage on the embedded default and write ``out_dir/report.html``."""
+    from rewardkit.demo_generation import generation_section
     from rewardkit.demo_reward import reward_section
     from rewardkit.demo_rfnet import rfnet_section
 
@@ -206,6 +213,9 @@ def run_demo(
     rfnet_body, rfnet_stats = rfnet_section(out, timings)
     comm_body, comm_stats = community_section(out, users, seed, timings, prompts)
     reward_body, reward_stats = reward_section(out, out / "community", train_steps, timings)
+    gen_body, gen_stats = generation_section(
+        out, timings, gen_products, gen_attempts, gen_steps, generator=generator
+    )
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",
@@ -214,6 +224,7 @@ def run_demo(
             ("RFNet: the inspector on new products", rfnet_body),
             ("AdWorld community: implicit feedback logs", comm_body),
             ("Social Reward: from remix logs to a reward model", reward_body),
+            ("Ad generation and Recurrent Generation", gen_body),
             ("Run", table_html(["stage", "seconds"], [(k, v) for k, v in timings.items()])),
         ],
         subtitle=f"seed {seed}; everything offline on the embedded default",
@@ -225,6 +236,7 @@ def run_demo(
         "rfnet": rfnet_stats,
         "community": comm_stats,
         "social_reward": reward_stats,
+        "generation": gen_stats,
         "seconds": timings,
     }
     write_json_atomic(out / "summary.json", summary)

@@ -45,7 +45,7 @@ def seed_judge(monkeypatch):
     import rewardkit.generation.recurrent as rec
 
     judge = SeedJudge()
-    original = rec._judge_batch
+    original = rec.judge_images
     seeds_of: dict[int, int] = {}
 
     def judge_batch(j, images, jobs):
@@ -63,10 +63,10 @@ def seed_judge(monkeypatch):
             seeds_of[id(img)] = s
         return out
 
-    monkeypatch.setattr(rec, "_judge_batch", judge_batch)
+    monkeypatch.setattr(rec, "judge_images", judge_batch)
     monkeypatch.setattr(rec, "generate_images", generate)
     yield judge
-    monkeypatch.setattr(rec, "_judge_batch", original)
+    monkeypatch.setattr(rec, "judge_images", original)
 
 
 def test_refill_keeps_batches_full_and_matches_the_per_product_loop(

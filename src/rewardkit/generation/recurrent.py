@@ -34,6 +34,7 @@ __all__ = [
     "attempt_seed",
     "recurrent_generate",
     "available_rate_after",
+    "judge_images",
 ]
 
 AVAILABLE = "Available"
@@ -166,7 +167,8 @@ class InspectorJudge:
         return labels, probs[:, classes.index(AVAILABLE)]
 
 
-def _judge_batch(judge: Judge, images: list[np.ndarray], jobs: list[ProductJob]):
+def judge_images(judge: Judge, images: list[np.ndarray], jobs: list[ProductJob]):
+    """Judge RGB uint8 images of the given jobs: (labels, scores)."""
     t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     return judge(
         t,
@@ -223,7 +225,7 @@ def recurrent_generate(
             config,
             batch_size=len(take),
         )
-        labels, scores = _judge_batch(judge, images, batch_jobs)
+        labels, scores = judge_images(judge, images, batch_jobs)
         batches += 1
         retry = []
         for (i, k), s, img, lab, sc in zip(

@@ -170,7 +170,11 @@ def train_vae(
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
         x = data.images[rows].float() / 127.5 - 1
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        # Decode the mean: sampling adds noise of std exp(logvar / 2) ~ 1 at init, as large as
+        # the latents themselves, and the decoder then learns to blur (measured: 19.9 dB after
+        # 400 steps with samples). Diffusion only ever uses the mean; the small KL term keeps
+        # the latents bounded.
+        rec = vae.decode(post.mean).sample
         return (
             F.l1_loss(rec, x) + F.mse_loss(rec, x) + config.kl_weight * post.kl().mean()
         )  # fmt: skip
