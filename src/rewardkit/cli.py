@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--vae-steps", type=_positive(int), default=600)
     tg.add_argument("--vae-batch-size", type=_positive(int), default=8)
     tg.add_argument("--vae-lr", type=float, default=1e-3)
+    tg.add_argument(
+        "--decoder-steps", type=int, default=0,
+        help="then fine-tune the VAE decoder alone for N steps (latents unchanged)",
+    )  # fmt: skip
     tg.add_argument("--max-steps", type=_positive(int), default=2500, help="diffusion steps")
     tg.add_argument("--batch-size", type=_positive(int), default=32)
     tg.add_argument("--lr", type=float, default=5e-4)
@@ -435,6 +439,13 @@ def _train_generator(a: argparse.Namespace) -> int:
         probe_manifest=a.probe,
         probe_size=a.probe_size,
         progress=not a.no_progress,
+        decoder_config=(
+            VAETrainConfig(
+                max_steps=a.decoder_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
+            )
+            if a.decoder_steps > 0
+            else None
+        ),  # fmt: skip
     )
     print(json.dumps({k: summary[k] for k in ("rows", "vae", "diffusion")}, default=float))
     return 0

@@ -41,7 +41,15 @@ def test_train_generator_tiny_resumes_and_loads(tmp_path, renders):
     assert card["diffusion_steps"] == 2
     # A longer budget resumes from the checkpoint (the VAE stage is reused as is).
     diff4 = DiffusionTrainConfig(max_steps=4, batch_size=4, probe_every=0, checkpoint_every=1)
-    again = train_generator(renders, tmp_path / "run", TINY, vae, diff4, progress=False)
+    before = AdGenerator.from_pretrained(tmp_path / "run" / "model").vae
+    again = train_generator(renders, tmp_path / "run", TINY, vae, diff4, progress=False,
+                            decoder_config=VAETrainConfig(max_steps=2, batch_size=4))  # fmt: skip
+    # The decoder fine-tune changes the decoder only: the latent space stays.
+    after = AdGenerator.from_pretrained(tmp_path / "run" / "model").vae
+    assert again["vae_decoder"]["steps"] == 2
+    for name, value in before.state_dict().items():
+        same = torch.equal(value, after.state_dict()[name])
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
     assert again["diffusion"]["steps"] == 4
     assert again["vae"] == summary["vae"]
     state = json.loads((tmp_path / "run" / "diffusion" / "checkpoint" / "state.json").read_text())

@@ -46,6 +46,7 @@ __all__ = [
     "GeneratorData",
     "prepare_generator_data",
     "train_vae",
+    "finetune_vae_decoder",
     "train_diffusion",
     "train_generator",
 ]
@@ -202,6 +203,44 @@ def train_vae(
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(out_dir / "model")
     return {"steps": result.steps, "psnr_db": float(10 * np.log10(1 / mse)), "latent_std": std}
+
+
+def finetune_vae_decoder(
+    gen: AdGenerator,
+    data: GeneratorData,
+    out_dir: Path,
+    config: VAETrainConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Stage 3 (optional): train the VAE decoder alone, as SD's ft-MSE decoder was. The
+    encoder and the scaling factor stay, so the latent space the UNet learned is unchanged;
+    only the pixels it decodes to get sharper. Returns figures as ``train_vae`` does."""
+    config = config if config is not None else VAETrainConfig()
+    vae = gen.vae
+    vae.requires_grad_(False)
+    trainable = [vae.decoder, vae.post_quant_conv]
+    for m in trainable:
+        m.requires_grad_(True)
+    vae.train()
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        x = data.images[rows].float() / 127.5 - 1
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x)
+
+    signature = {"stage": "vae-decoder", **resumable(config), **data.fingerprint}
+    result = run_training(vae, len(data), step_loss, config, out_dir, signature, evaluate=None,
+                          save_model=lambda path: vae.save_pretrained(path),
+                          progress=progress)  # fmt: skip
+    vae.requires_grad_(False)
+    vae.eval()
+    with torch.no_grad():
+        x = data.images[:512].float() / 255
+        rec = gen.decode_latents(gen.encode_images(x))
+        mse = float(F.mse_loss(rec, x))
+    return {"steps": result.steps, "psnr_db": float(10 * np.log10(1 / mse))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,10 +467,11 @@ def train_generator(
     probe_manifest: str | Path | None = None,
     probe_size: int = 64,
     progress: bool = True,
+    decoder_config: VAETrainConfig | None = None,
 ) -> dict:
-    """Both stages into ``out`` (work folders ``vae/``, ``diffusion/``), the pipeline folder
-    in ``out/model``. Re-running resumes each stage from its checkpoint; a finished VAE stage
-    is reused."""
+    """The stages into ``out`` (work folders ``vae/``, ``diffusion/``, ``vae_decoder/``), the
+    pipeline folder in ``out/model``. Re-running resumes each stage from its checkpoint; a
+    finished VAE stage is reused. ``decoder_config`` adds the decoder fine-tune (stage 3)."""
     arch = arch if arch is not None else GeneratorArch()
     vae_config = vae_config if vae_config is not None else VAETrainConfig()
     diffusion_config = diffusion_config if diffusion_config is not None else DiffusionTrainConfig()
@@ -456,6 +496,10 @@ def train_generator(
     summary["diffusion"] = train_diffusion(
         gen, data, out / "diffusion", diffusion_config, probe, progress
     )
+    if decoder_config is not None:
+        summary["vae_decoder"] = finetune_vae_decoder(
+            gen, data, out / "vae_decoder", decoder_config, progress
+        )
     summary["vae_config"] = asdict(vae_config)
     summary["diffusion_config"] = asdict(diffusion_config)
     gen.save_pretrained(out / "model")
