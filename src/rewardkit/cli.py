@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--batch-size", type=_positive(int), default=32)
     tg.add_argument("--lr", type=float, default=5e-4)
     tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument(
+        "--export-checkpoint", action="store_true",
+        help="write model/ from the run's latest checkpoint (EMA weights) and stop",
+    )  # fmt: skip
     tg.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="generate ad images around product photos")
@@ -422,6 +426,11 @@ def _train_generator(a: argparse.Namespace) -> int:
         train_generator,
     )
 
+    if a.export_checkpoint:
+        from rewardkit.training.generator import export_checkpoint
+
+        print(json.dumps({"model": str(export_checkpoint(a.out))}))
+        return 0
     summary = train_generator(
         a.manifest,
         a.out,

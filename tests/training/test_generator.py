@@ -39,6 +39,13 @@ def test_train_generator_tiny_resumes_and_loads(tmp_path, renders):
     assert gen.resolution == 32
     card = json.loads((tmp_path / "run" / "model" / "rewardkit_generator.json").read_text())
     assert card["diffusion_steps"] == 2
+    # Exporting the checkpoint gives the weights the finished run saved.
+    from rewardkit.training.generator import export_checkpoint
+
+    finished = AdGenerator.from_pretrained(tmp_path / "run" / "model").unet.state_dict()
+    exported = AdGenerator.from_pretrained(export_checkpoint(tmp_path / "run", TINY))
+    for name, value in exported.unet.state_dict().items():
+        torch.testing.assert_close(value, finished[name])
     # A longer budget resumes from the checkpoint (the VAE stage is reused as is).
     diff4 = DiffusionTrainConfig(max_steps=4, batch_size=4, probe_every=0, checkpoint_every=1)
     before = AdGenerator.from_pretrained(tmp_path / "run" / "model").vae

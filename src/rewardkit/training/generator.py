@@ -281,6 +281,16 @@ class DiffusionTrainee(nn.Module):
             )
 
 
+def _weights_digest(module: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _latents(
     gen: AdGenerator, images: torch.Tensor, paint: torch.Tensor | None = None, batch: int = 256
 ) -> torch.Tensor:
@@ -351,8 +361,21 @@ def train_diffusion(
     """Train UNet + ControlNet + text encoder of ``gen``; the EMA weights end up in ``gen``."""
     config = config if config is not None else DiffusionTrainConfig()
     gen.vae.requires_grad_(False)
-    latents = _latents(gen, data.images)
-    masked_lat = _latents(gen, data.product, paint=data.inpaint)
+    # Encoding 2 x 16,000 renders takes minutes here: cache the latents beside the run,
+    # keyed by the data and the exact VAE encoder weights.
+    key = {**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)}
+    cache = out_dir / "latents.pt"
+    cached = torch.load(cache, weights_only=False) if cache.is_file() else None
+    if cached is not None and cached["key"] == key:
+        latents, masked_lat = cached["latents"], cached["masked"]
+    else:
+        latents = _latents(gen, data.images)
+        masked_lat = _latents(gen, data.product, paint=data.inpaint)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"key": key, "latents": latents, "masked": masked_lat}, cache.with_suffix(".tmp")
+        )
+        cache.with_suffix(".tmp").replace(cache)
     h = latents.shape[-1]
     inpaint_lat = F.interpolate(data.inpaint.float(), size=(h, h), mode="nearest")
     tok = gen.tokenizer
@@ -506,6 +529,45 @@ def train_generator(
     write_json_atomic(out / "model" / "rewardkit_generator.json", _card(summary))
     write_json_atomic(out / "train_generator.json", summary)
     return summary
+
+
+def export_checkpoint(
+    out: str | Path, arch: GeneratorArch | None = None, sampler_guidance: float = 3.0
+) -> Path:
+    """Write ``out/model`` from a run's latest diffusion checkpoint (its EMA weights) and its
+    VAE, without finishing the run: the weights a finished run with ``--max-steps`` equal to
+    the checkpoint's step would save. Returns the model folder."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    arch = arch if arch is not None else GeneratorArch()
+    ckpt = out / "diffusion" / "checkpoint"
+    vae_dir = out / "vae_decoder" / "model"
+    if not vae_dir.is_dir():
+        vae_dir = out / "vae" / "model"
+    if not (ckpt / "trainable.safetensors").is_file() or not vae_dir.is_dir():
+        raise FileNotFoundError(f"{out}: no diffusion checkpoint and VAE to export")
+    gen = build_generator(arch)
+    gen.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    weights = load_file(ckpt / "trainable.safetensors")
+    for name in ("unet", "controlnet", "text_encoder"):
+        prefix = f"buffer:ema.{name}."
+        state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        getattr(gen, name).load_state_dict(state, strict=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    folder = gen.save_pretrained(out / "model")
+    probes = [h for h in state["history"] if "probe_available" in h]
+    card = {
+        "trained_by": "rewardkit train generator",
+        "exported_from_checkpoint_step": state["step"],
+        "vae": json.loads((out / "vae" / "vae.json").read_text()),
+        "diffusion_steps": state["step"],
+        "sampler": {"steps": 40, "guidance_scale": sampler_guidance},
+        "probes": probes,
+    }
+    write_json_atomic(folder / "rewardkit_generator.json", card)
+    return folder
 
 
 def _card(summary: dict) -> dict:
