@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_render.py
 	$(BIN)/python benchmarks/bench_oracle_agreement.py
 	$(BIN)/python benchmarks/bench_community.py
+	$(BIN)/python benchmarks/bench_recurrent.py --n 32
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
