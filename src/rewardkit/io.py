@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,34 @@ def default_permissions(path: str | os.PathLike) -> None:
     root = Path(path)
     for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing any existing ``dst`` (old copy removed last)."""
+    backup = None
+    if dst.exists():
+        backup = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        dst.rename(backup)
+    src.rename(dst)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_folder_atomic(path: str | os.PathLike, write) -> Path:
+    """Run ``write(tmp_folder)`` in a temp folder beside ``path``, give the files default
+    permissions, then rename it onto ``path``; nothing is left behind if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        default_permissions(tmp)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -82,8 +82,8 @@ class GeneratorArch:
     resolution: int = 64
     vae_channels: tuple[int, ...] = (32, 64)  # len - 1 halvings: latent = resolution / 2
     latent_channels: int = 4
-    # Measured here (batch 32, one training step, 1 thread): (64, 128, 192) with attention at
-    # 16 and 8 px took 6.8 s; (32, 64, 128) with attention at 8 px only 2.1 s.
+    # `python benchmarks/bench_generator.py steps` (batch 32, one training step, 1 thread):
+    # (64, 128, 192) with attention at 16 and 8 px 6.55 s; (32, 64, 128) at 8 px only 1.92 s.
     unet_channels: tuple[int, ...] = (32, 64, 128)
     cross_attention_levels: tuple[bool, ...] = (False, False, True)
     layers_per_block: int = 1

@@ -24,7 +24,6 @@ Generation and reward fine-tuning (which only decides where gradients flow):
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from rewardkit.generation.product import PreparedProduct, paste_back, stack_products
-from rewardkit.io import default_permissions
+from rewardkit.io import write_folder_atomic
 
 __all__ = [
     "AdGenerator",
@@ -108,30 +107,21 @@ class AdGenerator:
         """Write the folder as diffusers lays out the pipeline (atomic: a temp folder renamed)."""
         import diffusers
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in COMPONENTS:
-            getattr(self, name).save_pretrained(tmp / name)
-        index = {
-            "_class_name": PIPELINE_CLASS,
-            "_diffusers_version": diffusers.__version__,
-            **{k: list(v) for k, v in _LIBRARY.items()},
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        default_permissions(tmp)
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
+        def write(tmp: Path) -> None:
+            for name in COMPONENTS:
+                getattr(self, name).save_pretrained(tmp / name)
+            index = {
+                "_class_name": PIPELINE_CLASS,
+                "_diffusers_version": diffusers.__version__,
+                **{k: list(v) for k, v in _LIBRARY.items()},
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+        return write_folder_atomic(folder, write)
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.controlnet, self.vae, self.text_encoder]

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -51,13 +49,12 @@ from transformers import (
     SegformerConfig,
 )
 
-from rewardkit.io import default_permissions
+from rewardkit.io import write_folder_atomic
 from rewardkit.models.social_reward import (
     _TOKENIZER_FILES,
     _WEIGHT_FILES,
     _check_loading_info,
     _quiet_progress,
-    _replace_dir,
 )
 
 __all__ = [
@@ -207,18 +204,12 @@ def _load_strict(auto_class, source: str, what: str) -> PreTrainedModel:
 
 def _save_folder(path: str | Path, write) -> Path:
     """Run ``write(tmp_folder)`` beside ``path``, then rename the folder into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def quiet(tmp: Path) -> None:
         with _quiet_progress():
             write(tmp)
-        default_permissions(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+
+    return write_folder_atomic(path, quiet)
 
 
 class _PretrainedMapExtractor(nn.Module):

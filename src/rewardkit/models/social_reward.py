@@ -39,7 +39,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from rewardkit.io import default_permissions
+from rewardkit.io import default_permissions, replace_dir
 
 __all__ = ["PRESETS", "SocialReward", "apply_preset", "build_default_dual_encoder"]
 
@@ -367,16 +367,7 @@ def _preprocessor_dict(image_size: int, mean: torch.Tensor, std: torch.Tensor) -
     )  # fmt: skip
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing any existing ``dst``."""
-    backup = None
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        dst.rename(backup)
-    src.rename(dst)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+_replace_dir = replace_dir  # kept for the modules that import it from here
 
 
 # ---------------------------------------------------------------------------------------

@@ -195,14 +195,10 @@ def train_vae(
     vae.requires_grad_(False)
     vae.eval()
     with torch.no_grad():
-        x = data.images[:512].float() / 255
-        z = vae.encode(x * 2 - 1).latent_dist.mean
-        rec = ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
-        mse = float(F.mse_loss(rec, x))
-        std = float(z.std())
+        std = float(vae.encode(data.images[:512].float() / 127.5 - 1).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(out_dir / "model")
-    return {"steps": result.steps, "psnr_db": float(10 * np.log10(1 / mse)), "latent_std": std}
+    return {"steps": result.steps, "psnr_db": _psnr(gen, data), "latent_std": std}
 
 
 def finetune_vae_decoder(
@@ -236,11 +232,15 @@ def finetune_vae_decoder(
                           progress=progress)  # fmt: skip
     vae.requires_grad_(False)
     vae.eval()
+    return {"steps": result.steps, "psnr_db": _psnr(gen, data)}
+
+
+def _psnr(gen: AdGenerator, data: GeneratorData, n: int = 512) -> float:
+    """Reconstruction PSNR (dB) of the VAE on the first ``n`` training images."""
     with torch.no_grad():
-        x = data.images[:512].float() / 255
-        rec = gen.decode_latents(gen.encode_images(x))
-        mse = float(F.mse_loss(rec, x))
-    return {"steps": result.steps, "psnr_db": float(10 * np.log10(1 / mse))}
+        x = data.images[:n].float() / 255
+        mse = float(F.mse_loss(gen.decode_latents(gen.encode_images(x)), x))
+    return float(10 * np.log10(1 / mse))
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from rewardkit.io import default_permissions, read_image_rgb, write_json_atomic
+from rewardkit.io import read_image_rgb, write_folder_atomic, write_json_atomic
 
 __all__ = [
     "TrainConfigBase",
@@ -154,9 +153,6 @@ def resumable(config: TrainConfigBase) -> dict:
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> None:
     """Trainable weights (safetensors), optimiser state and counters, written atomically."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     trainable = {
         n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
     }
@@ -164,16 +160,13 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> N
     trainable.update(
         {f"buffer:{n}": b.detach().cpu().contiguous() for n, b in _persistent_buffers(model)}
     )
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    default_permissions(tmp)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    write_folder_atomic(folder, write)
 
 
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
