@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ablation", action="store_true", help="train full, image-only and every no-<modality>"
     )
     rf.add_argument("--maps", default="predicted", help="depth/saliency: predicted or truth")
+    rf.add_argument(
+        "--init", default=None,
+        help="start from this RFNet folder (fine-tune, e.g. on generated images); "
+        "its architecture is kept",
+    )  # fmt: skip
     _train_overrides(rf, losses=False, presets=False)
 
     tg = tsub.add_parser("generator", help="train the small SD + ControlNet ad generator")
@@ -164,6 +169,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=_positive(int), default=None, help="first N products only")
     g.add_argument("--no-progress", action="store_true")
 
+    ft = sub.add_parser("finetune", help="RFFT: fine-tune the generator with a reward's gradient")
+    ft.add_argument("--generator", default=None, help="pipeline folder (default: embedded)")
+    ft.add_argument(
+        "--reward", default="rfnet",
+        help="rfnet[:DIR] (F_AC towards Available) or social[:DIR] (Social Reward score)",
+    )  # fmt: skip
+    ft.add_argument("--regularizer", default="cc", choices=("cc", "kl", "none"))
+    ft.add_argument("--beta", type=float, default=1.0, help="weight of the regulariser")
+    ft.add_argument("--products", required=True, help="training products: manifest or folder")
+    ft.add_argument("--out", required=True, help="run folder: checkpoint/, curves, model/")
+    ft.add_argument(
+        "--probe", default=None, help="probe products (default: held out of --products)"
+    )
+    ft.add_argument("--probe-size", type=_positive(int), default=32)
+    ft.add_argument("--probe-every", type=int, default=50, help="steps between probes")
+    ft.add_argument("--trainable", default="controlnet", choices=("controlnet", "lora"))
+    ft.add_argument("--lora-rank", type=_positive(int), default=8)
+    ft.add_argument("--max-steps", type=_positive(int), default=200)
+    ft.add_argument("--batch-size", type=_positive(int), default=4)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--steps", type=_positive(int), default=None, help="DDIM steps of a run")
+    ft.add_argument("--grad-window", type=_positive(int), default=10, help="t among the last N")
+    ft.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    ft.add_argument("--checkpoint-every", type=_positive(int), default=25)
+    ft.add_argument("--no-grad-checkpoint", action="store_true", help="store activations")
+    ft.add_argument("--limit", type=_positive(int), default=None, help="first N products only")
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--no-progress", action="store_true")
+
     ev = sub.add_parser("eval", help="evaluate models: reward (scorers side by side), rfnet")
     esub = ev.add_subparsers(dest="eval_command", required=True)
     e = esub.add_parser("reward", help="compare scorers on held-out prompts (pairs and truth)")
@@ -189,6 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--maps", default="predicted", help="depth/saliency: predicted or truth")
     er.add_argument("--seed", type=int, default=0, help="seed of the degraded copy")
     er.add_argument("--out", default=None, help="write the results as JSON (.md beside it)")
+
+    eg = esub.add_parser("generator", help="generators side by side: available, diversity")
+    eg.add_argument("--products", required=True, help="held-out AdWorld products (manifest)")
+    eg.add_argument(
+        "--model", action="append", default=None, metavar="NAME=DIR",
+        help="a generator to evaluate (repeat; the first is the base; default: embedded)",
+    )  # fmt: skip
+    eg.add_argument("--out", required=True, help="folder for the table, JSON and grids")
+    eg.add_argument("--inspector", default=None, help="RFNet folder (default: embedded)")
+    eg.add_argument("--social", default=None, help="Social Reward folder (default: embedded)")
+    eg.add_argument("--limit", type=_positive(int), default=200, help="products (one image each)")
+    eg.add_argument("--seeds", type=_positive(int), default=4, help="seeds per diversity product")
+    eg.add_argument("--diversity-products", type=_positive(int), default=24)
+    eg.add_argument(
+        "--recurrent-attempts", type=int, default=8,
+        help="Recurrent Generation row for the base (0: none)",
+    )  # fmt: skip
+    eg.add_argument("--batch-size", type=_positive(int), default=32)
+    eg.add_argument("--seed", type=int, default=0)
 
     ins = sub.add_parser("inspect", help="RFNet verdicts for generated ad images")
     ins.add_argument("--model", default=None, help="RFNet folder (default: embedded)")
@@ -412,7 +465,7 @@ def _train_rfnet(a: argparse.Namespace) -> int:
 
     config = _train_config(RFNetTrainConfig, a)
     summary = train_rfnet_command(
-        a.manifest, a.out, config, a.model_config, a.variant, a.ablation, a.maps
+        a.manifest, a.out, config, a.model_config, a.variant, a.ablation, a.maps, init=a.init
     )
     print(json.dumps(summary))
     return 0
@@ -457,6 +510,40 @@ def _train_generator(a: argparse.Namespace) -> int:
         ),  # fmt: skip
     )
     print(json.dumps({k: summary[k] for k in ("rows", "vae", "diffusion")}, default=float))
+    return 0
+
+
+def _finetune(a: argparse.Namespace) -> int:
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.training.rfft import FinetuneConfig, finetune_command, parse_reward
+
+    config = FinetuneConfig(
+        lr=a.lr, batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed,
+        checkpoint_every=a.checkpoint_every, reward=parse_reward(a.reward)[0],
+        regularizer=a.regularizer, beta=a.beta, trainable=a.trainable, lora_rank=a.lora_rank,
+        sample_steps=a.steps, guidance_scale=a.guidance, grad_window=a.grad_window,
+        grad_checkpoint=not a.no_grad_checkpoint, probe_every=a.probe_every,
+        probe_size=a.probe_size,
+    )  # fmt: skip
+    summary = finetune_command(
+        a.generator or default_model_path("generator"), a.reward, a.products, a.out, config,
+        probe=a.probe, limit=a.limit, progress=not a.no_progress,
+    )  # fmt: skip
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+def _eval_generator(a: argparse.Namespace) -> int:
+    from rewardkit.generation.evaluate import evaluate_generators, parse_models
+    from rewardkit.models.defaults import default_model_path
+
+    result = evaluate_generators(
+        parse_models(a.model, default_model_path("generator")), a.products, a.out,
+        inspector=a.inspector, social=a.social, limit=a.limit, seeds=a.seeds,
+        diversity_products=a.diversity_products, recurrent_attempts=a.recurrent_attempts,
+        batch_size=a.batch_size, seed=a.seed,
+    )  # fmt: skip
+    print(json.dumps(result, default=float))
     return 0
 
 
@@ -524,8 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("eval", "reward"): _eval,
         ("train", "rfnet"): _train_rfnet,
         ("train", "generator"): _train_generator,
+        ("finetune", None): _finetune,
         ("generate", None): _generate,
         ("eval", "rfnet"): _eval_rfnet,
+        ("eval", "generator"): _eval_generator,
         ("inspect", None): _inspect,
         ("demo", None): _demo,
     }

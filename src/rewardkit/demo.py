@@ -203,6 +203,7 @@ def run_demo(
     """Run every stage on the embedded default and write ``out_dir/report.html``."""
     from rewardkit.demo_generation import generation_section
     from rewardkit.demo_reward import reward_section
+    from rewardkit.demo_rfft import rfft_section
     from rewardkit.demo_rfnet import rfnet_section
 
     out = Path(out_dir)
@@ -216,6 +217,7 @@ def run_demo(
     gen_body, gen_stats = generation_section(
         out, timings, gen_products, gen_attempts, gen_steps, generator=generator
     )
+    rfft_body, rfft_stats = rfft_section(out, timings, products=gen_products)
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",
@@ -225,6 +227,7 @@ def run_demo(
             ("AdWorld community: implicit feedback logs", comm_body),
             ("Social Reward: from remix logs to a reward model", reward_body),
             ("Ad generation and Recurrent Generation", gen_body),
+            ("RFFT: the generator fine-tuned with reward gradients", rfft_body),
             ("Run", table_html(["stage", "seconds"], [(k, v) for k, v in timings.items()])),
         ],
         subtitle=f"seed {seed}; everything offline on the embedded default",
@@ -237,6 +240,7 @@ def run_demo(
         "community": comm_stats,
         "social_reward": reward_stats,
         "generation": gen_stats,
+        "rfft": rfft_stats,
         "seconds": timings,
     }
     write_json_atomic(out / "summary.json", summary)

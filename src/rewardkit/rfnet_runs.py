@@ -69,8 +69,24 @@ def train_rfnet_command(
     ablation: bool = False,
     maps: str = "predicted",
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> dict:
-    """Train one variant into ``out`` or, with ``ablation``, all into ``out/<variant>``."""
+    """Train one variant into ``out`` or, with ``ablation``, all into ``out/<variant>``;
+    ``init``: fine-tune that RFNet folder (one variant: its own architecture and inputs)."""
+    if init is not None and ablation:
+        raise ValueError("--init fine-tunes one model; it cannot be combined with --ablation")
+    if init is not None:
+        base = RFNet.from_pretrained(init).config
+        samples = load_samples(manifest)
+        data = prepare_inspection_data(samples, base, maps=maps, progress=progress)
+        result = train_rfnet(data, Path(out), base, config, init=init, progress=progress)
+        return {
+            "samples": len(data),
+            "split": {s: data.split.count(s) for s in set(data.split)},
+            "runs": {"init": {"model": str(Path(out) / "model"), "from": str(init),
+                              "steps": result.steps, "seconds": round(result.seconds, 1),
+                              "metrics": result.metrics}},
+        }  # fmt: skip
     if variant not in VARIANTS:
         raise ValueError(f"--variant: expected one of {sorted(VARIANTS)}; got {variant!r}")
     base = _model_config(model_config)

@@ -59,6 +59,29 @@ _LIBRARY = {
 }
 
 
+def component_folders(folder: Path) -> dict[str, Path]:
+    """Where each component of a generator folder lives. A fine-tuned generator written by
+    ``rewardkit finetune`` holds only what changed (e.g. ``controlnet/``) and names its base
+    folder in ``rewardkit_generator.json`` (``"base"``, relative to the folder); the other
+    components come from there (recursively)."""
+    where: dict[str, Path] = {c: folder / c for c in COMPONENTS if (folder / c).is_dir()}
+    card = folder / "rewardkit_generator.json"
+    base = json.loads(card.read_text()).get("base") if card.is_file() else None
+    missing = [c for c in COMPONENTS if c not in where]
+    if missing and base:
+        base_dir = (folder / base).resolve()
+        if not base_dir.is_dir():
+            raise FileNotFoundError(f"{folder}: its base generator {base_dir} is not a folder")
+        inherited = component_folders(base_dir)
+        where.update({c: inherited[c] for c in missing})
+    elif missing:
+        raise FileNotFoundError(
+            f"{folder}: not a Stable Diffusion + ControlNet pipeline folder; missing "
+            f"component folder(s) {missing} (expected {list(COMPONENTS)})"
+        )
+    return where
+
+
 class AdGenerator:
     """The components of an SD + ControlNet inpainting pipeline, loaded from one folder."""
 
@@ -87,19 +110,14 @@ class AdGenerator:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: generator folder not found")
-        missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
-        if missing:
-            raise FileNotFoundError(
-                f"{folder}: not a Stable Diffusion + ControlNet pipeline folder; missing "
-                f"component folder(s) {missing} (expected {list(COMPONENTS)})"
-            )
+        where = component_folders(folder)
         kw = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kw)
-        controlnet = ControlNetModel.from_pretrained(folder / "controlnet", **kw)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", **kw)
-        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", **kw)
+        unet = UNet2DConditionModel.from_pretrained(where["unet"], **kw)
+        controlnet = ControlNetModel.from_pretrained(where["controlnet"], **kw)
+        vae = AutoencoderKL.from_pretrained(where["vae"], **kw)
+        text_encoder = CLIPTextModel.from_pretrained(where["text_encoder"], **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(where["tokenizer"], **kw)
+        scheduler = DDIMScheduler.from_pretrained(where["scheduler"], **kw)
         gen = cls(unet, controlnet, vae, text_encoder, tokenizer, scheduler)
         return gen.to(device, None if dtype == torch.float32 else dtype)
 
@@ -389,20 +407,28 @@ def denoise(
     stop_at: int | None = None,
     unet=None,
     controlnet=None,
+    stop_before: int | None = None,
 ) -> SampleOutput:
     """The loop (module docstring). Gradients flow only through the last ``grad_last`` steps
     (0: none, ``config.steps``: all, i.e. full backprop); earlier steps run under no_grad and
     their result is detached (truncated backprop). ``checkpoint`` recomputes each grad step in
     the backward pass instead of storing its activations. ``stop_at`` (a step index) ends the
-    loop at that step and returns its one-step prediction x0_hat (RFFT's objective)."""
+    loop at that step and returns its one-step prediction x0_hat (RFFT's objective);
+    ``stop_before`` (a step index) returns the latents x_t that step would take as input."""
     steps = gen.timesteps(config.steps)
     acp = gen.alphas_cumprod()
     final = torch.tensor(float(gen.scheduler.final_alpha_cumprod), device=acp.device)
     stride = gen.scheduler.config.num_train_timesteps // config.steps
     x = batch.noise.clone()
+    if stop_at is not None and stop_before is not None:
+        raise ValueError("give stop_at or stop_before, not both")
     last = len(steps) if stop_at is None else stop_at + 1
     if not 0 < last <= len(steps):
         raise ValueError(f"stop_at: must be in [0, {len(steps) - 1}]; got {stop_at}")
+    if stop_before is not None:
+        if not 0 <= stop_before < len(steps):
+            raise ValueError(f"stop_before: must be in [0, {len(steps) - 1}]; got {stop_before}")
+        last = stop_before
     x0 = None
     for i, t in enumerate(steps[:last]):
         a_t = acp[t].to(x.dtype)

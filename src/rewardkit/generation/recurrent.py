@@ -35,6 +35,7 @@ __all__ = [
     "recurrent_generate",
     "available_rate_after",
     "judge_images",
+    "products_on_white",
 ]
 
 AVAILABLE = "Available"
@@ -147,16 +148,8 @@ class InspectorJudge:
         self.inspector = inspector.eval()
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
-        from PIL import Image
-
         size = self.inspector.rfnet.config.resolution
-        products = []
-        for photo in context["photos"]:
-            im = Image.fromarray(photo, "RGBA")
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, im).convert("RGB")
-            products.append(np.asarray(rgb.resize((size, size), Image.BILINEAR)))
-        p = torch.from_numpy(np.stack(products)).permute(0, 3, 1, 2).float() / 255
+        p = products_on_white(context["photos"], size)
         g = images.float()
         if g.shape[-1] != size:
             g = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear")
@@ -165,6 +158,19 @@ class InspectorJudge:
         classes = self.inspector.classes
         labels = [classes[k] for k in probs.argmax(-1).tolist()]
         return labels, probs[:, classes.index(AVAILABLE)]
+
+
+def products_on_white(photos: Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """RFNet's product input: RGBA photos composited on white, resized, (B, 3, S, S) in [0, 1]."""
+    from PIL import Image
+
+    out = []
+    for photo in photos:
+        im = Image.fromarray(photo, "RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, im).convert("RGB")
+        out.append(np.asarray(rgb.resize((size, size), Image.BILINEAR)))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
 
 
 def judge_images(judge: Judge, images: list[np.ndarray], jobs: list[ProductJob]):

@@ -37,6 +37,8 @@ DEFAULT_MODELS: dict[str, str] = {
     "rfnet": "rfnet",
     "rfnet-image-only": "rfnet-image-only",
     "generator": "generator",
+    "generator-rfft": "generator-rfft",
+    "generator-social": "generator-social",
 }
 
 

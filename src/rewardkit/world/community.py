@@ -485,3 +485,35 @@ def _event_codes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """event_type (string or dictionary) -> int8 codes: view 0, like 1, remix 2, other -1."""
     codes = pc.index_in(column.cast(pa.string()), value_set=pa.array(EVENT_TYPES))
     return pc.fill_null(codes, -1).to_numpy().astype(np.int8)
+
+
+def expected_appeal(
+    features: np.ndarray,
+    config: CommunityConfig | None = None,
+    n_users: int = 20_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """The community's ground-truth appeal of any images, from their appearance features.
+
+    The same quantity as the truth tables' ``appeal`` (mean over non-bot users of
+    ``sigmoid(remix_bias + w_u . f)``), with the users' tastes drawn afresh from the
+    community's taste distribution ``N(taste_mean, taste_heterogeneity^2 I)`` (``n_users`` of
+    them, fixed by ``seed``), so images that were never posted (generated ones) get it too.
+
+    Args:
+        features: (N, F) appearance features (``appearance.appearance_features``).
+        config: the community (default: ``CommunityConfig()``, the demo's taste).
+
+    Returns:
+        (N,) float64 expected remixes per view, in (0, 1).
+    """
+    cfg = config if config is not None else CommunityConfig()
+    feats = np.asarray(features, dtype=np.float32)
+    mu = np.asarray(cfg.taste_mean if cfg.taste_mean is not None else DEFAULT_TASTE_MEAN)
+    if feats.ndim != 2 or feats.shape[1] != len(mu):
+        raise ValueError(f"features: expected (N, {len(mu)}); got shape {feats.shape}")
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n_users, len(mu)), dtype=np.float32)
+    taste = (mu[None, :] + np.float32(cfg.taste_heterogeneity) * z).astype(np.float32)
+    logits = taste @ feats.T + np.float32(cfg.remix_bias)  # (U, N)
+    return _sigmoid(logits).mean(axis=0, dtype=np.float64)
