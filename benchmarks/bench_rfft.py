@@ -13,9 +13,10 @@ ControlNet trainable), in four ways:
   truncation or checkpointing);
 - ``full-ckpt``: all steps, each checkpointed.
 
-Each mode runs in its own process. Peak memory: on CUDA ``max_memory_allocated``; on CPU the
-growth of the process's peak resident set (``ru_maxrss``) over its value after loading, i.e.
-what the step itself added. Time: seconds per step (mean of ``repeats`` after one warm-up).
+Each mode runs in its own process. Memory: the peak (CUDA ``max_memory_allocated``; on CPU
+the process's peak resident set, ``ru_maxrss``) and ``step_memory_mib``, the peak minus its
+value once models and data are loaded: what a training step needs on top of the weights.
+Time: seconds per step (mean of ``repeats`` after one warm-up step).
 """
 
 from __future__ import annotations
@@ -78,11 +79,11 @@ def _one(mode: str, a: argparse.Namespace) -> dict:
         loss.backward()
         opt.step()
 
-    step()  # warm-up (allocator, lazy init)
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # models and data only
     if dev.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        loaded_cuda = torch.cuda.max_memory_allocated()
+    step()  # warm-up (allocator, lazy init); counted in the peak
     t0 = time.perf_counter()
     for _ in range(a.repeats):
         step()
@@ -91,12 +92,13 @@ def _one(mode: str, a: argparse.Namespace) -> dict:
     sec = (time.perf_counter() - t0) / a.repeats
     out = {"mode": mode, "seconds_per_step": round(sec, 3)}
     if dev.type == "cuda":
-        out["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peak = torch.cuda.max_memory_allocated()
+        out["peak_memory_mib"] = round(peak / 2**20, 1)
+        out["step_memory_mib"] = round((peak - loaded_cuda) / 2**20, 1)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         out["peak_rss_mib"] = round(peak / 1024, 1)
-        out["step_peak_growth_mib"] = round((peak - base_rss) / 1024, 1)
-        out["note"] = "growth after a warm-up step: the allocator reuses that step's memory"
+        out["step_memory_mib"] = round((peak - loaded_rss) / 1024, 1)
     return out
 
 

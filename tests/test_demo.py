@@ -28,6 +28,7 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
         "verdict: Available",
         "Ad generation and Recurrent Generation",
         "First attempt and returned image",
+        "RFFT: the generator fine-tuned with reward gradients",
     ):
         assert heading in html
     assert html.count("<img") > 30
@@ -45,6 +46,9 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
     gen = summary["generation"]
     assert gen["products"] == 3 and 3 <= gen["stats"]["images_generated"] <= 6
     assert len(gen["oracle_curve"]) == 2 and 0 <= gen["inspector_oracle_agreement"] <= 1
+    rfft = summary["rfft"]  # the shipped original and fine-tuned generators, 3 products
+    assert rfft["products"] == 3 and rfft["rows"][0]["model"] == "Original"
+    assert len(rfft["rows"]) >= 2 and all(0 <= r["oracle_available"] <= 1 for r in rfft["rows"])
 
 
 def test_world_community_command(tmp_path, capsys):

@@ -217,7 +217,7 @@ def run_demo(
     gen_body, gen_stats = generation_section(
         out, timings, gen_products, gen_attempts, gen_steps, generator=generator
     )
-    rfft_body, rfft_stats = rfft_section(out, timings, products=gen_products)
+    rfft_body, rfft_stats = rfft_section(out, timings, products=gen_products, steps=gen_steps)
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",

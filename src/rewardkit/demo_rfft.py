@@ -26,8 +26,15 @@ TUNED = (("RFFT (RFNet + CC)", "generator-rfft"), ("RFFT (Social Reward + CC)", 
 
 
 def rfft_section(
-    out: Path, timings: dict, products: int = 24, seeds: int = 2, diversity_products: int = 12
+    out: Path,
+    timings: dict,
+    products: int = 24,
+    seeds: int = 2,
+    diversity_products: int = 12,
+    steps: int | None = None,
 ) -> tuple[str, dict]:
+    """The shipped original and fine-tuned generators on ``products`` new products
+    (``steps``: DDIM steps, default the generators' own)."""
     t = time.perf_counter()
     try:
         models = [("Original", default_model_path("generator"))]
@@ -48,7 +55,7 @@ def rfft_section(
     result = evaluate_generators(
         models, world, out / "rfft_eval", limit=products, seeds=seeds,
         diversity_products=min(diversity_products, products), recurrent_attempts=0,
-        batch_size=16, progress=False,
+        batch_size=16, progress=False, steps=steps,
     )  # fmt: skip
     timings["rfft_eval"] = time.perf_counter() - t
     rows = [

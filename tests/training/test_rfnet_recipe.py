@@ -127,3 +127,28 @@ def test_cli_train_eval_inspect(world, tmp_path, capsys):
     assert v.num_rows == 39 and "p_available" in v.column_names
     argv = ["inspect", "--model", str(model), "--input", str(tmp_path / "nope"), "--out", "x"]
     assert main(argv) == 2
+
+
+def test_cli_train_rfnet_init_fine_tunes_a_saved_model(world, tmp_path, capsys):
+    model_yaml = tmp_path / "rfnet.yaml"
+    model_yaml.write_text(yaml.safe_dump(TINY))
+    manifest = str(world / "w" / "manifest.parquet")
+    first = tmp_path / "first"
+    common = ["--maps", "truth", "--max-steps", "2", "--batch-size", "8"]
+    argv = ["train", "rfnet", "--manifest", manifest, "--out", str(first),
+            "--model-config", str(model_yaml), *common]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    second = tmp_path / "second"
+    argv = ["train", "rfnet", "--manifest", manifest, "--out", str(second),
+            "--init", str(first / "model"), "--lr", "0.01", *common]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["runs"]["init"]["from"] == str(first / "model")
+    a, b = RFNet.from_pretrained(first / "model"), RFNet.from_pretrained(second / "model")
+    assert a.config == b.config  # the architecture of the model it started from
+    sa, sb = a.state_dict(), b.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)  # and it trained
+    argv = ["train", "rfnet", "--manifest", manifest, "--out", str(tmp_path / "x"),
+            "--init", str(first / "model"), "--ablation", *common]  # fmt: skip
+    assert main(argv) == 2

@@ -133,8 +133,10 @@ def evaluate_generators(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    steps: int | None = None,
 ) -> dict:
-    """The module docstring's table, grids and JSON."""
+    """The module docstring's table, grids and JSON (``steps``: DDIM steps, default each
+    generator's own)."""
     from rewardkit.generation.run import load_jobs, sampler_for
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.inspector import Inspector
@@ -157,7 +159,7 @@ def evaluate_generators(
     for name, folder in models:
         t0 = time.perf_counter()
         gen = AdGenerator.from_pretrained(folder)
-        sampler = sampler_for(folder)
+        sampler = sampler_for(folder, steps)
         prepared = [j.prepared for j in jobs]
         prompts = [j.prompt for j in jobs]
         first = generate_images(gen, prepared, prompts, first_seeds, sampler, batch_size)

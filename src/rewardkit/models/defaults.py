@@ -13,6 +13,10 @@ depth              ``depth``: a small DPT trained on AdWorld's ground-truth dept
 saliency           ``saliency``: a small Segformer trained on AdWorld's saliency maps
 rfnet              ``rfnet``: the RFNet inspector (small ResNet, all five inputs)
 rfnet-image-only   ``rfnet-image-only``: the same backbone on the generated image alone
+generator          ``generator``: the small SD + ControlNet inpainting generator
+generator-rfft     ``generator-rfft``: its ControlNet fine-tuned by RFFT (RFNet + CC); only
+                   the ControlNet is stored, the rest comes from ``generator``
+generator-social   ``generator-social``: the same with Social Reward as the reward
 =================  ======================================================================
 
 ``recipes/train_default_models.py`` rebuilds the first three,
