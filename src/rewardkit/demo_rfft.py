@@ -85,7 +85,7 @@ def rfft_section(
         "generator, judged by the oracle (ground truth) and by the RFNet inspector. The "
         "fine-tuned generators were trained by <code>rewardkit finetune</code> (one-step "
         "x0_hat at a random step among the last 10 of a 40-step DDIM run, ControlNet trained, "
-        "Consistent Condition regularisation; recipe and full evaluation on 200+ held-out "
+        "Consistent Condition regularisation; recipe and the evaluation on 150 held-out "
         "products in MODELS.md). Diversity: RMS difference of backgrounds across seeds and "
         f"across products on a 16x16 grid, over {result['diversity_products']} products x "
         f"{result['seeds']} seeds; appeal: the simulated community's ground truth.</p>"
