@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from rewardkit.generation.metrics import appeal_scores, background_diversity
-from rewardkit.generation.pipeline import AdGenerator, generate_images
+from rewardkit.generation.pipeline import AdGenerator, generate_images, generator_resolution
 from rewardkit.generation.recurrent import (
     AVAILABLE,
     InspectorJudge,
@@ -148,9 +148,7 @@ def evaluate_generators(
     out.mkdir(parents=True, exist_ok=True)
     insp = Inspector.from_pretrained(inspector or default_model_path("rfnet"))
     soc = SocialReward.from_pretrained(social or default_model_path("social-reward"))
-    first_gen = AdGenerator.from_pretrained(models[0][1])
-    jobs, skipped = load_jobs(products, first_gen.resolution, limit=limit)
-    del first_gen
+    jobs, skipped = load_jobs(products, generator_resolution(models[0][1]), limit=limit)
     if not all(np.isfinite(j.height_cm) for j in jobs):
         raise ValueError(f"{products}: the oracle needs product heights (an AdWorld manifest)")
     p_div = min(diversity_products, len(jobs))

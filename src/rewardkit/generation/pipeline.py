@@ -82,6 +82,16 @@ def component_folders(folder: Path) -> dict[str, Path]:
     return where
 
 
+def generator_resolution(folder: str | Path) -> int:
+    """A generator folder's image size, from its UNet and VAE configs (no weights loaded)."""
+    where = component_folders(Path(folder))
+    unet = json.loads((where["unet"] / "config.json").read_text())
+    vae = json.loads((where["vae"] / "config.json").read_text())
+    size = unet["sample_size"]
+    size = size[0] if isinstance(size, list | tuple) else size
+    return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 class AdGenerator:
     """The components of an SD + ControlNet inpainting pipeline, loaded from one folder."""
 

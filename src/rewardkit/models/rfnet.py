@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ResNetConfig, ResNetModel
 
-from rewardkit.io import default_permissions, write_text_atomic
-from rewardkit.models.social_reward import _check_loading_info, _quiet_progress, _replace_dir
+from rewardkit.io import write_folder_atomic, write_text_atomic
+from rewardkit.models.social_reward import _check_loading_info, _quiet_progress
 from rewardkit.world.scene import CLASSES
 
 __all__ = [
@@ -517,20 +515,14 @@ class RFNet(nn.Module):
         """Write ``config.json`` (``model_type: rfnet`` + the config, backbone included) and
         ``model.safetensors`` into ``path``. The folder is written beside ``path`` and renamed
         into place (replacing an existing one). Returns ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            default_permissions(tmp)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return write_folder_atomic(path, write)
 
     @classmethod
     def from_pretrained(

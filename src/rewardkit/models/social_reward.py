@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from rewardkit.io import default_permissions, replace_dir
+from rewardkit.io import write_folder_atomic
 
 __all__ = ["PRESETS", "SocialReward", "apply_preset", "build_default_dual_encoder"]
 
@@ -226,11 +224,9 @@ class SocialReward(nn.Module):
                 left out and only the rest is written (``delta.safetensors``), which keeps
                 shipped models small. Loading checks that every weight is accounted for.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         setattr(self.model.config, TEXT_POOLING_KEY, self.text_pooling)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             with _quiet_progress():
                 if text_base is None:
                     self.model.save_pretrained(tmp, safe_serialization=True)
@@ -239,12 +235,8 @@ class SocialReward(nn.Module):
             self.tokenizer.save_pretrained(tmp)
             stats = _preprocessor_dict(self.image_size, self.image_mean, self.image_std)
             (tmp / PREPROCESSOR_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-            default_permissions(tmp)
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return write_folder_atomic(path, write)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> pixel values (B, 3, S, S) on the model's device."""
@@ -365,9 +357,6 @@ def _preprocessor_dict(image_size: int, mean: torch.Tensor, std: torch.Tensor) -
         image_mean=[round(float(v), 8) for v in mean.flatten()],
         image_std=[round(float(v), 8) for v in std.flatten()],
     )  # fmt: skip
-
-
-_replace_dir = replace_dir  # kept for the modules that import it from here
 
 
 # ---------------------------------------------------------------------------------------

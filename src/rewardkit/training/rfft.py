@@ -61,6 +61,7 @@ from rewardkit.generation.pipeline import (
     SamplerConfig,
     denoise,
     generate_images,
+    generator_resolution,
     paste_back_tensor,
     predict,
     prepare_batch,
@@ -138,9 +139,7 @@ class RFNetObjective:
     metric = "p_available"
 
     def __init__(self, inspector) -> None:
-        self.inspector = inspector.eval()
-        for p in self.inspector.parameters():
-            p.requires_grad_(False)
+        self.inspector = inspector.eval().requires_grad_(False)
         self.size = int(inspector.rfnet.config.resolution)
         self._products: dict[str, torch.Tensor] = {}
 
@@ -157,15 +156,16 @@ class RFNetObjective:
         logp = self.inspector.available_log_prob(p, g, [j.caption for j in jobs])
         return -logp, logp.exp()
 
-    def judge(self, images: torch.Tensor, jobs: list[ProductJob]) -> list[str]:
-        from rewardkit.generation.recurrent import InspectorJudge
-
+    def classify(self, images: torch.Tensor, jobs: list[ProductJob]):
+        """One forward without gradients: (verdicts, P(Available)) per image."""
+        p = torch.stack([self._product(j) for j in jobs]).to(images.device, images.dtype)
+        g = images
+        if g.shape[-1] != self.size:
+            g = F.interpolate(g, size=(self.size, self.size), mode="bilinear", antialias=True)
         with torch.no_grad():
-            labels, _ = InspectorJudge(self.inspector)(
-                images, [j.prompt for j in jobs], photos=[j.photo for j in jobs],
-                captions=[j.caption for j in jobs],
-            )  # fmt: skip
-        return labels
+            probs = torch.softmax(self.inspector(p, g, [j.caption for j in jobs]), dim=-1)
+        classes = self.inspector.classes
+        return [classes[k] for k in probs.argmax(-1).tolist()], probs[:, classes.index(AVAILABLE)]
 
 
 class SocialObjective:
@@ -175,9 +175,7 @@ class SocialObjective:
     metric = "social_score"
 
     def __init__(self, model) -> None:
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
 
     def __call__(self, images: torch.Tensor, jobs: list[ProductJob]):
         score = self.model(images, [j.prompt for j in jobs])
@@ -342,12 +340,13 @@ def probe_generator(
     )
     t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     out: dict = {}
-    with torch.no_grad():
-        _, reward = objective(t, jobs)
-    out[f"probe_{objective.metric}"] = float(reward.mean())
     if isinstance(objective, RFNetObjective):
-        labels = objective.judge(t, jobs)
+        labels, reward = objective.classify(t, jobs)
         out["probe_rfnet_available"] = float(np.mean([lab == AVAILABLE for lab in labels]))
+    else:
+        with torch.no_grad():
+            _, reward = objective(t, jobs)
+    out[f"probe_{objective.metric}"] = float(reward.mean())
     if oracle and all(np.isfinite(j.height_cm) for j in jobs):
         verdicts = [
             label(j.photo, img, j.height_cm, fill=j.fill)[0]
@@ -570,7 +569,7 @@ def finetune_command(
     kind, folder = parse_reward(reward)
     if kind != config.reward:
         config = FinetuneConfig(**{**asdict(config), "reward": kind})
-    gen_size = _generator_resolution(generator)
+    gen_size = generator_resolution(generator)
     jobs, skipped = load_jobs(products, gen_size, limit=limit)
     if probe is not None:
         probe_jobs, _ = load_jobs(probe, gen_size, limit=config.probe_size)
@@ -587,13 +586,3 @@ def finetune_command(
     )
     summary["skipped_products"] = len(skipped)
     return summary
-
-
-def _generator_resolution(generator: str | Path) -> int:
-    """The generator's image size, from its UNet/VAE configs (without loading weights)."""
-    from rewardkit.generation.pipeline import component_folders
-
-    where = component_folders(Path(generator))
-    unet = json.loads((where["unet"] / "config.json").read_text())
-    vae = json.loads((where["vae"] / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
