@@ -107,6 +107,12 @@ def test_cli_train_eval_inspect(world, tmp_path, capsys):
     assert "RFNet vs image-only baseline" in text and "Modality ablation" in text
     results = json.loads(out.read_text())["results"]
     assert set(results["full"]) == {"clean", "degraded"}
+    # AdWorld manifests: agreement with the oracle's verdict on the very image judged.
+    assert "Agreement with the AdWorld oracle" in text
+    for cond in ("clean", "degraded"):
+        r = results["full"][cond]
+        assert r["oracle_n"] == 40
+        assert 0 <= r["oracle_agreement"] <= r["oracle_binary_agreement"] <= 1
     model = run / "full" / "model"
     (model / INSPECTOR_FILE).write_text(
         json.dumps({"depth": str(world / "depth"), "saliency": str(world / "saliency")})
@@ -152,3 +158,26 @@ def test_cli_train_rfnet_init_fine_tunes_a_saved_model(world, tmp_path, capsys):
     argv = ["train", "rfnet", "--manifest", manifest, "--out", str(tmp_path / "x"),
             "--init", str(first / "model"), "--ablation", *common]  # fmt: skip
     assert main(argv) == 2
+
+
+def test_oracle_labels_match_world_label_and_judge_given_pixels(world):
+    from rewardkit.rfnet_runs import _agreement, oracle_labels
+    from rewardkit.world.export import label_manifest
+
+    manifest = world / "w" / "manifest.parquet"
+    samples = load_adworld_manifest(manifest)
+    labels = oracle_labels(samples, progress=False)
+    table, errors = label_manifest(manifest, progress=False)
+    assert errors == 0 and labels == table["oracle_label"].to_pylist()
+    # Given pixels are judged instead of the files: the files' own pixels give the same.
+    data = prepare_inspection_data(samples, RFNetConfig(**TINY, modalities=("generated",)),
+                                   progress=False)  # fmt: skip
+    assert oracle_labels(samples, data.generated, progress=False) == labels
+    # A blank image where row 0 was: the oracle now judges something else there.
+    blank = data.generated.clone()
+    blank[0] = 255
+    assert oracle_labels(samples, blank, progress=False)[0] != labels[0] or labels[0] in (
+        "Unsuitable",  # decided by the product photo alone
+    )
+    r = _agreement(["Available", "Size Mismatch", "Available"], ["Available", "Available", None])
+    assert r == {"oracle_agreement": 0.5, "oracle_binary_agreement": 0.5, "oracle_n": 2}

@@ -180,6 +180,25 @@ def load_product_photo(path: Path) -> np.ndarray:
     return rgba
 
 
+def judge_row(
+    row: dict, i: int, manifest: str | Path, image: np.ndarray | None = None
+) -> tuple[str, dict[str, float | str]]:
+    """The oracle's (class, measurements) for row ``i`` of a manifest (paths relative to the
+    manifest's folder, or absolute). ``image`` (RGB uint8) replaces the row's image file, e.g.
+    a degraded copy of it.
+
+    Raises:
+        OSError: Unreadable image or product photo.
+        ValueError: No product size, or an image the oracle cannot judge (named row).
+    """
+    base = Path(manifest).parent
+    if image is None:
+        image = read_image_rgb(base / row["path"])
+    cutout = load_product_photo(base / row["product_path"])
+    fill = float(row.get("fill") or DEFAULT_FILL)
+    return label(cutout, image, _height_cm(row, i, Path(manifest)), fill=fill)
+
+
 def label_manifest(
     manifest: str | Path, out: str | Path | None = None, progress: bool = True
 ) -> tuple[pa.Table, int]:
@@ -195,7 +214,6 @@ def label_manifest(
     table = read_manifest(manifest)
     if "product_height_cm" not in table.column_names and "caption" not in table.column_names:
         raise ValueError(f"{manifest}: need a product_height_cm or caption column")
-    base = manifest.parent
     rows_out = []
     errors = 0
     for i, row in enumerate(tqdm(table.to_pylist(), desc="label", disable=not progress)):
@@ -204,10 +222,7 @@ def label_manifest(
         if "label" in row:
             rec["label"] = row["label"]
         try:
-            image = read_image_rgb(base / row["path"])
-            cutout = load_product_photo(base / row["product_path"])
-            fill = float(row.get("fill") or DEFAULT_FILL)
-            cls, m = label(cutout, image, _height_cm(row, i, manifest), fill=fill)
+            cls, m = judge_row(row, i, manifest)
             rec["oracle_label"] = cls
             rec.update(m)
         except (OSError, ValueError) as e:
