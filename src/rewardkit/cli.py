@@ -109,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_overrides(pt, losses=False)
 
     rf = tsub.add_parser("rfnet", help="train the RFNet inspector on labelled ad images")
-    rf.add_argument("--manifest", required=True, help="AdWorld manifest.parquet or RF1M folder")
+    rf.add_argument(
+        "--manifest", required=True, nargs="+",
+        help="AdWorld manifest.parquet or RF1M folder; several are concatenated "
+        "(e.g. renders and oracle-labelled generated images), split by product together",
+    )  # fmt: skip
     rf.add_argument("--out", required=True, help="run folder (with --ablation: one per variant)")
     rf.add_argument("--config", default=None, help="training YAML (RFNetTrainConfig fields)")
     rf.add_argument("--model-config", default=None, help="RFNet architecture YAML")

@@ -12,6 +12,7 @@ depth and saliency predicted again), and renders the tables.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,17 +33,28 @@ from rewardkit.training.rfnet import (
 __all__ = ["eval_rfnet_command", "load_samples", "train_rfnet_command"]
 
 
-def load_samples(source: str | Path, split: bool = True) -> pa.Table:
-    """An AdWorld manifest (``.parquet``) or an RF1M folder, with a ``split`` by product."""
+def load_samples(source: str | Path | Sequence[str | Path], split: bool = True) -> pa.Table:
+    """An AdWorld manifest (``.parquet``) or an RF1M folder, with a ``split`` by product.
+
+    Several sources (e.g. renders and oracle-labelled generated images) are concatenated
+    first (columns missing from one source are null there), so the split by product spans
+    all of them."""
     from rewardkit.data.samples import load_adworld_manifest, load_rf1m, split_by_product
 
-    source = Path(source)
-    if source.is_dir():
-        table = load_rf1m(source)
-    elif source.is_file():
-        table = load_adworld_manifest(source)
-    else:
-        raise FileNotFoundError(f"{source}: no such manifest or RF1M folder")
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    if not sources:
+        raise ValueError("no manifest given")
+    tables = []
+    for item in map(Path, sources):
+        if item.is_dir():
+            tables.append(load_rf1m(item))
+        elif item.is_file():
+            tables.append(load_adworld_manifest(item))
+        else:
+            raise FileNotFoundError(f"{item}: no such manifest or RF1M folder")
+    table = (
+        tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    )
     return split_by_product(table) if split else table
 
 
@@ -61,7 +73,7 @@ def _model_config(path: str | Path | None) -> RFNetConfig:
 
 
 def train_rfnet_command(
-    manifest: str | Path,
+    manifest: str | Path | Sequence[str | Path],
     out: str | Path,
     config: RFNetTrainConfig,
     model_config: str | Path | None = None,

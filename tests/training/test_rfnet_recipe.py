@@ -181,3 +181,18 @@ def test_oracle_labels_match_world_label_and_judge_given_pixels(world):
     )
     r = _agreement(["Available", "Size Mismatch", "Available"], ["Available", "Available", None])
     assert r == {"oracle_agreement": 0.5, "oracle_binary_agreement": 0.5, "oracle_n": 2}
+
+
+def test_load_samples_concatenates_manifests_and_splits_by_product_across_them(world, tmp_path):
+    from rewardkit.rfnet_runs import load_samples
+
+    manifest = world / "w" / "manifest.parquet"
+    one = load_samples(manifest)
+    two = load_samples([manifest, manifest])
+    assert two.num_rows == 2 * one.num_rows
+    split_of: dict[str, set] = {}
+    for key, split in zip(two["product_key"].to_pylist(), two["split"].to_pylist(), strict=True):
+        split_of.setdefault(key, set()).add(split)
+    assert all(len(s) == 1 for s in split_of.values())  # a product's rows stay together
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_samples([manifest, tmp_path / "nope"])
