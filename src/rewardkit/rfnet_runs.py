@@ -72,6 +72,14 @@ def _model_config(path: str | Path | None) -> RFNetConfig:
         raise ValueError(f"{path}: {err}") from None
 
 
+def _training_copy(data, config: RFNetTrainConfig, maps: str):
+    """The degraded copy training draws from (None when off); its seed differs from the
+    evaluation's (``eval rfnet --seed``, default 0), so no degraded test image is reused."""
+    if not config.degraded_copy or config.degrade <= 0:
+        return None
+    return degrade_inspection_data(data, config.seed + 10_007, predict_maps=maps == "predicted")
+
+
 def train_rfnet_command(
     manifest: str | Path | Sequence[str | Path],
     out: str | Path,
@@ -91,7 +99,10 @@ def train_rfnet_command(
         base = RFNet.from_pretrained(init).config
         samples = load_samples(manifest)
         data = prepare_inspection_data(samples, base, maps=maps, progress=progress)
-        result = train_rfnet(data, Path(out), base, config, init=init, progress=progress)
+        degraded = _training_copy(data, config, maps)
+        result = train_rfnet(
+            data, Path(out), base, config, init=init, progress=progress, degraded=degraded
+        )
         return {
             "samples": len(data),
             "split": {s: data.split.count(s) for s in set(data.split)},
@@ -105,13 +116,14 @@ def train_rfnet_command(
     samples = load_samples(manifest)
     full = dataclasses.replace(base, modalities=VARIANTS["full"])
     data = prepare_inspection_data(samples, full, maps=maps, progress=progress)
+    degraded = _training_copy(data, config, maps)
     names = list(VARIANTS) if ablation else [variant]
     summary = {"samples": len(data), "split": {s: data.split.count(s) for s in set(data.split)}}
     runs = {}
     for name in names:
         run_dir = Path(out) / name if ablation else Path(out)
         cfg = dataclasses.replace(base, modalities=VARIANTS[name])
-        result = train_rfnet(data, run_dir, cfg, config, progress=progress)
+        result = train_rfnet(data, run_dir, cfg, config, progress=progress, degraded=degraded)
         runs[name] = {"model": str(run_dir / "model"), "steps": result.steps,
                       "seconds": round(result.seconds, 1), "metrics": result.metrics}  # fmt: skip
     summary["runs"] = runs

@@ -61,6 +61,10 @@ class RFNetTrainConfig(TrainConfigBase):
     lr_drop_at: float = 0.5  # paper: lr / 10 at half of training
     class_weighting: bool = True  # inverse class frequency in the cross-entropy
     degrade: float = 0.5  # share of training images blurred/noised (generated images are)
+    # Draw that share from a degraded copy of the training images (world.perturb.degrade:
+    # blur, noise, JPEG) whose depth and saliency are predicted again from the degraded
+    # pixels, as at inspection time; False: blur and noise the clean batch on the fly.
+    degraded_copy: bool = True
 
 
 @dataclass
@@ -266,11 +270,14 @@ def train_rfnet(
     config: RFNetTrainConfig | None = None,
     init: str | Path | None = None,
     progress: bool = True,
+    degraded: InspectionData | None = None,
 ) -> TrainResult:
     """Train RFNet on the ``train`` rows of ``data``; validation accuracy after each epoch.
 
     Args:
         data: From :func:`prepare_inspection_data` with the same model config.
+        degraded: :func:`degrade_inspection_data` of ``data`` (``config.degraded_copy``):
+            each training sample is taken from it with probability ``config.degrade``.
         out_dir: Run folder: ``model/``, ``checkpoint/``, ``train_summary.json``.
         model_config: Architecture (default: :meth:`RFNetConfig.small`); ignored with ``init``.
         config: Schedule (the paper's by default).
@@ -296,10 +303,19 @@ def train_rfnet(
         weight = counts.sum() / (len(counts) * counts.clamp_min(1.0))  # (C,)
     noise_gen = torch.Generator().manual_seed(config.seed + 1)
 
+    if degraded is not None and len(degraded) != len(data):
+        raise ValueError(f"degraded copy has {len(degraded)} samples, data {len(data)}")
+
     def step_loss(batch: torch.Tensor) -> torch.Tensor:
         rows = train_rows[batch]
         inputs = data.batch(rows, model.config.modalities)
-        if inputs["generated"] is not None:
+        if degraded is not None and config.degrade > 0:
+            pick = torch.rand(len(rows), generator=noise_gen) < config.degrade  # (B,)
+            other = degraded.batch(rows, model.config.modalities)
+            for key in ("generated", "depth", "saliency"):  # what degradation changes
+                if inputs[key] is not None:
+                    inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])
+        elif inputs["generated"] is not None:
             inputs["generated"] = _degrade(inputs["generated"], config.degrade, noise_gen)
         logits = model(**inputs)  # (B, C)
         w = None if weight is None else weight.to(logits.device)
