@@ -196,3 +196,25 @@ def test_load_samples_concatenates_manifests_and_splits_by_product_across_them(w
     assert all(len(s) == 1 for s in split_of.values())  # a product's rows stay together
     with pytest.raises(FileNotFoundError, match="nope"):
         load_samples([manifest, tmp_path / "nope"])
+
+
+def test_training_draws_the_degraded_share_from_the_degraded_copy(world, tmp_path):
+    import dataclasses
+
+    samples = split_by_product(load_adworld_manifest(world / "w" / "manifest.parquet"))
+    config = RFNetConfig(**TINY)
+    data = prepare_inspection_data(samples, config, maps="truth", progress=False)
+
+    def weights(run: str, degrade: float, copy) -> dict:
+        train = RFNetTrainConfig(epochs=1, batch_size=8, lr=1e-3, degrade=degrade)
+        train_rfnet(data, tmp_path / run, config, train, progress=False, degraded=copy)
+        return RFNet.from_pretrained(tmp_path / run / "model").state_dict()
+
+    clean = weights("clean", 0.0, None)
+    same = weights("same", 1.0, data)  # a "degraded" copy identical to the data
+    blank = dataclasses.replace(data, generated=torch.zeros_like(data.generated))
+    blanked = weights("blank", 1.0, blank)
+    assert all(torch.equal(clean[k], same[k]) for k in clean)  # nothing else changes
+    assert any(not torch.equal(clean[k], blanked[k]) for k in clean)  # the copy is what's seen
+    with pytest.raises(ValueError, match="degraded copy"):
+        weights("bad", 1.0, dataclasses.replace(data, labels=data.labels[:3]))
