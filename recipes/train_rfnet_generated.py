@@ -1,7 +1,8 @@
 """Fine-tune the shipped RFNet on generated images labelled by the oracle, and measure it.
 
     python recipes/train_rfnet_generated.py --products TRAIN/manifest.parquet --n 1200 \
-        --test GENERATED/attempts.parquet --work DIR [--epochs 4] [--lr 3e-5] [--ship NAME]
+        --test GENERATED/attempts.parquet --work DIR [--epochs 4] [--lr 3e-5] [--ship NAME] \
+        [--extra RENDERS/manifest.parquet OTHER/labelled.parquet ...]
 
 RF1M, the paper's training set, is made of *generated* images judged by annotators; an
 inspector trained on AdWorld renders alone transfers poorly to the generator's images. Here
@@ -11,7 +12,8 @@ the oracle plays the annotators:
    (the generator's own training products: never the held-out evaluation products);
 2. ``world.export.label_manifest``: the oracle's verdict of every image becomes its label
    (rows the oracle cannot judge are dropped and counted);
-3. ``rewardkit train rfnet --init <shipped rfnet>``: fine-tune on them (split by product);
+3. ``rewardkit train rfnet --init <shipped rfnet>``: fine-tune on them, with the ``--extra``
+   labelled manifests beside them (split by product across all);
 4. agreement with the oracle on ``--test``, generated images of held-out products with their
    oracle ``verdict`` (e.g. a ``rewardkit generate --judge oracle`` run's attempts.parquet),
    for the shipped and the fine-tuned inspector: six classes and Available-vs-not;
@@ -68,6 +70,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--init", default=None, help="RFNet folder (default: the shipped one)")
+    ap.add_argument(
+        "--extra", nargs="*", default=[],
+        help="more labelled manifests trained on together with the generated images (renders, "
+        "so the inspector keeps what it knew; other oracle-labelled generated sets)",
+    )  # fmt: skip
     ap.add_argument("--ship", default=None, help="copy the model to assets/models/NAME")
     a = ap.parse_args()
     init = a.init or str(default_model_path("rfnet"))
@@ -87,11 +94,12 @@ def main() -> None:
     counts: dict[str, int] = {}
     for v in labelled.column("label").to_pylist():
         counts[v] = counts.get(v, 0) + 1
-    run("train", "rfnet", "--manifest", str(gen / "labelled.parquet"), "--init", init,
+    run("train", "rfnet", "--manifest", str(gen / "labelled.parquet"), *a.extra, "--init", init,
         "--out", str(a.work / "run"), "--epochs", str(a.epochs), "--lr", str(a.lr))  # fmt: skip
     model = str(a.work / "run" / "model")
     summary = {
         "train_images": labelled.num_rows,
+        "extra_manifests": a.extra,
         "unlabelled": errors,
         "train_labels": counts,
         "shipped": agreement(init, a.test, a.work / "inspect_shipped.parquet"),
