@@ -38,6 +38,7 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
     assert summary["community"]["events"] > 0
     rf = summary["rfnet"]["results"]["RFNet (shipped)"]["clean"]
     assert rf["n"] == 36 and len(rf["confusion"]) == 6
+    assert rf["oracle_n"] == 36 and 0 <= rf["oracle_agreement"] <= 1
     reward = summary["social_reward"]
     assert reward["train"]["steps"] == 2
     names = [row["scorer"] for row in reward["table"]]

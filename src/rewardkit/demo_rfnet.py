@@ -18,7 +18,7 @@ from rewardkit.io import read_image_rgb
 from rewardkit.models.defaults import default_model_path
 from rewardkit.models.rfnet import RFNet
 from rewardkit.report.html import card, esc, figure_tag, table_html
-from rewardkit.rfnet_runs import load_samples
+from rewardkit.rfnet_runs import agreement_with_oracle, load_samples, oracle_labels
 from rewardkit.training.rfnet import (
     VARIANTS,
     degrade_inspection_data,
@@ -63,12 +63,18 @@ def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
     full = next(iter(models.values())).config
     clean = prepare_inspection_data(samples, full, progress=False)
     degraded = degrade_inspection_data(clean, seed=1)
+    oracle = {
+        "clean": oracle_labels(samples, progress=False),
+        "degraded": oracle_labels(samples, degraded.generated, progress=False),
+    }
     results, probs_full = {}, None
     for name, model in models.items():
         results[name] = {}
         for cond, data in (("clean", clean), ("degraded", degraded)):
             probs = predict_rfnet(model, data)
             results[name][cond] = evaluate_rfnet(probs, data.labels, data.classes)
+            verdicts = [data.classes[k] for k in probs.argmax(1).tolist()]
+            results[name][cond].update(agreement_with_oracle(verdicts, oracle[cond]))
             if name == "RFNet (shipped)" and cond == "clean":
                 probs_full = probs
     timings["inspect"] = time.perf_counter() - t
@@ -77,9 +83,14 @@ def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
     for name, r in results.items():
         for cond in ("clean", "degraded"):
             m = r[cond]
-            rows.append([name, cond, m["n"], *(100 * m[k] for k in ("precision", "recall", "f1",
-                         "ap", "accuracy"))])  # fmt: skip
-    table = table_html(["model", "images", "n", "P %", "R %", "F1 %", "AP %", "accuracy %"], rows)
+            keys = ("precision", "recall", "f1", "ap", "accuracy")
+            agree = 100 * m.get("oracle_agreement", float("nan"))
+            rows.append([name, cond, m["n"], *(100 * m[k] for k in keys), agree])
+    table = table_html(
+        ["model", "images", "n", "P %", "R %", "F1 %", "AP %", "accuracy %",
+         "agreement with the oracle %"],
+        rows,
+    )  # fmt: skip
     main = results["RFNet (shipped)"]["clean"]
     figure = _confusion_figure(main["confusion"], main["classes"], "RFNet, clean renders")
 
@@ -113,7 +124,8 @@ def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
         "the product photo, the image, its predicted depth and saliency and the caption "
         "(<code>rewardkit inspect</code>). Degraded: the same images blurred, noised and "
         "JPEG-compressed, depth and saliency predicted again. P/R/F1/AP are for Available "
-        "vs any defect; accuracy is over all classes.</p>"
+        "vs any defect; accuracy is over all classes (render truth); agreement is with the "
+        "AdWorld oracle's verdict on the same image.</p>"
         + table
         + figure
         + "<h3>Baseline and modality ablation (measured when the shipped models were "

@@ -30,7 +30,13 @@ from rewardkit.training.rfnet import (
     train_rfnet,
 )
 
-__all__ = ["eval_rfnet_command", "load_samples", "train_rfnet_command"]
+__all__ = [
+    "agreement_with_oracle",
+    "eval_rfnet_command",
+    "load_samples",
+    "oracle_labels",
+    "train_rfnet_command",
+]
 
 
 def load_samples(source: str | Path | Sequence[str | Path], split: bool = True) -> pa.Table:
@@ -152,7 +158,7 @@ def oracle_labels(samples: pa.Table, images=None, progress: bool = True) -> list
     return out
 
 
-def _agreement(pred: list[str], truth: list[str | None]) -> dict:
+def agreement_with_oracle(pred: list[str], truth: list[str | None]) -> dict:
     pairs = [(p, t) for p, t in zip(pred, truth, strict=True) if t is not None]
     if not pairs:
         return {}
@@ -175,7 +181,7 @@ def _evaluate_model(model: RFNet, clean, degraded, oracle: dict | None = None) -
         if oracle is not None:
             pred = [data.classes[k] for k in probs.argmax(1).tolist()]
             index = range(len(data)) if rows is None else rows.tolist()
-            out[name].update(_agreement(pred, [oracle[name][i] for i in index]))
+            out[name].update(agreement_with_oracle(pred, [oracle[name][i] for i in index]))
     return out
 
 

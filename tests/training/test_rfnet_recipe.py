@@ -161,7 +161,7 @@ def test_cli_train_rfnet_init_fine_tunes_a_saved_model(world, tmp_path, capsys):
 
 
 def test_oracle_labels_match_world_label_and_judge_given_pixels(world):
-    from rewardkit.rfnet_runs import _agreement, oracle_labels
+    from rewardkit.rfnet_runs import agreement_with_oracle, oracle_labels
     from rewardkit.world.export import label_manifest
 
     manifest = world / "w" / "manifest.parquet"
@@ -179,7 +179,9 @@ def test_oracle_labels_match_world_label_and_judge_given_pixels(world):
     assert oracle_labels(samples, blank, progress=False)[0] != labels[0] or labels[0] in (
         "Unsuitable",  # decided by the product photo alone
     )
-    r = _agreement(["Available", "Size Mismatch", "Available"], ["Available", "Available", None])
+    r = agreement_with_oracle(
+        ["Available", "Size Mismatch", "Available"], ["Available", "Available", None]
+    )
     assert r == {"oracle_agreement": 0.5, "oracle_binary_agreement": 0.5, "oracle_n": 2}
 
 
