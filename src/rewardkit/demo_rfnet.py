@@ -18,7 +18,7 @@ from rewardkit.io import read_image_rgb
 from rewardkit.models.defaults import default_model_path
 from rewardkit.models.rfnet import RFNet
 from rewardkit.report.html import card, esc, figure_tag, table_html
-from rewardkit.rfnet_runs import agreement_with_oracle, load_samples, oracle_labels
+from rewardkit.rfnet_runs import agreement_with_oracle, load_samples, oracle_verdicts
 from rewardkit.training.rfnet import (
     VARIANTS,
     degrade_inspection_data,
@@ -63,18 +63,16 @@ def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
     full = next(iter(models.values())).config
     clean = prepare_inspection_data(samples, full, progress=False)
     degraded = degrade_inspection_data(clean, seed=1)
-    oracle = {
-        "clean": oracle_labels(samples, progress=False),
-        "degraded": oracle_labels(samples, degraded.generated, progress=False),
-    }
+    oracle = oracle_verdicts(samples, degraded, progress=False)
     results, probs_full = {}, None
     for name, model in models.items():
         results[name] = {}
         for cond, data in (("clean", clean), ("degraded", degraded)):
             probs = predict_rfnet(model, data)
             results[name][cond] = evaluate_rfnet(probs, data.labels, data.classes)
-            verdicts = [data.classes[k] for k in probs.argmax(1).tolist()]
-            results[name][cond].update(agreement_with_oracle(verdicts, oracle[cond]))
+            if oracle is not None:
+                verdicts = [data.classes[k] for k in probs.argmax(1).tolist()]
+                results[name][cond].update(agreement_with_oracle(verdicts, oracle[cond]))
             if name == "RFNet (shipped)" and cond == "clean":
                 probs_full = probs
     timings["inspect"] = time.perf_counter() - t

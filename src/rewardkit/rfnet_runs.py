@@ -35,6 +35,7 @@ __all__ = [
     "eval_rfnet_command",
     "load_samples",
     "oracle_labels",
+    "oracle_verdicts",
     "train_rfnet_command",
 ]
 
@@ -158,7 +159,21 @@ def oracle_labels(samples: pa.Table, images=None, progress: bool = True) -> list
     return out
 
 
+def oracle_verdicts(samples: pa.Table, degraded, progress: bool = True) -> dict | None:
+    """The oracle's classes for the clean samples and for ``degraded`` (an
+    :class:`InspectionData` copy of them), or None when the samples carry no product sizes
+    (e.g. RF1M photos) and the oracle can judge none of them."""
+    if not {"product_height_cm", "caption"} & set(samples.column_names):
+        return None
+    clean = oracle_labels(samples, progress=progress)
+    if all(v is None for v in clean):
+        return None
+    return {"clean": clean, "degraded": oracle_labels(samples, degraded.generated, progress)}
+
+
 def agreement_with_oracle(pred: list[str], truth: list[str | None]) -> dict:
+    """Six-class and Available-or-not agreement of ``pred`` with the oracle's ``truth``,
+    over the samples the oracle judged (``oracle_n``); empty when it judged none."""
     pairs = [(p, t) for p, t in zip(pred, truth, strict=True) if t is not None]
     if not pairs:
         return {}
@@ -266,15 +281,7 @@ def eval_rfnet_command(
     widest = dataclasses.replace(next(iter(models.values())).config, modalities=VARIANTS["full"])
     clean = prepare_inspection_data(samples, widest, maps=maps, progress=progress)
     degraded = degrade_inspection_data(clean, seed, predict_maps=maps == "predicted")
-    oracle = None
-    if "product_height_cm" in samples.column_names or "caption" in samples.column_names:
-        # AdWorld (or any manifest with product sizes): the oracle judges what the model saw.
-        oracle = {
-            "clean": oracle_labels(samples, progress=progress),
-            "degraded": oracle_labels(samples, degraded.generated, progress=progress),
-        }
-        if all(v is None for v in oracle["clean"]):
-            oracle = None  # e.g. RF1M photos without sizes: nothing to compare with
+    oracle = oracle_verdicts(samples, degraded, progress)  # judges what the models saw
     results = {n: _evaluate_model(m, clean, degraded, oracle) for n, m in models.items()}
     text = _tables(results)
     if out is not None:

@@ -50,6 +50,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What degradation changes (the image and the maps predicted from it); product photo and
+# caption stay as they are.
+DEGRADED_INPUTS = ("generated", "depth", "saliency")
+
+
 @dataclass
 class RFNetTrainConfig(TrainConfigBase):
     """RFNet training; defaults are the paper's schedule where it gives one."""
@@ -311,10 +316,10 @@ def train_rfnet(
         inputs = data.batch(rows, model.config.modalities)
         if degraded is not None and config.degrade > 0:
             pick = torch.rand(len(rows), generator=noise_gen) < config.degrade  # (B,)
-            other = degraded.batch(rows, model.config.modalities)
-            for key in ("generated", "depth", "saliency"):  # what degradation changes
-                if inputs[key] is not None:
-                    inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])
+            changed = tuple(m for m in model.config.modalities if m in DEGRADED_INPUTS)
+            other = degraded.batch(rows, changed)
+            for key in changed:
+                inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])
         elif inputs["generated"] is not None:
             inputs["generated"] = _degrade(inputs["generated"], config.degrade, noise_gen)
         logits = model(**inputs)  # (B, C)
