@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='class weights, e.g. "Available=0.5,Space Mismatch=0.1" (default uniform)',
     )
     r.add_argument("--fill", type=float, default=None, help="product size / frame (default 0.4)")
+    r.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="share of Space/Size Mismatch items drawn across the oracle's threshold and "
+        "labelled by the oracle (boundary cases for training inspectors; default 0)",
+    )
 
     lab = wsub.add_parser("label", help="run the oracle over the images of a manifest")
     lab.add_argument("--manifest", required=True, help="Parquet with path, product_path, ...")
@@ -308,7 +315,9 @@ def _world_render(a: argparse.Namespace) -> int:
     from rewardkit.world.export import render_world
     from rewardkit.world.placement import DEFAULT_FILL
 
-    table = render_world(a.out, a.n, a.seed, a.size, a.balance, a.fill or DEFAULT_FILL)
+    table = render_world(
+        a.out, a.n, a.seed, a.size, a.balance, a.fill or DEFAULT_FILL, spread=a.spread
+    )
     counts = {}
     for lab in table.column("label").to_pylist():
         counts[lab] = counts.get(lab, 0) + 1

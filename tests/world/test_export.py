@@ -49,6 +49,22 @@ def test_class_balance_is_configurable(tmp_path):
         parse_balance("Available")
 
 
+def test_spread_draws_defects_across_the_threshold_and_labels_by_oracle(tmp_path):
+    balance = "Space Mismatch=1,Size Mismatch=1"
+    table = render_world(tmp_path, 40, seed=3, size=64, balance=balance, progress=False, spread=1)
+    labels = table.column("label").to_pylist()
+    # Asked for defects only; drawn across the threshold, some come out Available.
+    assert "Available" in labels and "Space Mismatch" in labels and "Size Mismatch" in labels
+    judged, errors = label_manifest(tmp_path / "manifest.parquet", progress=False)
+    assert errors == 0 and judged.column("oracle_label").to_pylist() == labels
+    gaps = [r["severity"] for r in table.to_pylist() if r["defect"] in ("floating", "sunk")]
+    assert min(gaps) < 0.07  # clear-cut renders never go below 0.07 of the frame
+    plain = render_world(tmp_path / "plain", 40, seed=3, size=64, balance=balance, progress=False)
+    assert set(plain.column("label").to_pylist()) == {"Space Mismatch", "Size Mismatch"}
+    with pytest.raises(ValueError, match="--spread"):
+        render_world(tmp_path / "bad", 2, seed=3, spread=1.5, progress=False)
+
+
 def test_label_manifest_round_trip_and_bad_rows(tmp_path):
     render_world(tmp_path, 10, seed=3, size=64, progress=False)
     table, errors = label_manifest(

@@ -94,8 +94,13 @@ def render_world(
     balance: str | dict[str, float] | None = None,
     fill: float = DEFAULT_FILL,
     progress: bool = True,
+    spread: float = 0.0,
 ) -> pa.Table:
     """Render ``n`` AdWorld samples into ``out_dir`` (layout in the module docstring).
+
+    ``spread``: the share of Space and Size Mismatch items whose defect strength is drawn
+    across the oracle's threshold and whose label is the oracle's verdict (so some come out
+    Available); which items is a pure function of (seed, index), like everything else.
 
     Items already on disk from an interrupted run are rendered again only if a file is
     missing; every file is written atomically, and the manifest last.
@@ -104,12 +109,15 @@ def render_world(
         raise ValueError(f"--n must be positive, got {n}")
     if size < 32 or size > 1024:
         raise ValueError(f"--size must be in [32, 1024] px, got {size}")
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError(f"--spread must be in [0, 1], got {spread}")
     weights = parse_balance(balance)
     out = Path(out_dir)
     rows = []
     for i in tqdm(range(n), desc="render", disable=not progress, unit="img"):
         cls = class_for_index(seed, i, weights)
-        item = sample_item(seed, i, size, cls, fill)
+        spread_i = spread > 0 and np.random.default_rng([seed, i, 3]).uniform() < spread
+        item = sample_item(seed, i, size, cls, fill, spread=bool(spread_i))
         image_id = f"{i:06d}"
         paths = {
             "path": f"images/{image_id}.png",
@@ -132,6 +140,7 @@ def render_world(
             "seed": seed,
             "size": size,
             "fill": fill,
+            "spread": spread,
             "balance": weights,
             "counts": {c: counts.get(c, 0) for c in CLASSES},
         },

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rewardkit.world.oracle import label as oracle_label
 from rewardkit.world.placement import DEFAULT_FILL, place_product
 from rewardkit.world.products import Product, damage_cutout, render_cutout, sample_product
 from rewardkit.world.scene import CLASSES, Render, render_scene, sample_scene_spec
@@ -70,8 +71,14 @@ def sample_item(
     label: str,
     fill: float = DEFAULT_FILL,
     max_tries: int = 50,
+    spread: bool = False,
 ) -> Item:
-    """Render item ``index`` of world ``seed`` with class ``label`` at ``size`` px."""
+    """Render item ``index`` of world ``seed`` with class ``label`` at ``size`` px.
+
+    With ``spread`` a Space or Size Mismatch scene is drawn with its defect strength across
+    the oracle's threshold (``sample_scene_spec``), and the item's label is the oracle's
+    verdict on the rendered pixels, whatever was asked for.
+    """
     rng = np.random.default_rng([seed, index, 2])
     for attempt in range(max_tries):
         product = sample_product(rng, f"p{seed}-{index}-{attempt}")
@@ -85,11 +92,14 @@ def sample_item(
             cutout = damage_cutout(cutout, defect, severity, rng)
         layer, placement = place_product(cutout, size, fill)
         scene_label = "Available" if label == "Unsuitable" else label
-        spec = sample_scene_spec(rng, product, placement, scene_label, layer, size, fill)
+        spec = sample_scene_spec(rng, product, placement, scene_label, layer, size, fill, spread)
         if spec is None:
             continue
         if label == "Unsuitable":
             spec.label, spec.defect, spec.severity = label, defect, severity
         render = render_scene(product, cutout, spec)
-        return Item(index, product, cutout, render, label, spec.defect, spec.severity)
+        final = label
+        if spread:
+            final, _ = oracle_label(cutout, render.image, product.height_cm, placement, fill)
+        return Item(index, product, cutout, render, final, spec.defect, spec.severity)
     raise RuntimeError(f"could not sample a {label!r} scene at {size}px after {max_tries} tries")

@@ -170,11 +170,18 @@ def sample_scene_spec(
     layer: np.ndarray,
     size: int,
     fill: float = DEFAULT_FILL,
+    spread: bool = False,
 ) -> SceneSpec | None:
     """Sample a scene of class ``label`` around a placed product, or None if infeasible.
 
     Returns None when the product cannot carry this defect at this size (e.g. no reference
     prop fits for Size Mismatch); callers resample the product.
+
+    ``spread=True`` draws the strength of a Space Mismatch (contact gap) or Size Mismatch
+    (prop scale) across the oracle's threshold instead of well past it, so the scene may
+    turn out Available: its class is then the oracle's verdict (see ``sample_item``).
+    Generated images land anywhere on that scale; an inspector trained only on clear-cut
+    renders calls a slightly-off prop or edge a defect.
     """
     if label not in CLASSES:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
@@ -208,14 +215,14 @@ def sample_scene_spec(
     if label == "Space Mismatch":
         floating = rng.uniform() < 0.6
         ph = placement.height
-        lo = 0.07 * S
+        lo = (0.01 if spread else 0.07) * S
         hi = min(0.2 * S, (0.92 * S - placement.y1) if floating else 0.6 * ph)
         if hi < lo:
             floating = not floating
             hi = min(0.2 * S, (0.92 * S - placement.y1) if floating else 0.6 * ph)
             if hi < lo:
                 return None
-        gap = int(round(rng.uniform(lo, hi)))
+        gap = max(1, int(round(rng.uniform(lo, hi))))
         spec.defect, spec.severity = ("floating", gap / S) if floating else ("sunk", gap / S)
         spec.edge_y = placement.y1 + gap if floating else placement.y1 - gap
         spec.shadow = False if not floating else bool(rng.uniform() < 0.5)
@@ -270,7 +277,7 @@ def sample_scene_spec(
     # Reference props on the surface, beside the product, outside the oracle's ring.
     want_prop = label == "Size Mismatch" or (label != "Indistinctiveness" and rng.uniform() < 0.6)
     if want_prop:
-        prop = _sample_prop(rng, product, placement, spec, label == "Size Mismatch")
+        prop = _sample_prop(rng, product, placement, spec, label == "Size Mismatch", spread)
         if prop is None and label == "Size Mismatch":
             return None
         if prop is not None:
@@ -333,18 +340,21 @@ def _sample_extension(rng: np.random.Generator, p: Placement, layer: np.ndarray)
     return (kind, x0 / S, y0 / S, x1 / S, y1 / S), tuple(rgb.tolist()), frac
 
 
-def _sample_prop(rng, product: Product, p: Placement, spec: SceneSpec, mismatch: bool):
+def _sample_prop(
+    rng, product: Product, p: Placement, spec: SceneSpec, mismatch: bool, spread: bool = False
+):
     S = p.size
     px_per_cm = p.height / product.height_cm
     ring = RING_FRACTION * S
     sides = [(1.0, p.x0 - ring - 2.0), (p.x1 + ring + 2.0, S - 1.0)]  # free x ranges
     options = []
     for kind, (h_cm, aspect, _) in PROPS.items():
-        factors = (
-            [float(rng.uniform(1.7, 2.3)), float(rng.uniform(0.42, 0.58))]
-            if mismatch
-            else [float(rng.uniform(0.92, 1.08))]
-        )
+        if mismatch and spread:  # log2 scale across the oracle's +-0.45 on both sides
+            factors = [float(2 ** rng.uniform(0.0, 1.2)), float(2 ** -rng.uniform(0.0, 1.25))]
+        elif mismatch:
+            factors = [float(rng.uniform(1.7, 2.3)), float(rng.uniform(0.42, 0.58))]
+        else:
+            factors = [float(rng.uniform(0.92, 1.08))]
         for k in factors:
             h = h_cm * px_per_cm * k
             w = aspect * h
