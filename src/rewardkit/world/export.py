@@ -98,9 +98,10 @@ def render_world(
 ) -> pa.Table:
     """Render ``n`` AdWorld samples into ``out_dir`` (layout in the module docstring).
 
-    ``spread``: the share of Space and Size Mismatch items whose defect strength is drawn
-    across the oracle's threshold and whose label is the oracle's verdict (so some come out
-    Available); which items is a pure function of (seed, index), like everything else.
+    ``spread``: the share of items labelled by the oracle's verdict instead of the class
+    asked for; among them, Space and Size Mismatch scenes have their defect strength drawn
+    across the oracle's threshold (so some come out Available). Which items is a pure
+    function of (seed, index), like everything else.
 
     Items already on disk from an interrupted run are rendered again only if a file is
     missing; every file is written atomically, and the manifest last.
