@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--spread",
         type=float,
         default=0.0,
-        help="share of Space/Size Mismatch items drawn across the oracle's threshold and "
-        "labelled by the oracle (boundary cases for training inspectors; default 0)",
+        help="share of items labelled by the oracle, their Space/Size Mismatch drawn across "
+        "its threshold (boundary cases for training inspectors; default 0)",
     )
 
     lab = wsub.add_parser("label", help="run the oracle over the images of a manifest")

@@ -310,13 +310,13 @@ def train_rfnet(
 
     if degraded is not None and len(degraded) != len(data):
         raise ValueError(f"degraded copy has {len(degraded)} samples, data {len(data)}")
+    changed = tuple(m for m in model.config.modalities if m in DEGRADED_INPUTS)
 
     def step_loss(batch: torch.Tensor) -> torch.Tensor:
         rows = train_rows[batch]
         inputs = data.batch(rows, model.config.modalities)
         if degraded is not None and config.degrade > 0:
             pick = torch.rand(len(rows), generator=noise_gen) < config.degrade  # (B,)
-            changed = tuple(m for m in model.config.modalities if m in DEGRADED_INPUTS)
             other = degraded.batch(rows, changed)
             for key in changed:
                 inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])

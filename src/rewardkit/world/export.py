@@ -118,7 +118,7 @@ def render_world(
     for i in tqdm(range(n), desc="render", disable=not progress, unit="img"):
         cls = class_for_index(seed, i, weights)
         spread_i = spread > 0 and np.random.default_rng([seed, i, 3]).uniform() < spread
-        item = sample_item(seed, i, size, cls, fill, spread=bool(spread_i))
+        item = sample_item(seed, i, size, cls, fill, spread=spread_i)
         image_id = f"{i:06d}"
         paths = {
             "path": f"images/{image_id}.png",
