@@ -184,7 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--generator", default=None, help="pipeline folder (default: embedded)")
     ft.add_argument(
         "--reward", default="rfnet",
-        help="rfnet[:DIR] (F_AC towards Available) or social[:DIR] (Social Reward score)",
+        help="rfnet[:DIR[,DIR...]] (F_AC towards Available; several folders: an ensemble, "
+        "losses averaged) or social[:DIR] (Social Reward score)",
+    )  # fmt: skip
+    ft.add_argument(
+        "--reward-views", type=_positive(int), default=1,
+        help="RFNet: judge each image also in N-1 copies shifted by up to 2 px with light "
+        "noise and average (against reward hacking)",
     )  # fmt: skip
     ft.add_argument("--regularizer", default="cc", choices=("cc", "kl", "none"))
     ft.add_argument("--beta", type=float, default=1.0, help="weight of the regulariser")
@@ -536,7 +542,7 @@ def _finetune(a: argparse.Namespace) -> int:
         regularizer=a.regularizer, beta=a.beta, trainable=a.trainable, lora_rank=a.lora_rank,
         sample_steps=a.steps, guidance_scale=a.guidance, grad_window=a.grad_window,
         grad_checkpoint=not a.no_grad_checkpoint, probe_every=a.probe_every,
-        probe_size=a.probe_size,
+        probe_size=a.probe_size, reward_views=a.reward_views,
     )  # fmt: skip
     summary = finetune_command(
         a.generator or default_model_path("generator"), a.reward, a.products, a.out, config,

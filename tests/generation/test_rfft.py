@@ -211,6 +211,40 @@ def test_rfnet_objective_gradient_reaches_the_latents(tiny_generator):
     np.testing.assert_allclose(p.detach().numpy(), np.exp(-loss.detach().numpy()), rtol=1e-5)
 
 
+def test_rfnet_ensemble_and_jittered_views_average_the_loss(tiny_generator):
+    """Two copies of one inspector give that inspector's loss; jittered views are different
+    inputs (so a different loss), reproducible from the generator's seed, and still carry a
+    gradient to the latents."""
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.training.rfft import RFNetObjective, load_objective
+
+    folder = str(default_model_path("rfnet"))
+    single = load_objective("rfnet", folder)
+    pair = load_objective("rfnet", f"{folder},{folder}")
+    assert len(pair.inspectors) == 2
+    gen = tiny_generator
+    jobs = _jobs(gen.resolution, n=2)
+    images = gen.decode_latents(_batch(gen, jobs).noise)
+    with torch.no_grad():
+        l1, _ = single(images, jobs)
+        l2, _ = pair(images, jobs)
+    torch.testing.assert_close(l1, l2)
+    assert pair.classify(images, jobs)[0] == single.classify(images, jobs)[0]
+    viewed = RFNetObjective(single.inspectors, views=3)
+    lat = _batch(gen, jobs).noise.clone().requires_grad_(True)
+    la, _ = viewed(gen.decode_latents(lat), jobs, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        lb, _ = viewed(images, jobs, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(la.detach(), lb)
+    assert not torch.allclose(lb, l1)
+    la.sum().backward()
+    assert lat.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="views"):
+        RFNetObjective(single.inspectors, views=0)
+    with pytest.raises(ValueError, match="reward_views"):
+        FinetuneConfig(reward_views=0)
+
+
 def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generator):
     from rewardkit.cli import main
     from rewardkit.world.export import render_world

@@ -108,6 +108,7 @@ class FinetuneConfig(TrainConfigBase):
     sample_steps: int | None = None  # DDIM steps of the run (None: the generator's, 40)
     guidance_scale: float | None = None  # None: the generator's
     grad_window: int = 10  # t is drawn among the last grad_window steps
+    reward_views: int = 1  # RFNet: the image and reward_views - 1 jittered copies judged
     grad_checkpoint: bool = True  # recompute the grad step's activations in backward
     probe_every: int = 50  # steps between probes (0: only before and after)
     probe_size: int = 32
@@ -123,6 +124,8 @@ class FinetuneConfig(TrainConfigBase):
                 raise ValueError(f"{name}: one of {allowed}; got {getattr(self, name)!r}")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0; got {self.beta}")
+        if self.reward_views < 1:
+            raise ValueError(f"reward_views: must be >= 1; got {self.reward_views}")
         if self.grad_window < 1:
             raise ValueError(f"grad_window: must be >= 1; got {self.grad_window}")
         if self.probe_every < 0 or self.probe_size < 1:
@@ -133,14 +136,32 @@ class FinetuneConfig(TrainConfigBase):
 
 
 class RFNetObjective:
-    """F_AC: cross-entropy towards Available under an RFNet inspector (frozen)."""
+    """F_AC: cross-entropy towards Available under one or more RFNet inspectors (frozen).
+
+    With several inspectors the loss is the mean of their ``-log P(Available)``; with
+    ``views > 1`` each image is also judged in ``views - 1`` jittered copies (shifted by up to
+    ``shift`` pixels, light noise) and the losses averaged. Both make the reward harder to
+    satisfy with pixel patterns one network happens to like (reward hacking), at the cost of
+    more inspector passes per step.
+    """
 
     name = "rfnet"
     metric = "p_available"
+    takes_rng = True
 
-    def __init__(self, inspector) -> None:
-        self.inspector = inspector.eval().requires_grad_(False)
-        self.size = int(inspector.rfnet.config.resolution)
+    def __init__(self, inspector, views: int = 1, shift: int = 2, noise: float = 0.02) -> None:
+        inspectors = list(inspector) if isinstance(inspector, (list, tuple)) else [inspector]
+        if not inspectors:
+            raise ValueError("RFNetObjective: at least one inspector")
+        if views < 1:
+            raise ValueError(f"views: must be >= 1; got {views}")
+        self.inspectors = [i.eval().requires_grad_(False) for i in inspectors]
+        self.inspector = self.inspectors[0]
+        sizes = {int(i.rfnet.config.resolution) for i in self.inspectors}
+        if len(sizes) != 1:
+            raise ValueError(f"RFNet ensemble: inspectors disagree on resolution {sorted(sizes)}")
+        self.size = sizes.pop()
+        self.views, self.shift, self.noise = views, shift, noise
         self._products: dict[str, torch.Tensor] = {}
 
     def _product(self, job: ProductJob) -> torch.Tensor:
@@ -148,22 +169,42 @@ class RFNetObjective:
             self._products[job.product_id] = products_on_white([job.photo], self.size)[0]
         return self._products[job.product_id]
 
-    def __call__(self, images: torch.Tensor, jobs: list[ProductJob]):
+    def _inputs(self, images: torch.Tensor, jobs: list[ProductJob]):
         p = torch.stack([self._product(j) for j in jobs]).to(images.device, images.dtype)
         g = images
         if g.shape[-1] != self.size:
             g = F.interpolate(g, size=(self.size, self.size), mode="bilinear", antialias=True)
-        logp = self.inspector.available_log_prob(p, g, [j.caption for j in jobs])
+        return p, g
+
+    def _jitter(self, g: torch.Tensor, rng: torch.Generator | None) -> torch.Tensor:
+        """A copy shifted by up to ``shift`` pixels (edges replicated) with light noise."""
+        s = self.shift
+        dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=rng))
+        padded = F.pad(g, (s, s, s, s), mode="replicate")
+        out = padded[..., s + dy : s + dy + g.shape[-2], s + dx : s + dx + g.shape[-1]]
+        noise = torch.randn(g.shape, generator=rng, dtype=g.dtype).to(g.device)
+        return (out + self.noise * noise).clamp(0, 1)
+
+    def __call__(
+        self, images: torch.Tensor, jobs: list[ProductJob], rng: torch.Generator | None = None
+    ):
+        p, g = self._inputs(images, jobs)
+        captions = [j.caption for j in jobs]
+        views = [g] + [self._jitter(g, rng) for _ in range(self.views - 1)]
+        logp = torch.stack(
+            [i.available_log_prob(p, v, captions) for i in self.inspectors for v in views]
+        ).mean(0)
         return -logp, logp.exp()
 
     def classify(self, images: torch.Tensor, jobs: list[ProductJob]):
-        """One forward without gradients: (verdicts, P(Available)) per image."""
-        p = torch.stack([self._product(j) for j in jobs]).to(images.device, images.dtype)
-        g = images
-        if g.shape[-1] != self.size:
-            g = F.interpolate(g, size=(self.size, self.size), mode="bilinear", antialias=True)
+        """One forward without gradients: (verdicts, P(Available)) per image; an ensemble's
+        class probabilities are averaged."""
+        p, g = self._inputs(images, jobs)
+        captions = [j.caption for j in jobs]
         with torch.no_grad():
-            probs = torch.softmax(self.inspector(p, g, [j.caption for j in jobs]), dim=-1)
+            probs = torch.stack(
+                [torch.softmax(i(p, g, captions), dim=-1) for i in self.inspectors]
+            ).mean(0)
         classes = self.inspector.classes
         return [classes[k] for k in probs.argmax(-1).tolist()], probs[:, classes.index(AVAILABLE)]
 
@@ -182,14 +223,16 @@ class SocialObjective:
         return -score, score
 
 
-def load_objective(kind: str, folder: str | Path | None):
-    """``rfnet`` (an inspector folder) or ``social`` (a Social Reward folder); None: embedded."""
+def load_objective(kind: str, folder: str | Path | None, views: int = 1):
+    """``rfnet`` (an inspector folder, or several joined by commas: an ensemble) or ``social``
+    (a Social Reward folder); None: embedded. ``views``: jittered views per image (RFNet)."""
     from rewardkit.models.defaults import default_model_path
 
     if kind == "rfnet":
         from rewardkit.models.inspector import Inspector
 
-        return RFNetObjective(Inspector.from_pretrained(folder or default_model_path("rfnet")))
+        folders = [f for f in (folder or "").split(",") if f] or [default_model_path("rfnet")]
+        return RFNetObjective([Inspector.from_pretrained(f) for f in folders], views=views)
     if kind == "social":
         from rewardkit.models.social_reward import SocialReward
 
@@ -276,6 +319,7 @@ def rfft_loss(
     regularizer: str,
     beta: float,
     grad_checkpoint_step: bool = True,
+    rng: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The module docstring's steps 1-4 for one batch: (F_total, logged values)."""
     steps = gen.timesteps(sampler.steps)
@@ -296,7 +340,11 @@ def rfft_loss(
     eps = eps_u + w * (eps_c - eps_u)
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     images = paste_back_tensor(gen.decode_latents(x0), batch)
-    reward_loss, reward = objective(images, jobs)
+    # Objectives that draw random views take the step's generator (resume-exact).
+    if getattr(objective, "takes_rng", False):
+        reward_loss, reward = objective(images, jobs, rng)
+    else:
+        reward_loss, reward = objective(images, jobs)
     loss = reward_loss.mean()
     reg = torch.zeros((), dtype=loss.dtype)
     if regularizer != "none":
@@ -486,6 +534,7 @@ def finetune_generator(
         loss, logs = rfft_loss(
             gen, trainee, batch, jobs, objective, sampler, step_index,
             config.regularizer, config.beta, config.grad_checkpoint,
+            torch.Generator().manual_seed(key),
         )  # fmt: skip
         last.clear()
         last.update(logs)
@@ -543,10 +592,11 @@ def finetune_generator(
 
 
 def parse_reward(spec: str) -> tuple[str, str | None]:
-    """``rfnet``, ``social``, ``rfnet:DIR`` or ``social:DIR`` -> (kind, folder or None)."""
+    """``rfnet``, ``social``, ``rfnet:DIR[,DIR...]`` or ``social:DIR`` -> (kind, folder(s) or
+    None)."""
     kind, _, folder = spec.partition(":")
     if kind not in REWARDS:
-        raise ValueError(f"--reward: expected rfnet[:DIR] or social[:DIR]; got {spec!r}")
+        raise ValueError(f"--reward: expected rfnet[:DIR[,DIR...]] or social[:DIR]; got {spec!r}")
     return kind, folder or None
 
 
@@ -580,7 +630,7 @@ def finetune_command(
                 f"{config.probe_size} to hold a probe set out (or give --probe)"
             )
         jobs, probe_jobs = jobs[: -config.probe_size], jobs[-config.probe_size :]
-    objective = load_objective(kind, folder)
+    objective = load_objective(kind, folder, views=config.reward_views)
     summary = finetune_generator(
         generator, jobs, probe_jobs, objective, config, out, sampler_for(generator), progress
     )
