@@ -52,7 +52,8 @@ def _one(mode: str, a: argparse.Namespace) -> dict:
     gen = AdGenerator.from_pretrained(folder, device=dev)
     sampler = sampler_for(folder, a.steps)
     objective = load_objective("rfnet", a.inspector)
-    objective.inspector.to(dev)
+    for inspector in objective.inspectors:
+        inspector.to(dev)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -157,10 +157,11 @@ class RFNetObjective:
             raise ValueError(f"views: must be >= 1; got {views}")
         self.inspectors = [i.eval().requires_grad_(False) for i in inspectors]
         self.inspector = self.inspectors[0]
-        sizes = {int(i.rfnet.config.resolution) for i in self.inspectors}
-        if len(sizes) != 1:
-            raise ValueError(f"RFNet ensemble: inspectors disagree on resolution {sorted(sizes)}")
-        self.size = sizes.pop()
+        # Averaging needs one input size and one class order.
+        kinds = {(int(i.rfnet.config.resolution), tuple(i.classes)) for i in self.inspectors}
+        if len(kinds) != 1:
+            raise ValueError(f"RFNet ensemble: inspectors differ in resolution or classes {kinds}")
+        self.size = kinds.pop()[0]
         self.views, self.shift, self.noise = views, shift, noise
         self._products: dict[str, torch.Tensor] = {}
 
