@@ -2,14 +2,16 @@
 
     python recipes/train_rfnet_generated.py --products TRAIN/manifest.parquet --n 1200 \
         --test GENERATED/attempts.parquet --work DIR [--epochs 4] [--lr 3e-5] [--ship NAME] \
-        [--extra RENDERS/manifest.parquet OTHER/labelled.parquet ...]
+        [--generator FINETUNED] [--extra RENDERS/manifest.parquet OTHER/labelled.parquet ...]
 
 RF1M, the paper's training set, is made of *generated* images judged by annotators; an
 inspector trained on AdWorld renders alone transfers poorly to the generator's images. Here
 the oracle plays the annotators:
 
 1. ``rewardkit generate``: one image per product for the first ``n`` training products
-   (the generator's own training products: never the held-out evaluation products);
+   (the generator's own training products: never the held-out evaluation products), by the
+   shipped generator or ``--generator`` (a fine-tuned one: the paper's data loop, where the
+   images that fooled the reward during RFFT come back labelled);
 2. ``world.export.label_manifest``: the oracle's verdict of every image becomes its label
    (rows the oracle cannot judge are dropped and counted);
 3. ``rewardkit train rfnet --init <shipped rfnet>``: fine-tune on them, with the ``--extra``
@@ -71,6 +73,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--init", default=None, help="RFNet folder (default: the shipped one)")
     ap.add_argument(
+        "--generator", default=None,
+        help="pipeline folder that paints the images (default: the shipped generator); a "
+        "fine-tuned one refreshes the inspector on what RFFT learnt to paint",
+    )  # fmt: skip
+    ap.add_argument(
         "--extra", nargs="*", default=[],
         help="more labelled manifests trained on together with the generated images (renders, "
         "so the inspector keeps what it knew; other oracle-labelled generated sets)",
@@ -80,8 +87,9 @@ def main() -> None:
     init = a.init or str(default_model_path("rfnet"))
     gen = a.work / "gen"
     if not (gen / "manifest.parquet").is_file():
+        more = ["--generator", a.generator] if a.generator else []
         run("generate", "--products", a.products, "--limit", str(a.n), "--out", str(gen),
-            "--seed", str(a.seed), "--batch-size", "32", "--no-progress")  # fmt: skip
+            "--seed", str(a.seed), "--batch-size", "32", "--no-progress", *more)  # fmt: skip
     table, errors = label_manifest(gen / "manifest.parquet", None, progress=False)
     manifest = pq.read_table(gen / "manifest.parquet")
     labels = table.column("oracle_label").to_pylist()
