@@ -156,12 +156,12 @@ class RFNetObjective:
         if views < 1:
             raise ValueError(f"views: must be >= 1; got {views}")
         self.inspectors = [i.eval().requires_grad_(False) for i in inspectors]
-        self.inspector = self.inspectors[0]
         # Averaging needs one input size and one class order.
         kinds = {(int(i.rfnet.config.resolution), tuple(i.classes)) for i in self.inspectors}
         if len(kinds) != 1:
             raise ValueError(f"RFNet ensemble: inspectors differ in resolution or classes {kinds}")
-        self.size = kinds.pop()[0]
+        self.size, classes = kinds.pop()
+        self.classes = list(classes)
         self.views, self.shift, self.noise = views, shift, noise
         self._products: dict[str, torch.Tensor] = {}
 
@@ -206,7 +206,7 @@ class RFNetObjective:
             probs = torch.stack(
                 [torch.softmax(i(p, g, captions), dim=-1) for i in self.inspectors]
             ).mean(0)
-        classes = self.inspector.classes
+        classes = self.classes
         return [classes[k] for k in probs.argmax(-1).tolist()], probs[:, classes.index(AVAILABLE)]
 
 
