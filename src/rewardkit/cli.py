@@ -212,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--checkpoint-every", type=_positive(int), default=25)
     ft.add_argument("--no-grad-checkpoint", action="store_true", help="store activations")
     ft.add_argument("--limit", type=_positive(int), default=None, help="first N products only")
+    ft.add_argument(
+        "--replay", default=None,
+        help="generated images (a `rewardkit generate` manifest or folder): the reward keeps "
+        "the best --replay-top of them and their denoising loss is added (--replay-weight)",
+    )  # fmt: skip
+    ft.add_argument("--replay-top", type=float, default=0.3, help="share of --replay kept")
+    ft.add_argument("--replay-weight", type=float, default=1.0)
+    ft.add_argument("--replay-batch", type=_positive(int), default=8)
+    ft.add_argument(
+        "--reward-weight", type=float, default=1.0,
+        help="weight of the reward loss (0 with --regularizer none: the replay loss alone)",
+    )  # fmt: skip
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--no-progress", action="store_true")
 
@@ -542,11 +554,12 @@ def _finetune(a: argparse.Namespace) -> int:
         regularizer=a.regularizer, beta=a.beta, trainable=a.trainable, lora_rank=a.lora_rank,
         sample_steps=a.steps, guidance_scale=a.guidance, grad_window=a.grad_window,
         grad_checkpoint=not a.no_grad_checkpoint, probe_every=a.probe_every,
-        probe_size=a.probe_size, reward_views=a.reward_views,
+        probe_size=a.probe_size, reward_views=a.reward_views, reward_weight=a.reward_weight,
+        replay_weight=a.replay_weight, replay_batch=a.replay_batch, replay_top=a.replay_top,
     )  # fmt: skip
     summary = finetune_command(
         a.generator or default_model_path("generator"), a.reward, a.products, a.out, config,
-        probe=a.probe, limit=a.limit, progress=not a.no_progress,
+        probe=a.probe, limit=a.limit, progress=not a.no_progress, replay=a.replay,
     )  # fmt: skip
     print(json.dumps(summary, default=float))
     return 0

@@ -273,3 +273,120 @@ def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generat
     assert "| A |" in (tmp_path / "ev" / "generator_eval.md").read_text()
     assert main(["eval", "generator", "--products", str(tmp_path / "world"),
                  "--model", "bad", "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+def test_replay_scores_generated_images_keeps_the_best_and_counts_unreadable(tmp_path):
+    """score_generated + select_replay: the reward ranks the images, the best share is kept
+    (best first), a row whose image is missing is skipped and counted."""
+    from PIL import Image
+
+    from rewardkit.io import write_parquet_atomic
+    from rewardkit.training.rfft import score_generated, select_replay
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "products").mkdir()
+    Image.fromarray(product_photo(0)).save(tmp_path / "products" / "p.png")
+    levels = [40, 200, 120, 250, 10]
+    rows = []
+    for i, v in enumerate(levels):
+        Image.fromarray(np.full((32, 32, 3), v, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        rows.append({"path": f"images/{i}.png", "product_path": "products/p.png",
+                     "prompt": "a mug on a table", "fill": 0.4})  # fmt: skip
+    rows.append({**rows[0], "path": "images/missing.png"})
+    import pyarrow as pa
+
+    write_parquet_atomic(tmp_path / "manifest.parquet", pa.Table.from_pylist(rows))
+    scored = score_generated(tmp_path, Brightness(), 32)
+    assert scored.num_rows == 5 and scored.schema.metadata[b"skipped"] == b"1"
+    chosen = select_replay(scored, 0.4)
+    assert [p.split("/")[-1] for p in chosen.column("path").to_pylist()] == ["3.png", "1.png"]
+    assert all(p.startswith("/") for p in chosen.column("product_path").to_pylist())
+    assert select_replay(scored, 0.01).num_rows == 1
+    with pytest.raises(ValueError, match="replay_top"):
+        FinetuneConfig(replay_top=0)
+    with pytest.raises(ValueError, match="needs columns"):
+        write_parquet_atomic(tmp_path / "bad.parquet", pa.table({"path": ["images/0.png"]}))
+        score_generated(tmp_path / "bad.parquet", Brightness(), 32)
+
+
+def test_finetune_replay_only_lowers_the_denoising_loss_on_the_replay_set(tmp_path, tiny_generator):
+    """reward_weight 0, no regulariser: the ControlNet learns the replay images alone; the
+    denoising loss on them (fixed rows and noise) falls. Without a replay set that is an error."""
+    from rewardkit.training.generator import (
+        DenoisingSet,
+        GeneratorData,
+        denoising_loss,
+    )
+
+    base = tmp_path / "base"
+    tiny_generator.save_pretrained(base)
+    jobs = _jobs(tiny_generator.resolution, n=6)
+    n = 4
+    pp = [j.prepared for j in jobs[:n]]
+
+    def t(arrs):
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+    rng = np.random.default_rng(0)
+    data = GeneratorData(
+        images=t([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]),
+        control=t([p.control[..., :1] for p in pp]),
+        inpaint=t([p.inpaint[..., None] > 0.5 for p in pp]),
+        product=t([p.product for p in pp]),
+        prompts=[j.prompt for j in jobs[:n]],
+        fingerprint={"test": 1},
+    )
+    cfg = FinetuneConfig(
+        lr=5e-3, batch_size=2, max_steps=8, regularizer="none", reward_weight=0.0,
+        sample_steps=4, grad_window=2, probe_every=0, probe_size=2, replay_batch=4,
+    )  # fmt: skip
+
+    def replay_loss(gen):
+        ds = DenoisingSet.build(gen, data)
+        with torch.no_grad():
+            return float(denoising_loss(gen, ds, torch.arange(n), torch.Generator().manual_seed(3)))
+
+    with pytest.raises(ValueError, match="replay"):
+        finetune_generator(base, jobs[:4], jobs[4:], Brightness(), cfg, tmp_path / "r0", SAMPLER,
+                           False)  # fmt: skip
+    out = tmp_path / "run"
+    finetune_generator(base, jobs[:4], jobs[4:], Brightness(), cfg, out, SAMPLER, False, data)
+    before = replay_loss(AdGenerator.from_pretrained(base))
+    after = replay_loss(AdGenerator.from_pretrained(out / "model"))
+    assert after < before
+    header = (out / "curves.csv").read_text().splitlines()[0]
+    assert "replay_loss" in header and "reward_loss" not in header
+
+
+def test_finetune_cli_replay_keeps_the_rewards_best_share(tmp_path, tiny_generator):
+    """`rewardkit finetune --replay`: the reward (embedded RFNet) scores the manifest's images,
+    the best --replay-top are written to replay.parquet and trained on."""
+    import pyarrow.parquet as pq
+
+    from rewardkit.cli import main
+    from rewardkit.world.export import render_world
+
+    base = tmp_path / "base"
+    tiny_generator.save_pretrained(base)
+    (base / "rewardkit_generator.json").write_text(
+        json.dumps({"sampler": {"steps": 2, "guidance_scale": 1.0}})
+    )
+    world = tmp_path / "world"
+    render_world(world, n=6, seed=1, size=32, balance="Available=0.5,Space Mismatch=0.5",
+                 progress=False)  # fmt: skip
+    run = tmp_path / "run"
+    rc = main([
+        "finetune", "--generator", str(base), "--products", str(world), "--out", str(run),
+        "--max-steps", "2", "--batch-size", "2", "--probe-size", "2", "--probe-every", "0",
+        "--grad-window", "1",
+        "--replay", str(world), "--replay-top", "0.5", "--replay-batch", "2",
+        "--reward-weight", "0", "--regularizer", "none", "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((run / "finetune_summary.json").read_text())
+    assert summary["replay"]["scored"] == 6 and summary["replay"]["kept"] == 3
+    kept = pq.read_table(run / "replay.parquet").column("reward").to_pylist()
+    assert kept == sorted(kept, reverse=True)
+    assert summary["replay"]["reward_threshold"] == min(kept)
+    assert summary["replay"]["reward_mean_kept"] >= summary["replay"]["reward_mean_all"]
+    assert (run / "model" / "controlnet").is_dir()

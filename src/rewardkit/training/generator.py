@@ -49,6 +49,8 @@ __all__ = [
     "finetune_vae_decoder",
     "train_diffusion",
     "train_generator",
+    "DenoisingSet",
+    "denoising_loss",
 ]
 
 MANIFEST_COLUMNS = ("path", "product_path", "prompt", "fill")
@@ -350,6 +352,93 @@ class Probe:
         }
 
 
+@dataclass
+class DenoisingSet:
+    """What the denoising loss needs of a :class:`GeneratorData`, computed once: the images'
+    scaled latents, the masked-image latents and paint masks of the inpainting UNet, the
+    prompts' token ids (and the empty prompt's) and the Canny controls."""
+
+    latents: torch.Tensor
+    masked: torch.Tensor
+    inpaint: torch.Tensor  # paint mask at latent size
+    ids: torch.Tensor
+    empty: torch.Tensor
+    control: torch.Tensor  # uint8 (N, 1, S, S)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    @classmethod
+    def build(
+        cls,
+        gen: AdGenerator,
+        data: GeneratorData,
+        latents: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
+    ) -> DenoisingSet:
+        """Encode ``data`` with ``gen``'s VAE (unless the latents are given) and tokenise."""
+        if latents is None:
+            latents = _latents(gen, data.images)
+        if masked is None:
+            masked = _latents(gen, data.product, paint=data.inpaint)
+        h = latents.shape[-1]
+        tok = gen.tokenizer
+        ids = tok(
+            data.prompts, padding="max_length", max_length=tok.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids  # fmt: skip
+        empty = tok(
+            [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+        ).input_ids[0]
+        inpaint = F.interpolate(data.inpaint.float(), size=(h, h), mode="nearest")
+        return cls(latents, masked, inpaint, ids, empty, data.control)
+
+
+def denoising_loss(
+    gen: AdGenerator,
+    dset: DenoisingSet,
+    rows: torch.Tensor,
+    rng: torch.Generator,
+    prompt_dropout: float = 0.1,
+) -> torch.Tensor:
+    """The diffusion training loss on ``rows`` of ``dset``: a random timestep, the noised
+    latent, the prompt (dropped to "" with ``prompt_dropout``), the product's Canny image, the
+    paint mask and masked-image latent -> MSE to the target of the scheduler's prediction
+    type. Gradients reach whatever of ``gen``'s UNet, ControlNet and text encoder train."""
+    b = len(rows)
+    acp = gen.scheduler.alphas_cumprod.float()
+    n_train = gen.scheduler.config.num_train_timesteps
+    z0 = dset.latents[rows]
+    noise = torch.randn(z0.shape, generator=rng)
+    t = torch.randint(0, n_train, (b,), generator=rng)
+    a = acp[t].view(b, 1, 1, 1)
+    x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    target = {
+        "epsilon": noise,
+        "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
+        "sample": z0,
+    }[gen.prediction_type]
+    drop = torch.rand(b, generator=rng) < prompt_dropout
+    batch_ids = torch.where(drop[:, None], dset.empty[None], dset.ids[rows])
+    text = gen.text_encoder(batch_ids)[0]
+    control = dset.control[rows].float().div(255).expand(-1, 3, -1, -1)
+    down, mid = gen.controlnet(
+        x_t, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False
+    )
+    model_in = x_t
+    if gen.inpainting:
+        model_in = torch.cat([x_t, dset.inpaint[rows], dset.masked[rows]], dim=1)
+    out = gen.unet(
+        model_in,
+        t,
+        encoder_hidden_states=text,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        return_dict=False,
+    )[0]
+    return F.mse_loss(out, target)
+
+
 def train_diffusion(
     gen: AdGenerator,
     data: GeneratorData,
@@ -376,55 +465,14 @@ def train_diffusion(
             {"key": key, "latents": latents, "masked": masked_lat}, cache.with_suffix(".tmp")
         )
         cache.with_suffix(".tmp").replace(cache)
-    h = latents.shape[-1]
-    inpaint_lat = F.interpolate(data.inpaint.float(), size=(h, h), mode="nearest")
-    tok = gen.tokenizer
-    ids = tok(
-        data.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
-    empty = tok(
-        [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
-    ).input_ids[0]
-    acp = gen.scheduler.alphas_cumprod.float()
-    n_train = gen.scheduler.config.num_train_timesteps
+    dset = DenoisingSet.build(gen, data, latents, masked_lat)
     trainee = DiffusionTrainee(gen)
     for m in trainee.live():
         m.requires_grad_(True)
     rng = torch.Generator().manual_seed(config.seed + 1)
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        b = len(rows)
-        z0 = latents[rows]
-        noise = torch.randn(z0.shape, generator=rng)
-        t = torch.randint(0, n_train, (b,), generator=rng)
-        a = acp[t].view(b, 1, 1, 1)
-        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        kind = gen.prediction_type
-        target = {
-            "epsilon": noise,
-            "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
-            "sample": z0,
-        }[kind]
-        drop = torch.rand(b, generator=rng) < config.prompt_dropout
-        batch_ids = torch.where(drop[:, None], empty[None], ids[rows])
-        text = gen.text_encoder(batch_ids)[0]
-        control = data.control[rows].float().div(255).expand(-1, 3, -1, -1)
-        down, mid = gen.controlnet(
-            x_t, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False
-        )
-        model_in = x_t
-        if gen.inpainting:
-            model_in = torch.cat([x_t, inpaint_lat[rows], masked_lat[rows]], dim=1)
-        out = gen.unet(
-            model_in,
-            t,
-            encoder_hidden_states=text,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
-        return F.mse_loss(out, target)
+        return denoising_loss(gen, dset, rows, rng, config.prompt_dropout)
 
     def with_ema(fn):
         """Run ``fn`` with the EMA weights swapped into ``gen`` (restored afterwards)."""

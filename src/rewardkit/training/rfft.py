@@ -23,6 +23,12 @@ One optimiser step (``../shared/MISSION.md``, Part B; the paper's section on RFF
    - ``none``: nothing (ReFL-like).
 
    ``F_total = F + beta * L``.
+5. Optionally (``replay``), ReFL's other half: the diffusion model's own denoising loss on a
+   replay set of generated images the same reward ranks highest (:func:`select_replay`:
+   the top ``replay_top`` of a ``rewardkit generate`` manifest), so the fine-tuned model also
+   learns the scenes the reward accepts from samples rather than only from the reward's
+   gradient, which a weak inspector lets it satisfy with patterns it mistakes for a good
+   layout. ``F_total = reward_weight * F + beta * L + replay_weight * L_denoise``.
 
 Trainable part: the ControlNet (``controlnet``, as published), or LoRA adapters (peft) on the
 attention projections of the UNet and the ControlNet (``lora``). Everything else is frozen.
@@ -50,6 +56,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,7 +80,13 @@ from rewardkit.generation.recurrent import (
     attempt_seed,
     products_on_white,
 )
-from rewardkit.io import write_folder_atomic, write_json_atomic
+from rewardkit.io import write_folder_atomic, write_json_atomic, write_parquet_atomic
+from rewardkit.training.generator import (
+    DenoisingSet,
+    GeneratorData,
+    denoising_loss,
+    prepare_generator_data,
+)
 from rewardkit.training.loop import TrainConfigBase, resumable, run_training
 
 __all__ = [
@@ -85,6 +99,8 @@ __all__ = [
     "finetune_generator",
     "finetune_command",
     "parse_reward",
+    "score_generated",
+    "select_replay",
 ]
 
 REWARDS = ("rfnet", "social")
@@ -112,6 +128,10 @@ class FinetuneConfig(TrainConfigBase):
     grad_checkpoint: bool = True  # recompute the grad step's activations in backward
     probe_every: int = 50  # steps between probes (0: only before and after)
     probe_size: int = 32
+    reward_weight: float = 1.0  # 0 with regularizer none: the replay loss alone
+    replay_weight: float = 1.0  # weight of the denoising loss on the replay set (if given)
+    replay_batch: int = 8
+    replay_top: float = 0.3  # share of the replay manifest kept, best by the reward
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +150,10 @@ class FinetuneConfig(TrainConfigBase):
             raise ValueError(f"grad_window: must be >= 1; got {self.grad_window}")
         if self.probe_every < 0 or self.probe_size < 1:
             raise ValueError("probe_every must be >= 0 and probe_size >= 1")
+        if self.reward_weight < 0 or self.replay_weight < 0:
+            raise ValueError("reward_weight and replay_weight: must be >= 0")
+        if self.replay_batch < 1 or not 0 < self.replay_top <= 1:
+            raise ValueError("replay_batch must be >= 1 and replay_top in (0, 1]")
 
 
 # -- rewards -------------------------------------------------------------------------------
@@ -321,6 +345,7 @@ def rfft_loss(
     beta: float,
     grad_checkpoint_step: bool = True,
     rng: torch.Generator | None = None,
+    reward_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The module docstring's steps 1-4 for one batch: (F_total, logged values)."""
     steps = gen.timesteps(sampler.steps)
@@ -346,7 +371,7 @@ def rfft_loss(
         reward_loss, reward = objective(images, jobs, rng)
     else:
         reward_loss, reward = objective(images, jobs)
-    loss = reward_loss.mean()
+    loss = reward_weight * reward_loss.mean()
     reg = torch.zeros((), dtype=loss.dtype)
     if regularizer != "none":
         with torch.no_grad(), trainee.as_reference(gen) as (unet_r, cn_r):
@@ -408,6 +433,71 @@ def probe_generator(
     div = background_diversity(np.stack(images)[:, None], keep)  # one seed per product
     out["probe_diversity_products"] = div["across_products"]
     return out, images
+
+
+# -- replay set -----------------------------------------------------------------------------------
+
+
+def score_generated(manifest: str | Path, objective, size: int, batch_size: int = 64) -> pa.Table:
+    """The reward of every generated image of a ``rewardkit generate`` manifest (columns
+    ``path`` for the image, ``product_path``, ``prompt``, ``fill``, optional ``caption`` and
+    ``product_height_cm``; relative paths from the manifest's folder). Returns the readable
+    rows with absolute paths and a ``reward`` column (RFNet: P(Available); Social Reward: its
+    score); unreadable rows are left out and counted in the table's metadata ``skipped``."""
+    from rewardkit.generation.run import load_jobs
+    from rewardkit.io import read_image_rgb
+
+    src = Path(manifest)
+    if src.is_dir():
+        src = src / "manifest.parquet"
+    table = pq.read_table(src)
+    missing = [c for c in ("path", "product_path", "prompt", "fill") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{src}: a generated-image manifest needs columns {missing}")
+    jobs, skipped = load_jobs(src, size)
+    bad = {s["row"] for s in skipped}
+    rows = [r for i, r in enumerate(table.to_pylist()) if i not in bad]
+    keep_rows, keep_jobs, images = [], [], []
+    for r, j in zip(rows, jobs, strict=True):
+        p = Path(r["path"])
+        p = p if p.is_absolute() else src.parent / p
+        try:
+            img = read_image_rgb(p)
+        except (OSError, ValueError) as err:
+            skipped.append({"path": str(p), "reason": str(err)})
+            continue
+        if img.shape[:2] != (size, size):
+            skipped.append({"path": str(p), "reason": f"image is {img.shape[:2]}, not {size} px"})
+            continue
+        q = Path(r["product_path"])
+        r = {**r, "path": str(p.resolve()),
+             "product_path": str((q if q.is_absolute() else src.parent / q).resolve())}  # fmt: skip
+        keep_rows.append(r)
+        keep_jobs.append(j)
+        images.append(img)
+    if not keep_rows:
+        raise ValueError(f"{src}: no readable generated images ({len(skipped)} skipped)")
+    rewards = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2) / 255
+        js = keep_jobs[i : i + batch_size]
+        if isinstance(objective, RFNetObjective):
+            _, r = objective.classify(x.float(), js)
+        else:
+            with torch.no_grad():
+                _, r = objective(x.float(), js)
+        rewards.extend(float(v) for v in r)
+    out = pa.Table.from_pylist(
+        [{**r, "reward": v} for r, v in zip(keep_rows, rewards, strict=True)]
+    )
+    return out.replace_schema_metadata({"skipped": str(len(skipped))})
+
+
+def select_replay(scored: pa.Table, top: float) -> pa.Table:
+    """The best ``top`` share of ``scored`` by reward (at least one row), best first."""
+    n = max(1, int(round(top * scored.num_rows)))
+    order = np.argsort(-np.asarray(scored.column("reward").to_numpy(), dtype=float), kind="stable")
+    return scored.take(order[:n])
 
 
 # -- the recipe -----------------------------------------------------------------------------------
@@ -483,8 +573,11 @@ def finetune_generator(
     out_dir: str | Path,
     sampler: SamplerConfig,
     progress: bool = True,
+    replay: GeneratorData | None = None,
 ) -> dict:
-    """RFFT (module docstring). Returns the run summary (also ``train_summary.json``)."""
+    """RFFT (module docstring). Returns the run summary (also ``train_summary.json``).
+    ``replay``: generated images the reward ranks highest (:func:`select_replay`), whose
+    denoising loss is added with ``config.replay_weight``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = Path(generator)
@@ -502,6 +595,9 @@ def finetune_generator(
         raise ValueError(f"grad_window {config.grad_window} > sample steps {sampler.steps}")
     if len(train_jobs) < config.batch_size:
         raise ValueError(f"{len(train_jobs)} training products < batch size {config.batch_size}")
+    use_reward = config.reward_weight > 0 or config.regularizer != "none"
+    if not use_reward and replay is None:
+        raise ValueError("reward_weight 0 without a regulariser trains only on a replay set")
     torch.manual_seed(config.seed)
     trainee = RFFTTrainee(gen, config.trainable, config.lora_rank)
     signature = {
@@ -509,6 +605,12 @@ def finetune_generator(
         "generator": str(base.resolve()),
         "train_products": [j.product_id for j in train_jobs[:8]] + [len(train_jobs)],
     }
+    dset = None
+    if replay is not None:
+        if replay.images.shape[-1] != generator_resolution(base):
+            raise ValueError("replay images must be at the generator's resolution")
+        dset = DenoisingSet.build(gen, replay)
+        signature["replay"] = replay.fingerprint
 
     def probe(step: int) -> dict:
         for m in gen.modules():
@@ -528,15 +630,23 @@ def finetune_generator(
         rng = np.random.default_rng(key)
         seeds = [attempt_seed(config.seed, i, int(rng.integers(1 << 30))) for i in idx]
         step_index = sampler.steps - 1 - int(rng.integers(config.grad_window))
-        batch = prepare_batch(
-            gen, [j.prepared for j in jobs], [j.prompt for j in jobs], seeds,
-            sampler.negative_prompt,
-        )  # fmt: skip
-        loss, logs = rfft_loss(
-            gen, trainee, batch, jobs, objective, sampler, step_index,
-            config.regularizer, config.beta, config.grad_checkpoint,
-            torch.Generator().manual_seed(key),
-        )  # fmt: skip
+        loss, logs = torch.zeros(()), {}
+        if use_reward:
+            batch = prepare_batch(
+                gen, [j.prepared for j in jobs], [j.prompt for j in jobs], seeds,
+                sampler.negative_prompt,
+            )  # fmt: skip
+            loss, logs = rfft_loss(
+                gen, trainee, batch, jobs, objective, sampler, step_index,
+                config.regularizer, config.beta, config.grad_checkpoint,
+                torch.Generator().manual_seed(key), config.reward_weight,
+            )  # fmt: skip
+        if dset is not None:
+            g = torch.Generator().manual_seed(key + 1)
+            picks = torch.randint(len(dset), (config.replay_batch,), generator=g)
+            replay_loss = denoising_loss(gen, dset, picks, g)
+            loss = loss + config.replay_weight * replay_loss
+            logs["replay_loss"] = float(replay_loss.detach())
         last.clear()
         last.update(logs)
         return loss
@@ -610,11 +720,14 @@ def finetune_command(
     probe: str | Path | None = None,
     limit: int | None = None,
     progress: bool = True,
+    replay: str | Path | None = None,
 ) -> dict:
     """``rewardkit finetune``: load products (a manifest or photo folder), the reward and the
     generator's sampler, then :func:`finetune_generator`. The probe set is ``probe``'s first
     ``probe_size`` products, or (without ``probe``) the last ``probe_size`` of ``products``,
-    which are then left out of training."""
+    which are then left out of training. ``replay``: a ``rewardkit generate`` manifest (or
+    its folder); its images are scored by the reward and the best ``config.replay_top`` kept
+    (``<out>/replay.parquet``, with the scores) as the replay set."""
     from rewardkit.generation.run import load_jobs, sampler_for
 
     kind, folder = parse_reward(reward)
@@ -632,8 +745,28 @@ def finetune_command(
             )
         jobs, probe_jobs = jobs[: -config.probe_size], jobs[-config.probe_size :]
     objective = load_objective(kind, folder, views=config.reward_views)
+    replay_data, replay_info = None, None
+    if replay is not None:
+        scored = score_generated(replay, objective, gen_size)
+        chosen = select_replay(scored, config.replay_top)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(Path(out) / "replay.parquet", chosen)
+        replay_data = prepare_generator_data(Path(out) / "replay.parquet", gen_size, None, False)
+        replay_info = {
+            "manifest": str(replay),
+            "scored": scored.num_rows,
+            "skipped": int((scored.schema.metadata or {}).get(b"skipped", b"0")),
+            "kept": chosen.num_rows,
+            "reward_threshold": float(np.min(chosen.column("reward").to_numpy())),
+            "reward_mean_all": float(np.mean(scored.column("reward").to_numpy())),
+            "reward_mean_kept": float(np.mean(chosen.column("reward").to_numpy())),
+        }
     summary = finetune_generator(
-        generator, jobs, probe_jobs, objective, config, out, sampler_for(generator), progress
-    )
+        generator, jobs, probe_jobs, objective, config, out, sampler_for(generator), progress,
+        replay=replay_data,
+    )  # fmt: skip
     summary["skipped_products"] = len(skipped)
+    if replay_info is not None:
+        summary["replay"] = replay_info
+        write_json_atomic(Path(out) / "finetune_summary.json", summary)
     return summary
