@@ -278,6 +278,7 @@ def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generat
 def test_replay_scores_generated_images_keeps_the_best_and_counts_unreadable(tmp_path):
     """score_generated + select_replay: the reward ranks the images, the best share is kept
     (best first), a row whose image is missing is skipped and counted."""
+    import pyarrow as pa
     from PIL import Image
 
     from rewardkit.io import write_parquet_atomic
@@ -293,8 +294,6 @@ def test_replay_scores_generated_images_keeps_the_best_and_counts_unreadable(tmp
         rows.append({"path": f"images/{i}.png", "product_path": "products/p.png",
                      "prompt": "a mug on a table", "fill": 0.4})  # fmt: skip
     rows.append({**rows[0], "path": "images/missing.png"})
-    import pyarrow as pa
-
     write_parquet_atomic(tmp_path / "manifest.parquet", pa.Table.from_pylist(rows))
     scored = score_generated(tmp_path, Brightness(), 32)
     assert scored.num_rows == 5 and scored.schema.metadata[b"skipped"] == b"1"
@@ -304,8 +303,8 @@ def test_replay_scores_generated_images_keeps_the_best_and_counts_unreadable(tmp
     assert select_replay(scored, 0.01).num_rows == 1
     with pytest.raises(ValueError, match="replay_top"):
         FinetuneConfig(replay_top=0)
+    write_parquet_atomic(tmp_path / "bad.parquet", pa.table({"path": ["images/0.png"]}))
     with pytest.raises(ValueError, match="needs columns"):
-        write_parquet_atomic(tmp_path / "bad.parquet", pa.table({"path": ["images/0.png"]}))
         score_generated(tmp_path / "bad.parquet", Brightness(), 32)
 
 
