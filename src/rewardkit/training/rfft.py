@@ -84,6 +84,7 @@ from rewardkit.io import write_folder_atomic, write_json_atomic, write_parquet_a
 from rewardkit.training.generator import (
     DenoisingSet,
     GeneratorData,
+    _resolve,
     denoising_loss,
     prepare_generator_data,
 )
@@ -459,8 +460,7 @@ def score_generated(manifest: str | Path, objective, size: int, batch_size: int 
     rows = [r for i, r in enumerate(table.to_pylist()) if i not in bad]
     keep_rows, keep_jobs, images = [], [], []
     for r, j in zip(rows, jobs, strict=True):
-        p = Path(r["path"])
-        p = p if p.is_absolute() else src.parent / p
+        p = _resolve(src.parent, r["path"])
         try:
             img = read_image_rgb(p)
         except (OSError, ValueError) as err:
@@ -469,9 +469,8 @@ def score_generated(manifest: str | Path, objective, size: int, batch_size: int 
         if img.shape[:2] != (size, size):
             skipped.append({"path": str(p), "reason": f"image is {img.shape[:2]}, not {size} px"})
             continue
-        q = Path(r["product_path"])
-        r = {**r, "path": str(p.resolve()),
-             "product_path": str((q if q.is_absolute() else src.parent / q).resolve())}  # fmt: skip
+        q = _resolve(src.parent, r["product_path"])
+        r = {**r, "path": str(p.resolve()), "product_path": str(q.resolve())}
         keep_rows.append(r)
         keep_jobs.append(j)
         images.append(img)
@@ -479,13 +478,14 @@ def score_generated(manifest: str | Path, objective, size: int, batch_size: int 
         raise ValueError(f"{src}: no readable generated images ({len(skipped)} skipped)")
     rewards = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2) / 255
+        x = torch.from_numpy(np.stack(images[i : i + batch_size])).permute(0, 3, 1, 2)
+        x = x.float() / 255
         js = keep_jobs[i : i + batch_size]
         if isinstance(objective, RFNetObjective):
-            _, r = objective.classify(x.float(), js)
+            _, r = objective.classify(x, js)
         else:
             with torch.no_grad():
-                _, r = objective(x.float(), js)
+                _, r = objective(x, js)
         rewards.extend(float(v) for v in r)
     out = pa.Table.from_pylist(
         [{**r, "reward": v} for r, v in zip(keep_rows, rewards, strict=True)]
