@@ -357,9 +357,10 @@ def test_finetune_replay_only_lowers_the_denoising_loss_on_the_replay_set(tmp_pa
     assert "replay_loss" in header and "reward_loss" not in header
 
 
-def test_finetune_cli_replay_keeps_the_rewards_best_share(tmp_path, tiny_generator):
-    """`rewardkit finetune --replay`: the reward (embedded RFNet) scores the manifest's images,
-    the best --replay-top are written to replay.parquet and trained on."""
+def test_finetune_cli_replay_keeps_the_rewards_best_share(tmp_path, tiny_generator, monkeypatch):
+    """`rewardkit finetune --replay`: the reward (embedded RFNet) scores the manifest's images
+    (here renders, as for reward-ranked training data), the best --replay-top are written to
+    replay.parquet and trained on; a resumed run reuses that selection."""
     import pyarrow.parquet as pq
 
     from rewardkit.cli import main
@@ -374,14 +375,14 @@ def test_finetune_cli_replay_keeps_the_rewards_best_share(tmp_path, tiny_generat
     render_world(world, n=6, seed=1, size=32, balance="Available=0.5,Space Mismatch=0.5",
                  progress=False)  # fmt: skip
     run = tmp_path / "run"
-    rc = main([
+    args = [
         "finetune", "--generator", str(base), "--products", str(world), "--out", str(run),
         "--max-steps", "2", "--batch-size", "2", "--probe-size", "2", "--probe-every", "0",
         "--grad-window", "1",
         "--replay", str(world), "--replay-top", "0.5", "--replay-batch", "2",
         "--reward-weight", "0", "--regularizer", "none", "--no-progress",
-    ])  # fmt: skip
-    assert rc == 0
+    ]  # fmt: skip
+    assert main(args) == 0
     summary = json.loads((run / "finetune_summary.json").read_text())
     assert summary["replay"]["scored"] == 6 and summary["replay"]["kept"] == 3
     kept = pq.read_table(run / "replay.parquet").column("reward").to_pylist()
@@ -389,3 +390,15 @@ def test_finetune_cli_replay_keeps_the_rewards_best_share(tmp_path, tiny_generat
     assert summary["replay"]["reward_threshold"] == min(kept)
     assert summary["replay"]["reward_mean_kept"] >= summary["replay"]["reward_mean_all"]
     assert (run / "model" / "controlnet").is_dir()
+
+    # Resuming the run reuses the selection instead of scoring the manifest again.
+    def no_scoring(*a, **k):
+        raise AssertionError("replay scored again on resume")
+
+    monkeypatch.setattr("rewardkit.training.rfft.score_generated", no_scoring)
+    args[args.index("--max-steps") + 1] = "3"
+    assert main(args) == 0
+    again = json.loads((run / "finetune_summary.json").read_text())
+    assert again["steps"] == 3 and again["resumed_from"] == 2
+    assert again["replay"]["kept"] == 3
+    assert pq.read_table(run / "replay.parquet").column("reward").to_pylist() == kept

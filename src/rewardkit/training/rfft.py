@@ -702,6 +702,34 @@ def finetune_generator(
     return summary
 
 
+def _source_key(manifest: str | Path) -> dict:
+    """What identifies a replay source: its resolved manifest file, size and mtime."""
+    src = Path(manifest)
+    if src.is_dir():
+        src = src / "manifest.parquet"
+    st = src.stat()
+    return {"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _reuse_replay(kept_file: Path, manifest, reward: str, top: float) -> dict | None:
+    """The selection a previous start of this run wrote to ``kept_file``, when it came from the
+    same source file, reward and share (scoring a large manifest again would cost minutes on
+    every resume); else None."""
+    if not kept_file.is_file():
+        return None
+    meta = pq.read_schema(kept_file).metadata or {}
+    raw = meta.get(b"rewardkit_replay")
+    if raw is None:
+        return None
+    info = json.loads(raw)
+    same = (
+        info.get("source") == _source_key(manifest)
+        and info.get("reward_spec") == reward
+        and info.get("replay_top") == top
+    )
+    return info if same else None
+
+
 def parse_reward(spec: str) -> tuple[str, str | None]:
     """``rfnet``, ``social``, ``rfnet:DIR[,DIR...]`` or ``social:DIR`` -> (kind, folder(s) or
     None)."""
@@ -747,20 +775,27 @@ def finetune_command(
     objective = load_objective(kind, folder, views=config.reward_views)
     replay_data, replay_info = None, None
     if replay is not None:
-        scored = score_generated(replay, objective, gen_size)
-        chosen = select_replay(scored, config.replay_top)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_parquet_atomic(Path(out) / "replay.parquet", chosen)
-        replay_data = prepare_generator_data(Path(out) / "replay.parquet", gen_size, None, False)
-        replay_info = {
-            "manifest": str(replay),
-            "scored": scored.num_rows,
-            "skipped": int((scored.schema.metadata or {}).get(b"skipped", b"0")),
-            "kept": chosen.num_rows,
-            "reward_threshold": float(np.min(chosen.column("reward").to_numpy())),
-            "reward_mean_all": float(np.mean(scored.column("reward").to_numpy())),
-            "reward_mean_kept": float(np.mean(chosen.column("reward").to_numpy())),
-        }
+        kept_file = Path(out) / "replay.parquet"
+        replay_info = _reuse_replay(kept_file, replay, reward, config.replay_top)
+        if replay_info is None:  # first run (or other inputs): score and select
+            scored = score_generated(replay, objective, gen_size)
+            chosen = select_replay(scored, config.replay_top)
+            replay_info = {
+                "manifest": str(replay),
+                "source": _source_key(replay),
+                "reward_spec": reward,
+                "replay_top": config.replay_top,
+                "scored": scored.num_rows,
+                "skipped": int((scored.schema.metadata or {}).get(b"skipped", b"0")),
+                "kept": chosen.num_rows,
+                "reward_threshold": float(np.min(chosen.column("reward").to_numpy())),
+                "reward_mean_all": float(np.mean(scored.column("reward").to_numpy())),
+                "reward_mean_kept": float(np.mean(chosen.column("reward").to_numpy())),
+            }
+            chosen = chosen.replace_schema_metadata({"rewardkit_replay": json.dumps(replay_info)})
+            Path(out).mkdir(parents=True, exist_ok=True)
+            write_parquet_atomic(kept_file, chosen)
+        replay_data = prepare_generator_data(kept_file, gen_size, None, False)
     summary = finetune_generator(
         generator, jobs, probe_jobs, objective, config, out, sampler_for(generator), progress,
         replay=replay_data,
