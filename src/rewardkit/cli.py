@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--limit", type=_positive(int), default=None, help="first N products only")
     ft.add_argument(
         "--replay", default=None,
-        help="generated images (a `rewardkit generate` manifest or folder): the reward keeps "
-        "the best --replay-top of them and their denoising loss is added (--replay-weight)",
+        help="images with products and prompts (a `rewardkit generate` output or the "
+        "generator's training renders, manifest or folder): the reward keeps the best "
+        "--replay-top of them and their denoising loss is added (--replay-weight)",
     )  # fmt: skip
     ft.add_argument("--replay-top", type=float, default=0.3, help="share of --replay kept")
     ft.add_argument("--replay-weight", type=float, default=1.0)

@@ -24,11 +24,13 @@ One optimiser step (``../shared/MISSION.md``, Part B; the paper's section on RFF
 
    ``F_total = F + beta * L``.
 5. Optionally (``replay``), ReFL's other half: the diffusion model's own denoising loss on a
-   replay set of generated images the same reward ranks highest (:func:`select_replay`:
-   the top ``replay_top`` of a ``rewardkit generate`` manifest), so the fine-tuned model also
-   learns the scenes the reward accepts from samples rather than only from the reward's
-   gradient, which a weak inspector lets it satisfy with patterns it mistakes for a good
-   layout. ``F_total = reward_weight * F + beta * L + replay_weight * L_denoise``.
+   replay set of images the same reward ranks highest (:func:`select_replay`: the top
+   ``replay_top`` of a manifest of images with their products and prompts: a ``rewardkit
+   generate`` output, or the generator's own training renders, which the inspector judges
+   far more reliably than generated images), so the fine-tuned model also learns the scenes
+   the reward accepts from samples rather than only from the reward's gradient, which a weak
+   inspector lets it satisfy with patterns it mistakes for a good layout.
+   ``F_total = reward_weight * F + beta * L + replay_weight * L_denoise``.
 
 Trainable part: the ControlNet (``controlnet``, as published), or LoRA adapters (peft) on the
 attention projections of the UNet and the ControlNet (``lora``). Everything else is frozen.
@@ -753,9 +755,10 @@ def finetune_command(
     """``rewardkit finetune``: load products (a manifest or photo folder), the reward and the
     generator's sampler, then :func:`finetune_generator`. The probe set is ``probe``'s first
     ``probe_size`` products, or (without ``probe``) the last ``probe_size`` of ``products``,
-    which are then left out of training. ``replay``: a ``rewardkit generate`` manifest (or
-    its folder); its images are scored by the reward and the best ``config.replay_top`` kept
-    (``<out>/replay.parquet``, with the scores) as the replay set."""
+    which are then left out of training. ``replay``: a manifest (or its folder) of images with
+    ``product_path``, ``prompt`` and ``fill`` (a ``rewardkit generate`` output or a ``world
+    render`` manifest); its images are scored by the reward and the best
+    ``config.replay_top`` kept (``<out>/replay.parquet``, with the scores) as the replay set."""
     from rewardkit.generation.run import load_jobs, sampler_for
 
     kind, folder = parse_reward(reward)
