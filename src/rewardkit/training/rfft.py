@@ -441,6 +441,12 @@ def probe_generator(
 # -- replay set -----------------------------------------------------------------------------------
 
 
+def _manifest_file(manifest: str | Path) -> Path:
+    """A manifest given as its file or as the folder holding ``manifest.parquet``."""
+    src = Path(manifest)
+    return src / "manifest.parquet" if src.is_dir() else src
+
+
 def score_generated(manifest: str | Path, objective, size: int, batch_size: int = 64) -> pa.Table:
     """The reward of every generated image of a ``rewardkit generate`` manifest (columns
     ``path`` for the image, ``product_path``, ``prompt``, ``fill``, optional ``caption`` and
@@ -450,9 +456,7 @@ def score_generated(manifest: str | Path, objective, size: int, batch_size: int 
     from rewardkit.generation.run import load_jobs
     from rewardkit.io import read_image_rgb
 
-    src = Path(manifest)
-    if src.is_dir():
-        src = src / "manifest.parquet"
+    src = _manifest_file(manifest)
     table = pq.read_table(src)
     missing = [c for c in ("path", "product_path", "prompt", "fill") if c not in table.column_names]
     if missing:
@@ -706,9 +710,7 @@ def finetune_generator(
 
 def _source_key(manifest: str | Path) -> dict:
     """What identifies a replay source: its resolved manifest file, size and mtime."""
-    src = Path(manifest)
-    if src.is_dir():
-        src = src / "manifest.parquet"
+    src = _manifest_file(manifest)
     st = src.stat()
     return {"path": str(src.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
