@@ -1,13 +1,15 @@
 """Generator design figures. Prints JSON.
 
     python benchmarks/bench_generator.py steps [--threads 1] [--batch-size 32]
-    python benchmarks/bench_generator.py vae --vae DIR [--n 300]
+    python benchmarks/bench_generator.py vae --vae DIR [--n 300] [--balance "Available=1"]
 
 ``steps``: seconds per training step (UNet + ControlNet forward and backward, random
 weights) of the default architecture and of a wider one with cross-attention at 16 and 8 px.
 ``vae``: how much a VAE's reconstructions (product pasted back) change the oracle's verdicts
 on AdWorld renders (``world render --seed 202``, all classes), against the originals, and
-their PSNR.
+their PSNR, and per true class the share whose reconstruction keeps its verdict (with
+``--balance "Available=1"``: how many correct scenes survive the decoder, an upper bound on
+what a generator decoding through this VAE can reach).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def step_seconds(arch: GeneratorArch, batch: int, repeats: int = 3) -> float:
     return float(np.median(times[1:]))  # the first step warms up
 
 
-def vae_agreement(vae_dir: str, n: int) -> dict:
+def vae_agreement(vae_dir: str, n: int, balance: str | None = None) -> dict:
     from diffusers import AutoencoderKL
 
     from rewardkit.generation.product import paste_back, prepare_product
@@ -54,13 +56,17 @@ def vae_agreement(vae_dir: str, n: int) -> dict:
 
     vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = render_world(Path(tmp), n, seed=202, size=64, progress=False).to_pylist()
+        rows = render_world(
+            Path(tmp), n, seed=202, size=64, balance=balance, progress=False
+        ).to_pylist()
         orig = rec_ok = 0
         psnr = []
+        kept: dict[str, list[int]] = {}
+        changed_to: dict[str, int] = {}
         for r in rows:
             img = read_image_rgb(Path(tmp) / r["path"])
             cut = read_image_rgba(Path(tmp) / r["product_path"])
-            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
             with torch.no_grad():
                 out = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
             rec = ((out + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).numpy() * 255 + 0.5
@@ -68,10 +74,17 @@ def vae_agreement(vae_dir: str, n: int) -> dict:
             psnr.append(10 * np.log10(255**2 / np.mean((rec.astype(float) - img) ** 2)))
             h = r["product_height_cm"]
             orig += label(cut, img, h, fill=r["fill"])[0] == r["label"]
-            rec_ok += label(cut, rec, h, fill=r["fill"])[0] == r["label"]
+            verdict = label(cut, rec, h, fill=r["fill"])[0]
+            rec_ok += verdict == r["label"]
+            kept.setdefault(r["label"], []).append(int(verdict == r["label"]))
+            if verdict != r["label"]:
+                changed_to[verdict] = changed_to.get(verdict, 0) + 1
     return {
         "vae": vae_dir,
         "renders": n,
+        "balance": balance,
+        "verdict_kept_by_class": {c: round(sum(v) / len(v), 4) for c, v in sorted(kept.items())},
+        "changed_verdicts_to": dict(sorted(changed_to.items())),
         "psnr_db_pasted": round(float(np.mean(psnr)), 2),
         "oracle_agreement_original": orig / n,
         "oracle_agreement_reconstruction": rec_ok / n,
@@ -85,12 +98,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--vae", default=None)
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--balance", default=None, help='render class weights, e.g. "Available=1"')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.what == "vae":
         if not a.vae:
             ap.error("vae needs --vae DIR")
-        print(json.dumps(vae_agreement(a.vae, a.n), indent=2))
+        print(json.dumps(vae_agreement(a.vae, a.n, a.balance), indent=2))
         return
     archs = {
         "default 32-64-128, cross-attention at 8 px": GeneratorArch(),

@@ -14,7 +14,7 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["--n", "36", "--users", "2000", "--prompts", "20", "--train-steps", "2",
             "--gen-products", "3", "--gen-attempts", "2", "--gen-steps", "3",
-            "--generator", str(gen_dir)]  # fmt: skip
+            "--rfft-products", "3", "--generator", str(gen_dir)]  # fmt: skip
     assert main(["demo", "--out", str(out), *args]) == 0
     html = (out / "report.html").read_text()
     for heading in (

@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--probe-size", type=_positive(int), default=32)
     ft.add_argument("--probe-every", type=int, default=50, help="steps between probes")
-    ft.add_argument("--trainable", default="controlnet", choices=("controlnet", "lora"))
+    ft.add_argument(
+        "--trainable", default="controlnet", choices=("controlnet", "lora", "all"),
+        help="the ControlNet (as published), LoRA adapters on UNet and ControlNet, or all "
+        "weights of both",
+    )  # fmt: skip
     ft.add_argument("--lora-rank", type=_positive(int), default=8)
     ft.add_argument("--max-steps", type=_positive(int), default=200)
     ft.add_argument("--batch-size", type=_positive(int), default=4)
@@ -304,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="DDIM steps (default: the generator's)",
     )
     d.add_argument("--generator", default=None, help="generator folder (default: embedded)")
+    d.add_argument(
+        "--rfft-products", type=_positive(int), default=16,
+        help="new products on which the original and fine-tuned generators are compared "
+        "(two seeds each)",
+    )  # fmt: skip
     d.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -624,7 +633,7 @@ def _demo(a: argparse.Namespace) -> int:
     path = run_demo(
         a.out, n=a.n, users=a.users, seed=a.seed, train_steps=a.train_steps, prompts=a.prompts,
         gen_products=a.gen_products, gen_attempts=a.gen_attempts, gen_steps=a.gen_steps,
-        generator=a.generator,
+        generator=a.generator, rfft_products=a.rfft_products,
     )  # fmt: skip
     print(f"report: {path}")
     return 0

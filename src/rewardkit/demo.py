@@ -199,6 +199,7 @@ def run_demo(
     gen_attempts: int = 8,
     gen_steps: int | None = None,
     generator: str | Path | None = None,
+    rfft_products: int = 16,
 ) -> Path:
     """Run every stage on the embedded default and write ``out_dir/report.html``."""
     from rewardkit.demo_generation import generation_section
@@ -217,7 +218,7 @@ def run_demo(
     gen_body, gen_stats = generation_section(
         out, timings, gen_products, gen_attempts, gen_steps, generator=generator
     )
-    rfft_body, rfft_stats = rfft_section(out, timings, products=gen_products, steps=gen_steps)
+    rfft_body, rfft_stats = rfft_section(out, timings, products=rfft_products, steps=gen_steps)
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",

@@ -150,6 +150,42 @@ def test_lora_trains_adapters_only_and_merges_exactly(tiny_generator):
     assert not any("lora" in k for k in merged["unet"].state_dict())
 
 
+def test_trainable_all_tunes_unet_and_controlnet_against_frozen_copies(tmp_path, tiny_generator):
+    gen = _fresh(tiny_generator)
+    trainee = RFFTTrainee(gen, "all")
+    names = {n.split(".")[0] for n, p in trainee.named_parameters() if p.requires_grad}
+    assert names == {"unet", "controlnet"}
+    assert all(p.requires_grad for p in gen.unet.parameters())
+    assert not any(p.requires_grad for p in gen.vae.parameters())
+    jobs = _jobs(gen.resolution)
+    batch = _batch(gen, jobs)
+    t = gen.timesteps(4)[1]
+    with torch.no_grad():
+        before = predict(gen, batch.noise, t, batch, batch.text)
+        for p in gen.unet.parameters():  # a step away from the start
+            p.add_(0.01 * torch.randn_like(p))
+        moved = predict(gen, batch.noise, t, batch, batch.text)
+        with trainee.as_reference(gen) as (unet_r, cn_r):
+            reference = predict(gen, batch.noise, t, batch, batch.text, unet=unet_r,
+                                controlnet=cn_r)  # fmt: skip
+    assert torch.allclose(reference, before, atol=1e-5)
+    assert not torch.allclose(moved, before, atol=1e-4)
+    # The saved run holds both components; loading it gives the fine-tuned UNet.
+    base = tmp_path / "base"
+    tiny_generator.save_pretrained(base)
+    cfg = FinetuneConfig(
+        lr=5e-3, batch_size=2, max_steps=2, regularizer="cc", beta=0.1, sample_steps=4,
+        grad_window=2, probe_every=0, probe_size=2, trainable="all",
+    )  # fmt: skip
+    jobs = _jobs(tiny_generator.resolution, n=6)
+    out = tmp_path / "run"
+    finetune_generator(base, jobs[:4], jobs[4:], Brightness(), cfg, out, SAMPLER, False)
+    assert (out / "model" / "unet").is_dir() and (out / "model" / "controlnet").is_dir()
+    tuned, ref = AdGenerator.from_pretrained(out / "model"), AdGenerator.from_pretrained(base)
+    sd_t, sd_r = tuned.unet.state_dict(), ref.unet.state_dict()
+    assert any(not torch.equal(sd_t[k], sd_r[k]) for k in sd_r)
+
+
 def test_finetune_saves_a_delta_folder_resumes_and_moves_the_reward(tmp_path, tiny_generator):
     base = tmp_path / "base"
     tiny_generator.save_pretrained(base)

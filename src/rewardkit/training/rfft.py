@@ -32,8 +32,10 @@ One optimiser step (``../shared/MISSION.md``, Part B; the paper's section on RFF
    inspector lets it satisfy with patterns it mistakes for a good layout.
    ``F_total = reward_weight * F + beta * L + replay_weight * L_denoise``.
 
-Trainable part: the ControlNet (``controlnet``, as published), or LoRA adapters (peft) on the
-attention projections of the UNet and the ControlNet (``lora``). Everything else is frozen.
+Trainable part: the ControlNet (``controlnet``, as published), LoRA adapters (peft) on the
+attention projections of the UNet and the ControlNet (``lora``), or every weight of both
+(``all``: the most capacity, and a frozen copy of both as the reference; at the embedded
+size that is 5.7 M weights). Everything else is frozen.
 The loop is ``training.loop.run_training``: accelerate, AdamW, gradient clipping, checkpoints
 with exact resume. Every step logs the reward loss, the regulariser and the reward; every
 ``probe_every`` steps a fixed probe set (products, prompts, seeds) is generated at the full
@@ -108,7 +110,7 @@ __all__ = [
 
 REWARDS = ("rfnet", "social")
 REGULARIZERS = ("cc", "kl", "none")
-TRAINABLE = ("controlnet", "lora")
+TRAINABLE = ("controlnet", "lora", "all")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -122,7 +124,7 @@ class FinetuneConfig(TrainConfigBase):
     reward: str = "rfnet"  # rfnet | social
     regularizer: str = "cc"  # cc | kl | none
     beta: float = 1.0
-    trainable: str = "controlnet"  # controlnet | lora
+    trainable: str = "controlnet"  # controlnet | lora | all (UNet and ControlNet, every weight)
     lora_rank: int = 8
     sample_steps: int | None = None  # DDIM steps of the run (None: the generator's, 40)
     guidance_scale: float | None = None  # None: the generator's
@@ -280,11 +282,18 @@ class RFFTTrainee(nn.Module):
         self.kind = trainable
         for m in gen.modules():
             m.requires_grad_(False)
-        if trainable == "controlnet":
-            self.reference_controlnet = [copy.deepcopy(gen.controlnet).eval()]  # not a submodule
+        if trainable in ("controlnet", "all"):
+            # Frozen copies, kept in lists so that they are not submodules (not optimised,
+            # not checkpointed).
+            self.reference_controlnet = [copy.deepcopy(gen.controlnet).eval()]
             self.controlnet = gen.controlnet
             self.controlnet.requires_grad_(True)
             self.unet = None
+            self.reference_unet = [None]
+            if trainable == "all":
+                self.reference_unet = [copy.deepcopy(gen.unet).eval()]
+                self.unet = gen.unet
+                self.unet.requires_grad_(True)
         else:
             from peft import LoraConfig
 
@@ -310,12 +319,14 @@ class RFFTTrainee(nn.Module):
                 gen.unet.enable_adapters()
                 gen.controlnet.enable_adapters()
         else:
-            yield None, self.reference_controlnet[0]
+            yield self.reference_unet[0], self.reference_controlnet[0]
 
     def merged_components(self) -> dict[str, nn.Module]:
         """The fine-tuned components as plain diffusers models (LoRA fused and unloaded)."""
         if self.kind == "controlnet":
             return {"controlnet": self.controlnet}
+        if self.kind == "all":
+            return {"unet": self.unet, "controlnet": self.controlnet}
         out = {}
         for name, module in (("unet", self.unet), ("controlnet", self.controlnet)):
             m = copy.deepcopy(module)
