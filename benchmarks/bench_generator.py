@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generator.py steps [--threads 1] [--batch-size 32]
     python benchmarks/bench_generator.py vae --vae DIR [--n 300] [--balance "Available=1"]
+    python benchmarks/bench_generator.py props --generator DIR --products DIR [--n 150]
 
 ``steps``: seconds per training step (UNet + ControlNet forward and backward, random
 weights) of the default architecture and of a wider one with cross-attention at 16 and 8 px.
@@ -10,6 +11,14 @@ on AdWorld renders (``world render --seed 202``, all classes), against the origi
 their PSNR, and per true class the share whose reconstruction keeps its verdict (with
 ``--balance "Available=1"``: how many correct scenes survive the decoder, an upper bound on
 what a generator decoding through this VAE can reach).
+``props``: how a generator sizes the reference props its prompts name ("next to a soda can").
+One image per product (the first ``--n`` products, the first-attempt seeds of ``rewardkit eval
+generator``); on the prompts that name a prop, the oracle's ``scale_error`` (log2 of the
+painted prop's height over the height the scene needs, from the product's real height and its
+height in pixels). Reported: its mean and spread, the share within the oracle's threshold, the
+correlation (log scale) between the height a prop needs and the height it was painted, and
+the correlation of the error with the product's height relative to its category's geometric
+mean over the products manifest (does knowing the product's exact height matter?).
 """
 
 from __future__ import annotations
@@ -90,13 +99,78 @@ def vae_agreement(vae_dir: str, n: int, balance: str | None = None) -> dict:
     }
 
 
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    return round(float(np.corrcoef(a, b)[0, 1]), 3) if len(a) > 2 else None
+
+
+def prop_sizes(generator: str, products: str, n: int, batch_size: int = 16) -> dict:
+    import pyarrow.parquet as pq
+
+    from rewardkit.generation.evaluate import generate_images
+    from rewardkit.generation.pipeline import AdGenerator, generator_resolution
+    from rewardkit.generation.recurrent import attempt_seed
+    from rewardkit.generation.run import load_jobs, sampler_for
+    from rewardkit.world.oracle import Thresholds, label
+    from rewardkit.world.placement import place_product
+    from rewardkit.world.scene import PROPS
+
+    manifest = Path(products)
+    manifest = manifest / "manifest.parquet" if manifest.is_dir() else manifest
+    table = pq.read_table(manifest, columns=["product_path", "category", "product_height_cm"])
+    logs: dict[str, list[float]] = {}
+    cats, heights = table["category"].to_pylist(), table["product_height_cm"].to_pylist()
+    for c, h in zip(cats, heights, strict=True):
+        logs.setdefault(c, []).append(np.log2(h))
+    stems = [Path(p).stem for p in table["product_path"].to_pylist()]
+    cat_of = dict(zip(stems, cats, strict=True))
+    size = generator_resolution(generator)
+    jobs, _ = load_jobs(manifest, size, limit=n)
+    gen = AdGenerator.from_pretrained(generator)
+    images = generate_images(gen, [j.prepared for j in jobs], [j.prompt for j in jobs],
+                             [attempt_seed(0, i, 1) for i in range(len(jobs))],
+                             sampler_for(generator), batch_size)  # fmt: skip
+    named, verdicts, err, need, rel = 0, {}, [], [], []
+    for j, img in zip(jobs, images, strict=True):
+        if not any(k in j.prompt for k in PROPS):
+            continue
+        named += 1
+        verdict, m = label(j.photo, img, j.height_cm, fill=j.fill)
+        verdicts[verdict] = verdicts.get(verdict, 0) + 1
+        e, kind = m["scale_error"], m["prop_kind"]
+        if not kind or np.isnan(e):
+            continue
+        px = place_product(j.photo, size, j.fill)[1].height
+        err.append(e)
+        need.append(np.log2(PROPS[kind][0] * px / j.height_cm))
+        rel.append(np.log2(j.height_cm) - np.mean(logs[cat_of[j.product_id]]))
+    e, need_a, rel_a = np.array(err), np.array(need), np.array(rel)
+    limit = Thresholds().scale_error
+    return {
+        "generator": generator,
+        "products": len(jobs),
+        "prompts_naming_a_prop": named,
+        "verdicts_on_those": dict(sorted(verdicts.items())),
+        "props_measured": len(e),
+        "scale_error_mean": round(float(e.mean()), 3) if len(e) else None,
+        "scale_error_sd": round(float(e.std()), 3) if len(e) else None,
+        "within_threshold": round(float((np.abs(e) <= limit).mean()), 3) if len(e) else None,
+        "threshold_log2": limit,
+        "needed_height_sd_log2": round(float(need_a.std()), 3) if len(e) else None,
+        "corr_needed_vs_painted_height": _corr(need_a, need_a + e),
+        "corr_error_vs_height_within_category": _corr(rel_a, e),
+        "height_within_category_sd_log2": round(float(rel_a.std()), 3) if len(e) else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=("steps", "vae"))
+    ap.add_argument("what", choices=("steps", "vae", "props"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--vae", default=None)
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--generator", default=None, help="props: pipeline folder")
+    ap.add_argument("--products", default=None, help="props: product manifest or folder")
     ap.add_argument("--balance", default=None, help='render class weights, e.g. "Available=1"')
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -104,6 +178,11 @@ def main() -> None:
         if not a.vae:
             ap.error("vae needs --vae DIR")
         print(json.dumps(vae_agreement(a.vae, a.n, a.balance), indent=2))
+        return
+    if a.what == "props":
+        if not (a.generator and a.products):
+            ap.error("props needs --generator DIR and --products DIR")
+        print(json.dumps(prop_sizes(a.generator, a.products, a.n), indent=2))
         return
     archs = {
         "default 32-64-128, cross-attention at 8 px": GeneratorArch(),
