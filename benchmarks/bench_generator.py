@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generator.py steps [--threads 1] [--batch-size 32]
     python benchmarks/bench_generator.py vae --vae DIR [--n 300] [--balance "Available=1"]
-    python benchmarks/bench_generator.py props --generator DIR --products DIR [--n 150]
+    python benchmarks/bench_generator.py props --generator DIR --products DIR [--n 300]
 
 ``steps``: seconds per training step (UNet + ControlNet forward and backward, random
 weights) of the default architecture and of a wider one with cross-attention at 16 and 8 px.
@@ -121,8 +121,11 @@ def prop_sizes(generator: str, products: str, n: int, batch_size: int = 16) -> d
     cats, heights = table["category"].to_pylist(), table["product_height_cm"].to_pylist()
     for c, h in zip(cats, heights, strict=True):
         logs.setdefault(c, []).append(np.log2(h))
-    stems = [Path(p).stem for p in table["product_path"].to_pylist()]
-    cat_of = dict(zip(stems, cats, strict=True))
+    cat_mean = {c: float(np.mean(v)) for c, v in logs.items()}
+    # log2 of each product's height over its category's geometric mean, by product id
+    paths = table["product_path"].to_pylist()
+    rel_of = {Path(p).stem: np.log2(h) - cat_mean[c]
+              for p, c, h in zip(paths, cats, heights, strict=True)}  # fmt: skip
     size = generator_resolution(generator)
     jobs, _ = load_jobs(manifest, size, limit=n)
     gen = AdGenerator.from_pretrained(generator)
@@ -142,23 +145,26 @@ def prop_sizes(generator: str, products: str, n: int, batch_size: int = 16) -> d
         px = place_product(j.photo, size, j.fill)[1].height
         err.append(e)
         need.append(np.log2(PROPS[kind][0] * px / j.height_cm))
-        rel.append(np.log2(j.height_cm) - np.mean(logs[cat_of[j.product_id]]))
+        rel.append(rel_of[j.product_id])
     e, need_a, rel_a = np.array(err), np.array(need), np.array(rel)
     limit = Thresholds().scale_error
+    stats = {  # rounded below; None when no prop was measured
+        "scale_error_mean": lambda: e.mean(),
+        "scale_error_sd": lambda: e.std(),
+        "within_threshold": lambda: (np.abs(e) <= limit).mean(),
+        "needed_height_sd_log2": lambda: need_a.std(),
+        "height_within_category_sd_log2": lambda: rel_a.std(),
+    }
     return {
         "generator": generator,
         "products": len(jobs),
         "prompts_naming_a_prop": named,
         "verdicts_on_those": dict(sorted(verdicts.items())),
         "props_measured": len(e),
-        "scale_error_mean": round(float(e.mean()), 3) if len(e) else None,
-        "scale_error_sd": round(float(e.std()), 3) if len(e) else None,
-        "within_threshold": round(float((np.abs(e) <= limit).mean()), 3) if len(e) else None,
         "threshold_log2": limit,
-        "needed_height_sd_log2": round(float(need_a.std()), 3) if len(e) else None,
+        **{k: round(float(f()), 3) if len(e) else None for k, f in stats.items()},
         "corr_needed_vs_painted_height": _corr(need_a, need_a + e),
         "corr_error_vs_height_within_category": _corr(rel_a, e),
-        "height_within_category_sd_log2": round(float(rel_a.std()), 3) if len(e) else None,
     }
 
 
