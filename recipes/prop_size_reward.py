@@ -22,6 +22,7 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +30,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
-from rewardkit.world.oracle import label
+from rewardkit.io import read_image_rgb, write_parquet_atomic
+from rewardkit.world.export import judge_row, load_product_photo
 from rewardkit.world.placement import place_product
 from rewardkit.world.scene import PROPS
 
@@ -45,43 +46,39 @@ def prompt_kind(prompt: str) -> str | None:
 
 
 def _one(args):
-    img_path, prod_path, cm, fill, kind = args
-    img = np.asarray(Image.open(img_path).convert("RGB"))
-    cut = np.asarray(Image.open(prod_path).convert("RGBA"))
-    verdict, m = label(cut, img, cm, fill=fill)
-    layer, p = place_product(cut, img.shape[0], fill)
-    s = m["scale_error"]
+    row, i, manifest, kind = args
+    verdict, m = judge_row(row, i, manifest)
+    s, measured = m["scale_error"], m["prop_kind"]
     r = float("nan")
-    if m["prop_kind"] == kind and isinstance(s, float) and math.isfinite(s):
-        r = s + math.log2(PROPS[kind][0] / cm)  # log2(prop px height / product px height)
-    return verdict, s, m["prop_kind"], r, p.height
+    if measured == kind and math.isfinite(s):
+        r = s + math.log2(PROPS[kind][0] / row["product_height_cm"])  # log2(prop / product px)
+    return verdict, s, measured, r
 
 
 def cmd_label(manifests, out):
-    rows = []
+    rows, jobs = [], []
     for man in manifests:
-        t = pq.read_table(man).to_pylist()
-        base = os.path.dirname(os.path.abspath(man))
-        for r in t:
+        man = Path(man).resolve()
+        for i, r in enumerate(pq.read_table(man).to_pylist()):
             kind = prompt_kind(r["prompt"])
             if kind is None:
                 continue
+            jobs.append((r, i, man, kind))
             rows.append(
                 dict(
-                    path=os.path.join(base, r["path"]),
-                    product_path=os.path.join(base, r["product_path"]),
+                    path=str(man.parent / r["path"]),
+                    product_path=str(man.parent / r["product_path"]),
                     prompt=r["prompt"],
                     cm=float(r["product_height_cm"]),
                     fill=float(r["fill"]),
                     kind=kind,
                 )
             )
-    args = [(r["path"], r["product_path"], r["cm"], r["fill"], r["kind"]) for r in rows]
     with ProcessPoolExecutor(2) as ex:
-        res = list(ex.map(_one, args, chunksize=64))
-    for r, (v, s, k, ratio, ph) in zip(rows, res, strict=True):
-        r.update(verdict=v, scale_error=s, oracle_kind=k, log_ratio=ratio, product_px=ph)
-    pq.write_table(pa.Table.from_pylist(rows), out)
+        res = list(ex.map(_one, jobs, chunksize=64))
+    for r, (v, s, k, ratio) in zip(rows, res, strict=True):
+        r.update(verdict=v, scale_error=s, oracle_kind=k, log_ratio=ratio)
+    write_parquet_atomic(out, pa.Table.from_pylist(rows))
     ok = sum(math.isfinite(r["log_ratio"]) for r in rows)
     print(f"{out}: {len(rows)} prop prompts, {ok} measured")
 
@@ -119,9 +116,8 @@ def load_set(files):
         for r in pq.read_table(f).to_pylist():
             if not math.isfinite(r["log_ratio"]):
                 continue
-            img = np.asarray(Image.open(r["path"]).convert("RGB"))
-            cut = np.asarray(Image.open(r["product_path"]).convert("RGBA"))
-            layer, _ = place_product(cut, img.shape[0], r["fill"])
+            img = read_image_rgb(r["path"])
+            layer, _ = place_product(load_product_photo(r["product_path"]), len(img), r["fill"])
             imgs.append(img)
             masks.append(layer[..., 3] > 127)
             kinds.append(KINDS.index(r["kind"]))
