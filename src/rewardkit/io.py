@@ -6,8 +6,10 @@ Every file rewardkit writes goes through a temp file in the same folder followed
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -91,16 +93,62 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    """Write ``obj`` as strict JSON (NaN and infinities become null; see :func:`json_safe`)."""
+    write_text_atomic(path, to_strict_json(obj, indent=2, sort_keys=True) + "\n")
+
+
+def to_strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that can only produce valid JSON: ``obj`` goes through :func:`json_safe`
+    (NaN/Inf -> null, numpy and paths to plain types) and is dumped with ``allow_nan=False``.
+    ``kwargs`` (``indent``, ``sort_keys``, ...) go to ``json.dumps``."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kwargs)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON types, recursively: dicts (with string keys), lists (from
+    lists, tuples, sets and arrays), str, int, bool, None and finite floats; NaN and +-Inf
+    (Python or numpy) become None, so strict JSON parsers accept the result.
+
+    Raises:
+        TypeError: naming the type of a value JSON cannot hold.
+    """
+    if obj is None or isinstance(obj, str | bool | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {_json_key(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [json_safe(v) for v in obj]
+    return json_safe(_json_default(obj))
+
+
+def _json_key(key: Any) -> str:
+    """An object key as the string JSON will hold (as ``json.dumps`` spells it)."""
+    if isinstance(key, np.generic):
+        key = key.item()
+    if isinstance(key, str):
+        return key
+    if isinstance(key, Path):
+        return str(key)
+    if key is None or isinstance(key, bool | int | float):
+        return json.dumps(key)  # 1 -> "1", True -> "true", nan -> "NaN" (keys may say so)
+    raise TypeError(f"not a valid JSON object key: {type(key).__name__}")
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
+    """A JSON-representable stand-in for ``o`` (numpy scalars and arrays, paths, dataclasses,
+    0-d or n-d tensors, other objects that convert with ``float()``)."""
+    if isinstance(o, np.generic | np.ndarray):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if hasattr(o, "tolist") and callable(o.tolist):  # torch tensors
+        return o.tolist()
+    if hasattr(o, "__float__"):  # e.g. Decimal, Fraction
+        return float(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
