@@ -129,3 +129,94 @@ def test_pretrain_contrastive_retrieves_captions(tmp_path):
         model, tmp_path / "manifest.parquet", tmp_path / "run", config, progress=False
     )
     assert result.metrics["val_image_to_text_top1"] >= 0.9
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2)
+        self.b = torch.nn.Linear(2, 2)
+        self.frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+        self.register_buffer("count", torch.zeros(1))
+
+
+def _saved_tiny(folder: Path) -> tuple[_Tiny, torch.optim.Optimizer]:
+    from rewardkit.training.loop import save_checkpoint
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.a(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    model.count += 4
+    save_checkpoint(folder, model, opt, {"step": 1, "history": [], "signature": {"k": 1}})
+    return model, opt
+
+
+def test_load_checkpoint_restores_exactly_the_trainable_state(tmp_path):
+    from rewardkit.training.loop import load_checkpoint
+
+    saved, _ = _saved_tiny(tmp_path / "ckpt")
+    torch.manual_seed(1)
+    fresh = _Tiny()
+    opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+    state = load_checkpoint(tmp_path / "ckpt", fresh, opt, {"k": 1})
+    assert state["step"] == 1
+    for name, value in saved.state_dict().items():
+        same = torch.equal(value, fresh.state_dict()[name])
+        assert same == (not name.startswith("frozen.")), name  # frozen weights are not saved
+    assert len(opt.state) == 2  # the optimiser moments of a.weight and a.bias
+
+
+def _rewrite(folder: Path, edit) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(folder / "trainable.safetensors")
+    edit(weights)
+    save_file(weights, str(folder / "trainable.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda w: w.pop("b.weight"), r"1 \(b\.weight\) missing, 0 extra"),
+        (lambda w: w.pop("buffer:count"), r"1 \(buffer:count\) missing"),
+        (lambda w: w.update({"c.weight": torch.zeros(2)}), r"0 missing, 1 \(c\.weight\) extra"),
+        (lambda w: w.update({"frozen.bias": torch.zeros(1)}), r"1 \(frozen\.bias\) extra"),
+        (
+            lambda w: w.update({"a.bias": torch.zeros(1)}),
+            r"shapes differ.*a\.bias \(1,\) vs \(2,\)",
+        ),
+    ],
+)
+def test_load_checkpoint_refuses_missing_extra_or_reshaped_parameters(tmp_path, edit, message):
+    from rewardkit.training.loop import load_checkpoint
+
+    folder = tmp_path / "ckpt"
+    _saved_tiny(folder)
+    _rewrite(folder, edit)
+    torch.manual_seed(1)
+    fresh = _Tiny()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match=rf"^{folder}: .*{message}"):
+        load_checkpoint(folder, fresh, opt, {"k": 1})
+    # Nothing was loaded partially.
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_resume_refuses_a_checkpoint_that_lacks_trainable_parameters(setup, tmp_path):
+    model, pairs = setup
+    cfg = RewardTrainConfig(preset="paper", batch_size=16, epochs=1, max_steps=1)
+    train_reward(model, pairs, tmp_path / "run", cfg, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint"
+    names = sorted(load_file(ckpt / "trainable.safetensors"))
+    dropped = [n for n in names if n.startswith("model.vision_model.")]
+    assert len(dropped) > 5
+    _rewrite(ckpt, lambda w: [w.pop(n) for n in dropped])
+    more = RewardTrainConfig(preset="paper", batch_size=16, epochs=1, max_steps=2)
+    with pytest.raises(
+        ValueError, match=rf"{ckpt}: .* {len(dropped)} \({dropped[0]}, .*, \.\.\.\) missing"
+    ):
+        train_reward(model, pairs, tmp_path / "run", more, progress=False)

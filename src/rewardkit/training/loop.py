@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from rewardkit.io import read_image_rgb, write_folder_atomic, write_json_atomic
+from rewardkit.io import (
+    json_safe,
+    read_image_rgb,
+    to_strict_json,
+    write_folder_atomic,
+    write_json_atomic,
+)
 
 __all__ = [
     "TrainConfigBase",
@@ -163,8 +169,10 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> N
 
     def write(tmp: Path) -> None:
         save_file(trainable, str(tmp / "trainable.safetensors"))
+        # The optimiser state (tensors, numbers, lists) is read back with weights_only=True,
+        # torch's restricted unpickler that refuses code; weights are safetensors.
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / "state.json").write_text(to_strict_json(state, indent=2) + "\n")
 
     write_folder_atomic(folder, write)
 
@@ -175,23 +183,50 @@ def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) -> dict:
+    """Restore a :func:`save_checkpoint` folder into ``model`` and ``optimizer``; returns its
+    state (step, history).
+
+    Raises:
+        ValueError: naming ``folder``, when the checkpoint was made with another signature,
+            or its weights are not exactly the model's trainable parameters and persistent
+            buffers (names missing or extra, shapes differing): nothing is loaded partially.
+    """
     state = json.loads((folder / "state.json").read_text())
-    if state.get("signature") != signature:
+    if state.get("signature") != json_safe(signature):  # as the signature reads back from JSON
         raise ValueError(
             f"{folder}: checkpoint was made with other settings or data; remove it or use "
             f"another --out (checkpoint {state.get('signature')}, now {signature})"
         )
     weights = load_file(folder / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    params.update({f"buffer:{n}": b for n, b in _persistent_buffers(model)})
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ValueError(f"{folder}: checkpoint has unknown parameters {unknown[:5]}")
+    expected = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected.update({f"buffer:{n}": b for n, b in _persistent_buffers(model)})
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{folder}: checkpoint does not hold the model's trainable parameters: "
+            f"{_names(missing)} missing, {_names(extra)} extra; remove it or use another --out"
+        )
+    shapes = [
+        f"{n} {tuple(v.shape)} vs {tuple(expected[n].shape)}"
+        for n, v in sorted(weights.items())
+        if v.shape != expected[n].shape
+    ]
+    if shapes:
+        raise ValueError(f"{folder}: checkpoint shapes differ from the model's: {_names(shapes)}")
     with torch.no_grad():
         for name, value in weights.items():
-            params[name].copy_(value)
+            expected[name].copy_(value)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     return state
+
+
+def _names(names: list[str], first: int = 5) -> str:
+    """``"3 (a, b, c)"``, ``"12 (a, b, c, d, e, ...)"`` or ``"0"``."""
+    if not names:
+        return "0"
+    more = ", ..." if len(names) > first else ""
+    return f"{len(names)} ({', '.join(names[:first])}{more})"
 
 
 def run_training(
