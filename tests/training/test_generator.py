@@ -2,12 +2,20 @@
 result loads as a pipeline folder."""
 
 import json
+import pickle
+import shutil
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors import safe_open
 
 from rewardkit.cli import main
+from rewardkit.generation.default import build_generator
 from rewardkit.generation.pipeline import AdGenerator
+from rewardkit.io import read_image_rgb, write_png_atomic
+from rewardkit.training import generator as tg
 from rewardkit.training.generator import (
     DiffusionTrainConfig,
     VAETrainConfig,
@@ -39,6 +47,10 @@ def test_train_generator_tiny_resumes_and_loads(tmp_path, renders):
     assert gen.resolution == 32
     card = json.loads((tmp_path / "run" / "model" / "rewardkit_generator.json").read_text())
     assert card["diffusion_steps"] == 2
+    # Caches are safetensors; the only .pt files are optimiser states (read weights_only).
+    assert (tmp_path / "run" / "data.safetensors").is_file()
+    assert (tmp_path / "run" / "diffusion" / "latents.safetensors").is_file()
+    assert {p.name for p in (tmp_path / "run").rglob("*.pt")} == {"optimizer.pt"}
     # Exporting the checkpoint gives the weights the finished run saved.
     from rewardkit.training.generator import export_checkpoint
 
@@ -80,3 +92,68 @@ def test_train_generator_cli_rejects_bad_manifest(tmp_path):
     rc = main(["train", "generator", "--manifest", str(bad), "--out", str(tmp_path / "o"),
                "--no-progress"])  # fmt: skip
     assert rc == 2
+
+
+class _Evil:
+    """A pickle that, when loaded, creates the file ``marker`` (stands in for any code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_data_cache_is_safetensors_keyed_by_content_and_never_unpickled(
+    tmp_path, renders, monkeypatch
+):
+    world = tmp_path / "world"
+    shutil.copytree(renders.parent, world)
+    manifest = world / "manifest.parquet"
+    marker = tmp_path / "code_ran"
+    cache = tmp_path / "data.safetensors"
+    cache.write_bytes(pickle.dumps(_Evil(marker)))  # an old or planted pickle
+    first = tg.prepare_generator_data(manifest, 32, cache, progress=False)
+    assert not marker.exists()
+    with safe_open(str(cache), framework="pt") as f:  # rebuilt as a safetensors file
+        assert set(f.keys()) == {"images", "control", "inpaint", "product"}
+    # A hit decodes no image: the content key alone decides.
+    monkeypatch.setattr(tg, "read_image_rgb", lambda path: 1 / 0)
+    again = tg.prepare_generator_data(manifest, 32, cache, progress=False)
+    assert again.fingerprint == first.fingerprint and again.prompts == first.prompts
+    assert torch.equal(again.images, first.images) and torch.equal(again.inpaint, first.inpaint)
+    # The same renders elsewhere share the key.
+    moved = tmp_path / "moved"
+    shutil.copytree(world, moved)
+    elsewhere = tg.prepare_generator_data(moved / "manifest.parquet", 32, cache, False)
+    assert elsewhere.fingerprint == first.fingerprint
+    # A re-render (same names, rows and size, other pixels) does not.
+    monkeypatch.setattr(tg, "read_image_rgb", read_image_rgb)
+    rel = pq.read_table(manifest)["path"][0].as_py()
+    write_png_atomic(world / rel, 255 - read_image_rgb(world / rel))
+    changed = tg.prepare_generator_data(manifest, 32, cache, progress=False)
+    assert changed.fingerprint != first.fingerprint
+    assert torch.equal(changed.images[0], 255 - first.images[0])
+    assert torch.equal(changed.images[1:], first.images[1:])
+    # A file the manifest names that is gone: an error naming the row and file.
+    (world / rel).unlink()
+    with pytest.raises(ValueError, match=rf"manifest.parquet: row 0: .*{rel}: image file not"):
+        tg.prepare_generator_data(manifest, 32, cache, progress=False)
+
+
+def test_latent_cache_is_rebuilt_over_old_pickles(tmp_path, renders):
+    marker = tmp_path / "code_ran"
+    out = tmp_path / "diffusion"
+    out.mkdir()
+    for name in ("latents.pt", "latents.safetensors"):
+        (out / name).write_bytes(pickle.dumps(_Evil(marker)))
+    gen = build_generator(TINY, seed=0)
+    data = tg.prepare_generator_data(renders, 32, None, progress=False)
+    config = DiffusionTrainConfig(max_steps=1, batch_size=4, probe_every=0)
+    tg.train_diffusion(gen, data, out, config, progress=False)
+    assert not marker.exists() and not (out / "latents.pt").exists()
+    key = {**data.fingerprint, "encoder": tg._weights_digest(gen.vae.encoder)}
+    tensors, meta = tg.read_cache(out / "latents.safetensors", key)
+    assert meta["key"] == key and set(tensors) == {"latents", "masked"}
+    assert tensors["latents"].shape[0] == len(data)
+    assert tg.read_cache(out / "latents.safetensors", {**key, "encoder": "other"}) is None

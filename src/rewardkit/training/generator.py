@@ -21,6 +21,7 @@ failures: like a real base model, it fails often (see the recipe's README for th
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from collections import Counter
@@ -31,14 +32,23 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from rewardkit.generation.default import GeneratorArch, build_generator
 from rewardkit.generation.pipeline import AdGenerator, SamplerConfig, generate_images
 from rewardkit.generation.product import PreparedProduct, prepare_product
-from rewardkit.io import read_image_rgb, read_image_rgba, write_json_atomic
-from rewardkit.training.loop import TrainConfigBase, read_table, resumable, run_training
+from rewardkit.io import atomic_path, read_image_rgb, to_strict_json, write_json_atomic
+from rewardkit.training.loop import (
+    TrainConfigBase,
+    read_table,
+    resumable,
+    run_training,
+    summarize_names,
+)
+from rewardkit.world.export import load_product_photo
 
 __all__ = [
     "VAETrainConfig",
@@ -54,6 +64,11 @@ __all__ = [
 ]
 
 MANIFEST_COLUMNS = ("path", "product_path", "prompt", "fill")
+# Caches are safetensors files whose header metadata holds this key's JSON (format, content
+# key, prompts); files of another format (the pickles of earlier versions) are never read.
+CACHE_META = "rewardkit_cache"
+CACHE_FORMAT = 2
+LEGACY_CACHES = ("data.pt", "latents.pt")  # pickled caches of earlier versions: removed
 
 
 @dataclass
@@ -106,25 +121,92 @@ def _resolve(root: Path, rel: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def content_digest(manifest: Path, rows: list[dict]) -> str:
+    """sha256 over the manifest file's bytes and the bytes of every image and product photo
+    its rows name (each file once, streamed): the same renders give the same digest wherever
+    they lie, and a re-render with the same names and sizes does not.
+
+    Raises:
+        ValueError: naming the manifest, row and file that cannot be read.
+    """
+    h = hashlib.sha256()
+    with open(manifest, "rb") as f:
+        h.update(hashlib.file_digest(f, "sha256").digest())
+    seen: set[Path] = set()
+    for i, r in enumerate(rows):
+        for column in ("path", "product_path"):
+            path = _resolve(manifest.parent, r[column])
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                with open(path, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").digest()
+            except FileNotFoundError:
+                raise ValueError(f"{manifest}: row {i}: {path}: image file not found") from None
+            except OSError as err:
+                raise ValueError(f"{manifest}: row {i}: {path}: unreadable ({err})") from None
+            h.update(f"{column}\0{r[column]}\0".encode())
+            h.update(digest)
+    return h.hexdigest()
+
+
+def read_cache(path: Path, key: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Tensors and metadata of a cache :func:`write_cache` wrote under ``key``; None when the
+    file is missing, keyed otherwise, or not such a file (an old pickle is never unpickled)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(CACHE_META, "null"))
+            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+                return None
+            if meta.get("key") != json.loads(to_strict_json(key)):
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def write_cache(path: Path, tensors: dict[str, torch.Tensor], key: dict, **meta) -> None:
+    """``tensors`` as one safetensors file (atomic), keyed by ``key``; ``meta`` (plain JSON
+    values) is stored beside the key in the file's header."""
+    header = to_strict_json({"format": CACHE_FORMAT, "key": key, **meta})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={CACHE_META: header})
+
+
 def prepare_generator_data(
     manifest: str | Path, size: int, cache: Path | None = None, progress: bool = True
 ) -> GeneratorData:
     """Read a render manifest (``world render``): images, products (placed and prepared at
-    ``size``) and prompts. Cached as one .pt file when ``cache`` is given."""
+    ``size``) and prompts. With ``cache``, kept there as a safetensors file keyed by the
+    content (:func:`content_digest`) and ``size``, and reused while that key holds."""
     manifest = Path(manifest)
     table = read_table(manifest, MANIFEST_COLUMNS)
-    fingerprint = {"manifest": str(manifest.resolve()), "rows": table.num_rows, "size": size}
-    if cache is not None and cache.is_file():
-        saved = torch.load(cache, weights_only=False)
-        if saved.fingerprint == fingerprint:
-            return saved
-    root = manifest.parent
     rows = table.to_pylist()
+    fingerprint = {
+        "content_sha256": content_digest(manifest, rows),
+        "rows": table.num_rows,
+        "size": size,
+    }
+    if cache is not None and (hit := read_cache(cache, fingerprint)) is not None:
+        tensors, meta = hit
+        return GeneratorData(
+            images=tensors["images"],
+            control=tensors["control"],
+            inpaint=tensors["inpaint"],
+            product=tensors["product"],
+            prompts=list(meta["prompts"]),
+            fingerprint=fingerprint,
+        )
+    root = manifest.parent
     images, control, inpaint, product = [], [], [], []
     for i, r in enumerate(tqdm(rows, desc="prepare", disable=not progress, unit="img")):
         try:
             img = read_image_rgb(_resolve(root, r["path"]))
-            cut = read_image_rgba(_resolve(root, r["product_path"]))
+            cut = load_product_photo(_resolve(root, r["product_path"]))
         except (OSError, ValueError) as err:
             raise ValueError(f"{manifest}: row {i}: {err}") from None
         if img.shape[:2] != (size, size):
@@ -147,10 +229,13 @@ def prepare_generator_data(
         fingerprint=fingerprint,
     )
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(data, tmp)
-        tmp.replace(cache)
+        tensors = {
+            "images": data.images,
+            "control": data.control,
+            "inpaint": data.inpaint,
+            "product": data.product,
+        }
+        write_cache(cache, tensors, fingerprint, prompts=data.prompts)
     return data
 
 
@@ -283,9 +368,14 @@ class DiffusionTrainee(nn.Module):
             )
 
 
-def _weights_digest(module: nn.Module) -> str:
-    import hashlib
+def _remove_legacy_caches(folder: Path) -> None:
+    """Delete the pickled caches earlier versions left in ``folder`` (never read: unpickling
+    a file from a run folder can run code); the safetensors caches replace them."""
+    for name in LEGACY_CACHES:
+        (folder / name).unlink(missing_ok=True)
 
+
+def _weights_digest(module: nn.Module) -> str:
     h = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -324,7 +414,7 @@ class Probe:
         manifest = Path(manifest)
         table = read_table(manifest, (*MANIFEST_COLUMNS, "product_height_cm"))
         rows = table.slice(0, n).to_pylist()
-        cutouts = [read_image_rgba(_resolve(manifest.parent, r["product_path"])) for r in rows]
+        cutouts = [load_product_photo(_resolve(manifest.parent, r["product_path"])) for r in rows]
         return cls(
             products=[
                 prepare_product(c, size, float(r["fill"]))
@@ -453,18 +543,15 @@ def train_diffusion(
     # Encoding 2 x 16,000 renders takes minutes here: cache the latents beside the run,
     # keyed by the data and the exact VAE encoder weights.
     key = {**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)}
-    cache = out_dir / "latents.pt"
-    cached = torch.load(cache, weights_only=False) if cache.is_file() else None
-    if cached is not None and cached["key"] == key:
-        latents, masked_lat = cached["latents"], cached["masked"]
+    cache = out_dir / "latents.safetensors"
+    cached = read_cache(cache, key)
+    if cached is not None:
+        latents, masked_lat = cached[0]["latents"], cached[0]["masked"]
     else:
         latents = _latents(gen, data.images)
         masked_lat = _latents(gen, data.product, paint=data.inpaint)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"key": key, "latents": latents, "masked": masked_lat}, cache.with_suffix(".tmp")
-        )
-        cache.with_suffix(".tmp").replace(cache)
+        write_cache(cache, {"latents": latents, "masked": masked_lat}, key)
+    _remove_legacy_caches(out_dir)
     dset = DenoisingSet.build(gen, data, latents, masked_lat)
     trainee = DiffusionTrainee(gen)
     for m in trainee.live():
@@ -550,8 +637,8 @@ def train_generator(
 
     out = Path(out)
     gen = build_generator(arch, seed=vae_config.seed)
-    cache = out / "data.pt"
-    data = prepare_generator_data(manifest, arch.resolution, cache, progress)
+    data = prepare_generator_data(manifest, arch.resolution, out / "data.safetensors", progress)
+    _remove_legacy_caches(out)
     summary: dict = {"arch": asdict(arch), "manifest": str(manifest), "rows": len(data)}
     vae_dir = out / "vae"
     if (vae_dir / "model" / "config.json").is_file() and (vae_dir / "vae.json").is_file():
@@ -602,7 +689,22 @@ def export_checkpoint(
     for name in ("unet", "controlnet", "text_encoder"):
         prefix = f"buffer:ema.{name}."
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        getattr(gen, name).load_state_dict(state, strict=True)
+        module = getattr(gen, name)
+        expected = module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        shapes = sorted(
+            f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape
+        )
+        if missing or extra or shapes:
+            raise ValueError(
+                f"{ckpt}: its EMA {name} does not fit the architecture: "
+                f"{summarize_names(missing)} missing, {summarize_names(extra)} extra, "
+                f"{summarize_names(shapes)} of another shape"
+            )
+        module.load_state_dict(state, strict=True)
     state = json.loads((ckpt / "state.json").read_text())
     folder = gen.save_pretrained(out / "model")
     probes = [h for h in state["history"] if "probe_available" in h]

@@ -43,6 +43,7 @@ __all__ = [
     "resumable",
     "run_training",
     "save_checkpoint",
+    "summarize_names",
 ]
 
 CHECKPOINT_DIR = "checkpoint"
@@ -205,7 +206,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) 
     if missing or extra:
         raise ValueError(
             f"{folder}: checkpoint does not hold the model's trainable parameters: "
-            f"{_names(missing)} missing, {_names(extra)} extra; remove it or use another --out"
+            f"{summarize_names(missing)} missing, {summarize_names(extra)} extra; "
+            "remove it or use another --out"
         )
     shapes = [
         f"{n} {tuple(v.shape)} vs {tuple(expected[n].shape)}"
@@ -213,7 +215,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) 
         if v.shape != expected[n].shape
     ]
     if shapes:
-        raise ValueError(f"{folder}: checkpoint shapes differ from the model's: {_names(shapes)}")
+        shapes_text = summarize_names(shapes)
+        raise ValueError(f"{folder}: checkpoint shapes differ from the model's: {shapes_text}")
     with torch.no_grad():
         for name, value in weights.items():
             expected[name].copy_(value)
@@ -221,8 +224,9 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer, signature: dict) 
     return state
 
 
-def _names(names: list[str], first: int = 5) -> str:
-    """``"3 (a, b, c)"``, ``"12 (a, b, c, d, e, ...)"`` or ``"0"``."""
+def summarize_names(names: list[str], first: int = 5) -> str:
+    """How many names and the first few, for errors: ``"3 (a, b, c)"``,
+    ``"12 (a, b, c, d, e, ...)"`` or ``"0"``."""
     if not names:
         return "0"
     more = ", ..." if len(names) > first else ""
