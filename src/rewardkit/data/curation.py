@@ -1,8 +1,10 @@
 """Curation: community event logs -> preference pairs (the Social Reward format).
 
 ``curate(events_dir, config, out_path)`` reads a log folder in the community schema
-(``users.parquet``, ``images.parquet``, ``events/*.parquet``; see ``world/community_io.py``)
-and runs five SQL stages with DuckDB (``data/sql/curation_*.sql``, portable SQL: CTEs, window
+(``users.parquet``, ``images.parquet``, ``events/*.parquet``; see ``world/community_io.py``),
+checks and normalises it (``data/log_schema.py``: times, ids and event types as platforms
+export them, duplicate images, events without a user, unknown event types) and runs five SQL
+stages with DuckDB (``data/sql/curation_*.sql``, portable SQL: CTEs, window
 functions, integer hashes, so a cluster engine can run the same text):
 
 1. user behaviour -> suspected bots (event rate, remixes per view, remixes without a prior
@@ -13,7 +15,9 @@ functions, integer hashes, so a cluster engine can run the same text):
 5. a capped, hashed sample per prompt, weights and a train/val/test split per prompt.
 
 It writes the pairs as Parquet and a dataset card (``<stem>.card.json`` and ``.card.md``)
-with the count after every stage. ``truth/`` is never read; ``pair_truth_accuracy`` takes
+with the count after every stage, notes on every rule that changed the log and warnings (an
+empty split). A curation that leaves no pair raises ``ValueError`` naming the stage that
+removed the last rows, and writes nothing. ``truth/`` is never read; ``pair_truth_accuracy`` takes
 the truth from its caller, for evaluation only.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -33,9 +38,14 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
+from rewardkit.data.log_schema import (
+    EVENT_TYPE_SYNONYMS,
+    NormalisedLog,
+    locate_log,
+    normalise_log,
+)
 from rewardkit.io import write_json_atomic, write_parquet_atomic, write_text_atomic
 
 _BIG = 10**15  # stands for "no limit" inside SQL
@@ -213,13 +223,6 @@ class CurationResult:
     card: dict[str, Any]
 
 
-_REQUIRED = {
-    "events": ("event_id", "ts", "user_id", "image_id", "event_type"),
-    "images": ("image_id", "prompt_id", "prompt", "path", "creator_id", "posted_at"),
-    "users": ("user_id",),
-}
-
-
 def _sql(name: str, **params: Any) -> str:
     text = resources.files("rewardkit.data").joinpath(f"sql/{name}.sql").read_text("utf-8")
     return Template(text).substitute({k: _literal(v) for k, v in params.items()})
@@ -231,36 +234,6 @@ def _literal(v: Any) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else str(_BIG)
     return str(v)
-
-
-def _check_columns(path: Path, table: str) -> None:
-    names = pq.read_schema(path).names
-    missing = [c for c in _REQUIRED[table] if c not in names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} of the {table} table")
-
-
-def _locate(events_dir: str | os.PathLike, need_followers: bool) -> tuple[Path, list[Path]]:
-    """The log root (with images.parquet) and the event files; checks files and columns."""
-    d = Path(events_dir)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{d}: event log folder not found")
-    if not (d / "events").is_dir() and (d.parent / "images.parquet").is_file():
-        d = d.parent  # given the events/ folder itself
-    parts = sorted((d / "events").glob("*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{d / 'events'}: no event files (expected events/*.parquet)")
-    for name in ("images", "users"):
-        if not (d / f"{name}.parquet").is_file():
-            raise FileNotFoundError(f"{d / f'{name}.parquet'}: missing ({name} table)")
-        _check_columns(d / f"{name}.parquet", name)
-    for p in parts:
-        _check_columns(p, "events")
-    if need_followers and "follower_count" not in pq.read_schema(d / "users.parquet").names:
-        raise ValueError(
-            f"{d / 'users.parquet'}: missing column 'follower_count' (needed by creator_signal)"
-        )
-    return d, parts
 
 
 def _quote(path: Path) -> str:
@@ -286,16 +259,25 @@ def curate(
 
     Raises:
         FileNotFoundError: naming a missing folder or file.
-        ValueError: naming a file and its missing column(s).
+        ValueError: one line naming a file and its missing column(s) or a value that cannot be
+            read (file, column, expected type); or, when no pair is left, the stage that
+            removed the last rows (nothing is written then).
     """
     cfg, start = config, time.perf_counter()
-    root, parts = _locate(events_dir, cfg.creator_signal.enabled)
+    need_followers = cfg.creator_signal.enabled
+    root, parts = locate_log(events_dir, need_followers)
     out = Path(out_path)
-    con = duckdb.connect(":memory:")
-    try:
-        pairs, card = _run(con, cfg, root, parts)
-    finally:
-        con.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The canonical copy of the log lives beside the output (same disk) while the SQL runs.
+    with tempfile.TemporaryDirectory(prefix=f".{out.stem}.log-", dir=out.parent) as tmp:
+        log = normalise_log(root, parts, Path(tmp), need_followers)
+        con = duckdb.connect(":memory:")
+        try:
+            pairs, card = _run(con, cfg, log)
+        finally:
+            con.close()
+    if pairs.num_rows == 0:
+        raise ValueError(f"{root}: 0 pairs, nothing written: {zero_pairs_reason(card)}")
     # Paths relative to the output's folder, so pairs.parquet opens its images from anywhere.
     image_root = root.resolve()
     prefix = os.path.relpath(image_root, out.parent.resolve())
@@ -311,14 +293,9 @@ def curate(
     return CurationResult(pairs, card)
 
 
-def _run(con: Any, cfg: CurationConfig, root: Path, parts: list[Path]) -> tuple[pa.Table, dict]:
-    files = "[" + ", ".join(_quote(p) for p in parts) + "]"
-    con.execute(
-        "CREATE VIEW events AS SELECT user_id, image_id, CAST(event_type AS VARCHAR) AS "
-        f"event_type, ts FROM read_parquet({files}, union_by_name = true)"
-    )
-    for name in ("images", "users"):
-        path = _quote(root / f"{name}.parquet")
+def _run(con: Any, cfg: CurationConfig, log: NormalisedLog) -> tuple[pa.Table, dict]:
+    for name in ("events", "images", "users"):
+        path = _quote(getattr(log, name))
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({path})")
     b, c, s = cfg.bots, cfg.creator_signal, cfg.splits
 
@@ -351,7 +328,7 @@ def _run(con: Any, cfg: CurationConfig, root: Path, parts: list[Path]) -> tuple[
         val_frac=s.val,
     )).to_arrow_table()  # fmt: skip
     pairs = _cast_pairs(pairs)
-    return pairs, _card(con, cfg, pairs)
+    return pairs, _card(con, cfg, pairs, log)
 
 
 def _or_big(v: float | int | None) -> float | int:
@@ -370,29 +347,129 @@ def _cast_pairs(t: pa.Table) -> pa.Table:
     return pa.table({k: t[k].cast(v) for k, v in _PAIR_TYPES.items()})
 
 
-def _card(con: Any, cfg: CurationConfig, pairs: pa.Table) -> dict[str, Any]:
+def _card(con: Any, cfg: CurationConfig, pairs: pa.Table, log: NormalisedLog) -> dict[str, Any]:
     cur = con.execute(_sql("curation_6_card", min_remixes=cfg.bots.min_remixes))
-    card: dict[str, Any] = {
-        d[0]: int(v) for d, v in zip(cur.description, cur.fetchone(), strict=True)
-    }
+    counts = {d[0]: int(v) for d, v in zip(cur.description, cur.fetchone(), strict=True)}
+    counts.update(log.counts, pairs_after_caps=pairs.num_rows)
+    card: dict[str, Any] = {key: counts[key] for key in _LABELS}
     split = pairs["split"].to_numpy(zero_copy_only=False)
     prompt = pairs["prompt_id"].to_numpy()
-    card["pairs_after_caps"] = pairs.num_rows
     card["pairs_per_split"] = {k: int((split == k).sum()) for k in SPLITS}
     card["prompts_per_split"] = {k: int(np.unique(prompt[split == k]).size) for k in SPLITS}
+    card["events_per_type"] = log.events_per_type
+    card["unknown_event_types"] = log.unknown_event_types
+    card["input_formats"] = log.formats
+    card["notes"] = _notes(card)
+    card["warnings"] = _split_warnings(card, cfg.splits)
     card["config"] = cfg.to_dict()
     return card
 
 
+# How the canonical log's columns read; any other form earns a note.
+_CANONICAL_FORMATS = {"int64", "timestamp[us, UTC]", "text"}
+
+
+def _notes(card: dict[str, Any]) -> list[str]:
+    """One line per rule that changed the log, and per column read from another form."""
+    said = {
+        "events_no_user": "events without a user dropped",
+        "events_no_time": "events without a time dropped",
+        "events_unknown_type": "events of unknown types dropped",
+        "events_unknown_image": "events on images missing from images.parquet dropped",
+        "images_duplicate_rows": "images.parquet rows repeating an image_id dropped (the "
+        "first row of each image is kept)",
+        "users_no_id": "users.parquet rows without a user_id dropped",
+        "users_duplicate_rows": "users.parquet rows repeating a user_id dropped",
+    }
+    notes = [f"{card[k]:,} {text}" for k, text in said.items() if card[k]]
+    if card["events_unknown_type"]:
+        notes[[k for k in said if card[k]].index("events_unknown_type")] += ": " + _types(
+            card["unknown_event_types"]
+        )
+    notes += [f"{column} read as {how}" for column, how in card["input_formats"].items()
+              if how not in _CANONICAL_FORMATS]  # fmt: skip
+    return notes
+
+
+def _types(counts: dict[str, int], most: int = 5) -> str:
+    shown = [f"{name!r} ({n:,})" for name, n in list(counts.items())[:most]]
+    return ", ".join(shown) + (f" and {len(counts) - most} more" if len(counts) > most else "")
+
+
+def _split_warnings(card: dict[str, Any], splits: Splits) -> list[str]:
+    """A warning per split that was meant to get prompts but got no pair."""
+    fractions = {"train": splits.train, "val": splits.val, "test": splits.test}
+    with_pairs = sum(card["prompts_per_split"].values())
+    if with_pairs == 0:
+        return []  # zero pairs fail with their own message
+    return [
+        f"split '{k}' is empty: {with_pairs} prompt(s) have pairs ({card['prompts']} in "
+        f"images.parquet) and a hash of prompt_id puts each in one split, so with few prompts "
+        f"a {splits.train:g}/{splits.val:g}/{splits.test:g} split can leave '{k}' without any"
+        for k in SPLITS
+        if fractions[k] > 0 and card["pairs_per_split"][k] == 0
+    ]
+
+
+def zero_pairs_reason(card: dict[str, Any]) -> str:
+    """The stage that removed the last rows, from a card's counts (for a 0-pair curation)."""
+    c, cfg = card, card["config"]
+    dropped = (f"{c['events_no_user']:,} without a user, {c['events_no_time']:,} without a "
+               f"time, {c['events_unknown_type']:,} of unknown types")  # fmt: skip
+    if c["images_read"] == 0:
+        return "images.parquet has no rows"
+    if c["events_read"] == 0:
+        return "events/*.parquet hold no events"
+    if c["events_valid"] == 0:
+        found = _types(c["unknown_event_types"]) or "none"
+        return (f"the log's schema rules dropped every event ({dropped}; unknown types: "
+                f"{found}; known: {', '.join(EVENT_TYPE_SYNONYMS)})")  # fmt: skip
+    if c["events_valid"] == c["events_unknown_image"]:
+        return f"all {c['events_valid']:,} events are on images missing from images.parquet"
+    if c["events_per_type"].get("view", 0) + c["events_per_type"].get("remix", 0) == 0:
+        return (f"no 'view' or 'remix' events to score images by (kept: "
+                f"{_types(c['events_per_type'])}; dropped: {dropped})")  # fmt: skip
+    if c["events_after_bot_filter"] == 0:
+        return f"the bot filter dropped every event ({c['users_flagged_bots']:,} accounts flagged)"
+    if c["events_after_self_remix_filter"] == 0:
+        return "the self-remix filter (exclude_self_remix) dropped every remaining event"
+    if c["images_eligible_positive"] == 0:
+        return (f"no image is eligible as a positive (min_remixes_for_positive="
+                f"{cfg['min_remixes_for_positive']}, min_views_for_positive="
+                f"{cfg['min_views_for_positive']}; {c['images_scored']:,} images have kept "
+                "events)")  # fmt: skip
+    if c["images_eligible_negative"] == 0:
+        return (f"no image is eligible as a negative (min_views_for_negative="
+                f"{cfg['min_views_for_negative']}, max_remixes_for_negative="
+                f"{cfg['max_remixes_for_negative']}; {c['images_scored']:,} images have kept "
+                "events)")  # fmt: skip
+    if c["candidate_pairs"] == 0:
+        return (f"no candidate pairs: no prompt has an eligible positive and negative scoring "
+                f"at least margin={cfg['margin']} apart and posted within time_window_days="
+                f"{cfg['time_window_days']} ({c['images_eligible_positive']:,} eligible "
+                f"positives, {c['images_eligible_negative']:,} negatives)")  # fmt: skip
+    return "the caps (max_pairs_per_prompt) left none"
+
+
 _LABELS = {
     "events_read": "events read",
+    "events_no_user": "events without a user (dropped)",
+    "events_no_time": "events without a time (dropped)",
+    "events_unknown_type": "events of unknown types (dropped)",
+    "events_valid": "events kept by the log's schema rules",
     "events_unknown_image": "events on unknown images (dropped)",
     "events_after_bot_filter": "events after bot filter",
     "events_after_self_remix_filter": "events after self-remix filter",
+    "users_read": "account rows read",
+    "users_no_id": "account rows without a user_id (dropped)",
+    "users_duplicate_rows": "account rows repeating a user_id (dropped)",
     "users_checked_for_bots": "accounts checked for bot behaviour",
     "users_flagged_bots": "accounts flagged as bots",
     "top_creators": "top creators (creator signal)",
+    "images_read": "image rows read",
+    "images_duplicate_rows": "image rows repeating an image_id (dropped, first kept)",
     "images": "images",
+    "prompts": "prompts",
     "images_scored": "images with kept events",
     "images_eligible_positive": "images eligible as positive",
     "images_eligible_negative": "images eligible as negative",
@@ -417,6 +494,9 @@ def card_markdown(card: dict[str, Any]) -> str:
              f"file's folder (images live under `{card['image_root']}`).", "",
              "| stage | count |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v:,} |" for k, v in rows]
+    for title, key in (("Warnings", "warnings"), ("Notes", "notes")):
+        if card.get(key):
+            lines += ["", f"## {title}", "", *[f"- {line}" for line in card[key]]]
     lines += ["", "## Config", "", "```yaml", yaml.safe_dump(card["config"], sort_keys=False)]
     return "\n".join(lines).rstrip() + "\n```\n"
 
