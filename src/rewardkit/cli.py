@@ -249,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=_positive(int), default=1, help="k of the top-k hit rate")
     e.add_argument("--batch-size", type=_positive(int), default=64)
     e.add_argument("--out", default=None, help="write the table as JSON (and .md beside it)")
+    e.add_argument(
+        "--allow-overlap", action="store_true",
+        help="report figures even when the data holds products/prompts the models trained "
+        "or were chosen on (default: refuse, exit 2)",
+    )  # fmt: skip
 
     er = esub.add_parser("rfnet", help="RFNet: P/R/F1/AP, confusion, baseline and ablation")
     er.add_argument("--manifest", required=True, help="held-out AdWorld manifest or RF1M folder")
@@ -257,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--maps", default="predicted", help="depth/saliency: predicted or truth")
     er.add_argument("--seed", type=int, default=0, help="seed of the degraded copy")
     er.add_argument("--out", default=None, help="write the results as JSON (.md beside it)")
+    er.add_argument(
+        "--allow-overlap", action="store_true",
+        help="report figures even when the data holds products/prompts the models trained "
+        "or were chosen on (default: refuse, exit 2)",
+    )  # fmt: skip
 
     eg = esub.add_parser("generator", help="generators side by side: available, diversity")
     eg.add_argument("--products", required=True, help="held-out AdWorld products (manifest)")
@@ -276,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     eg.add_argument("--batch-size", type=_positive(int), default=32)
     eg.add_argument("--seed", type=int, default=0)
+    eg.add_argument(
+        "--allow-overlap", action="store_true",
+        help="report figures even when the data holds products/prompts the models trained "
+        "or were chosen on (default: refuse, exit 2)",
+    )  # fmt: skip
 
     ins = sub.add_parser("inspect", help="RFNet verdicts for generated ad images")
     ins.add_argument("--model", default=None, help="RFNet folder (default: embedded)")
@@ -314,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(two seeds each)",
     )  # fmt: skip
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--allow-overlap", action="store_true",
+        help="report figures even when the data holds products/prompts the models trained "
+        "or were chosen on (default: refuse, exit 2)",
+    )  # fmt: skip
     return parser
 
 
@@ -427,7 +447,12 @@ def _curate(a: argparse.Namespace) -> int:
         "card": str(out.with_name(out.stem + ".card.json")),
         "card_md": str(out.with_name(out.stem + ".card.md")),
         "config": str(config),
+        "warnings": result.card["warnings"],
     }
+    for note in result.card["notes"]:  # every rule that changed the log, also in the card
+        print(f"rewardkit: note: {note}", file=sys.stderr)
+    for warning in result.card["warnings"]:
+        print(f"rewardkit: warning: {warning}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
@@ -482,21 +507,26 @@ def _eval(a: argparse.Namespace) -> int:
     for spec in a.scorer if a.scorer is not None else ["clip-score", "aesthetic"]:
         name, _, folder = spec.partition("=")
         specs.append((name, folder or None))
-    scorers = {}
+    scorers, folders = {}, {}
     for name, folder in specs:
         label = name if folder is None else f"{name} ({Path(folder).name})"
         if label in scorers:
             raise ValueError(f"--scorer: {label!r} given twice")
-        scorers[label] = create_scorer(name, folder or default_model_path(name))
+        folders[label] = folder or default_model_path(name)
+        scorers[label] = create_scorer(name, folders[label])
     table, _ = compare_scorers(
         scorers, a.community, a.pairs, split=a.split if a.pairs else None, k=a.k,
-        batch_size=a.batch_size,
+        batch_size=a.batch_size, models=folders, allow_overlap=a.allow_overlap,
     )  # fmt: skip
     print(table.to_markdown())
+    print(table.held_out.describe())
     if a.out:
         out = Path(a.out)
-        write_json_atomic(out, {"split": a.split, "k": a.k, "rows": table.rows})
-        write_text_atomic(out.with_suffix(".md"), table.to_markdown() + "\n")
+        write_json_atomic(out, {"split": a.split, "k": a.k, "rows": table.rows,
+                                "held_out": table.held_out.to_dict()})  # fmt: skip
+        write_text_atomic(
+            out.with_suffix(".md"), f"{table.to_markdown()}\n\n{table.held_out.describe()}\n"
+        )
     return 0
 
 
@@ -523,7 +553,9 @@ def _train_generator(a: argparse.Namespace) -> int:
     if a.export_checkpoint:
         from rewardkit.training.generator import export_checkpoint
 
-        print(json.dumps({"model": str(export_checkpoint(a.out))}))
+        model = export_checkpoint(a.out)
+        _record_generator_keys(a.out, a.manifest, a.probe)
+        print(json.dumps({"model": str(model)}))
         return 0
     summary = train_generator(
         a.manifest,
@@ -550,8 +582,23 @@ def _train_generator(a: argparse.Namespace) -> int:
             else None
         ),  # fmt: skip
     )
+    _record_generator_keys(a.out, a.manifest, a.probe)
     print(json.dumps({k: summary[k] for k in ("rows", "vae", "diffusion")}, default=float))
     return 0
+
+
+def _record_generator_keys(out: str, manifest: str, probe: str | None) -> None:
+    """Beside the trained generator: its training products and prompts, and the probe
+    products it was watched on (selection)."""
+    from pathlib import Path
+
+    from rewardkit.data.keys import TrainingKeys, write_training_keys
+
+    seen = TrainingKeys()
+    seen.add_manifest(manifest, "train")
+    if probe:
+        seen.add_manifest(probe, "selection")
+    write_training_keys(Path(out) / "model", seen)
 
 
 def _finetune(a: argparse.Namespace) -> int:
@@ -583,7 +630,7 @@ def _eval_generator(a: argparse.Namespace) -> int:
         parse_models(a.model, default_model_path("generator")), a.products, a.out,
         inspector=a.inspector, social=a.social, limit=a.limit, seeds=a.seeds,
         diversity_products=a.diversity_products, recurrent_attempts=a.recurrent_attempts,
-        batch_size=a.batch_size, seed=a.seed,
+        batch_size=a.batch_size, seed=a.seed, allow_overlap=a.allow_overlap,
     )  # fmt: skip
     print(json.dumps(result, default=float))
     return 0
@@ -608,7 +655,9 @@ def _generate(a: argparse.Namespace) -> int:
 def _eval_rfnet(a: argparse.Namespace) -> int:
     from rewardkit.rfnet_runs import eval_rfnet_command
 
-    text = eval_rfnet_command(a.manifest, a.model, a.runs, a.maps, a.seed, a.out)
+    text = eval_rfnet_command(
+        a.manifest, a.model, a.runs, a.maps, a.seed, a.out, allow_overlap=a.allow_overlap
+    )
     print(text)
     return 0
 
@@ -633,7 +682,7 @@ def _demo(a: argparse.Namespace) -> int:
     path = run_demo(
         a.out, n=a.n, users=a.users, seed=a.seed, train_steps=a.train_steps, prompts=a.prompts,
         gen_products=a.gen_products, gen_attempts=a.gen_attempts, gen_steps=a.gen_steps,
-        generator=a.generator, rfft_products=a.rfft_products,
+        generator=a.generator, rfft_products=a.rfft_products, allow_overlap=a.allow_overlap,
     )  # fmt: skip
     print(f"report: {path}")
     return 0
@@ -662,10 +711,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     key = (a.command, getattr(a, f"{a.command}_command", None))
     try:
+        _check_device(a)
+        _check_out(a, key)
         return handlers[key](a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"rewardkit: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("rewardkit: interrupted; the same command resumes", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        # User errors (bad input, missing or unwritable files): one line, never a traceback.
+        print(f"rewardkit: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+# What each command writes at --out: a file with one of these extensions, or a folder (None).
+OUT_SUFFIXES: dict[tuple[str, str | None], tuple[str, ...] | None] = {
+    ("score", None): (".parquet",),
+    ("inspect", None): (".parquet",),
+    ("curate", None): (".parquet",),
+    ("world", "label"): (".parquet",),
+    ("eval", "reward"): (".json",),
+    ("eval", "rfnet"): (".json",),
+}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split())
+
+
+def _check_out(a: argparse.Namespace, key: tuple[str, str | None]) -> None:
+    """Refuse an --out that cannot be written before any work starts: a folder where a file
+    is written (or the reverse), an extension the command does not write, a place without
+    write permission."""
+    import os
+    from pathlib import Path
+
+    out = getattr(a, "out", None)
+    if out is None:
+        return
+    path = Path(out)
+    suffixes = OUT_SUFFIXES.get(key, None)
+    if suffixes is not None:
+        if path.is_dir():
+            raise ValueError(f"--out {out}: is a folder; this command writes one file")
+        if path.suffix.lower() not in suffixes:
+            raise ValueError(
+                f"--out {out}: this command writes {' or '.join(suffixes)}; "
+                f"name the file with that extension"
+            )
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: is a file; this command writes a folder")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        raise ValueError(f"--out {out}: cannot write in {parent}")
+
+
+def _check_device(a: argparse.Namespace) -> None:
+    """A --device that this machine cannot use is a one-line error before any work."""
+    device = getattr(a, "device", None)
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a torch device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from rewardkit.data.keys import check_held_out
 from rewardkit.evaluation import EvalTable, evaluate_scores
 from rewardkit.models.scorers import Scorer
 from rewardkit.training.loop import load_images
@@ -64,6 +65,8 @@ def compare_scorers(
     k: int = 1,
     batch_size: int = 64,
     progress: bool = True,
+    models: Mapping[str, str | Path | None] | None = None,
+    allow_overlap: bool = False,
 ) -> tuple[EvalTable, dict[str, pa.Table]]:
     """Evaluate scorers on a community's held-out prompts.
 
@@ -76,6 +79,10 @@ def compare_scorers(
         k: The k of the top-k hit rate.
         batch_size: Images per forward pass.
         progress: Show a progress bar over scorers.
+        models: display name -> model folder, for the held-out check: evaluated prompts that
+            a model trained or was chosen on raise ``OverlapError`` unless ``allow_overlap``
+            (the overlap is kept in the table's ``held_out``).
+        allow_overlap: Report the overlap instead of refusing it.
 
     Returns:
         The :class:`EvalTable` and, per scorer, its score table (image_id, prompt_id, score).
@@ -104,8 +111,17 @@ def compare_scorers(
         raise ValueError(f"{root}: no truth/images.parquet and no pairs: nothing to evaluate")
     if images.num_rows == 0:
         raise ValueError(f"{root}: no images of the held-out prompts (split {split!r})")
-    pixels = load_images(images["path"].to_pylist(), root)  # (N, 3, H, W) uint8
     prompts = [str(p) for p in images["prompt"].to_pylist()]
+    held_out = None
+    if models is not None:
+        held_out = check_held_out(
+            models,
+            prompts=sorted(set(prompts)),
+            kind="prompt",
+            allow_overlap=allow_overlap,
+            where=str(root),
+        )
+    pixels = load_images(images["path"].to_pylist(), root)  # (N, 3, H, W) uint8
     score_tables = {}
     for name, scorer in tqdm(scorers.items(), desc="scorers", disable=not progress):
         s = score_images_in_memory(scorer, pixels, prompts, batch_size)
@@ -117,4 +133,5 @@ def compare_scorers(
             }
         )
     table = evaluate_scores(score_tables, truth, pair_table, split=split, k=k)
+    table.held_out = held_out
     return table, score_tables

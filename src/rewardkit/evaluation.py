@@ -445,11 +445,13 @@ class EvalTable:
         rows: one dict per scorer, in the order the scorers were given.
         split: the split the curated pairs came from (None: all rows).
         k: the k of the top-k hit rate.
+        held_out: the prompts' overlap with the scorers' training (``Overlap``), if checked.
     """
 
     rows: list[dict[str, Any]]
     split: str | None = "test"
     k: int = 1
+    held_out: Any = None  # rewardkit.data.keys.Overlap of the evaluated prompts, when checked
 
     def to_arrow(self) -> pa.Table:
         """The rows as an Arrow table with columns ``COLUMNS`` (ints int64, metrics float64)."""

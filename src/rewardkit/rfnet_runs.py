@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import yaml
 
+from rewardkit.data.keys import TrainingKeys, check_held_out, write_training_keys
 from rewardkit.io import write_json_atomic, write_text_atomic
 from rewardkit.models.rfnet import RFNet, RFNetConfig
 from rewardkit.training.rfnet import (
@@ -87,6 +88,22 @@ def _training_copy(data, config: RFNetTrainConfig, maps: str):
     return degrade_inspection_data(data, config.seed + 10_007, predict_maps=maps == "predicted")
 
 
+def _record_keys(samples: pa.Table, model_dir: Path, init: str | Path | None) -> None:
+    """Write the products (and prompts) the run trained and validated on beside its model;
+    the test split is held out by construction, so it is not recorded."""
+    seen = TrainingKeys.starting_from(init)
+    split = samples["split"].to_pylist()
+    keys = samples["product_key"].to_pylist()
+    prompts = (
+        samples["prompt"].to_pylist() if "prompt" in samples.column_names else [None] * len(keys)
+    )
+    for role in ("train", "val"):
+        rows = [i for i, s in enumerate(split) if s == role]
+        seen.add("product", (keys[i] for i in rows), role)
+        seen.add_prompts((prompts[i] for i in rows), role)
+    write_training_keys(model_dir, seen)
+
+
 def train_rfnet_command(
     manifest: str | Path | Sequence[str | Path],
     out: str | Path,
@@ -110,6 +127,7 @@ def train_rfnet_command(
         result = train_rfnet(
             data, Path(out), base, config, init=init, progress=progress, degraded=degraded
         )
+        _record_keys(samples, Path(out) / "model", init)
         return {
             "samples": len(data),
             "split": {s: data.split.count(s) for s in set(data.split)},
@@ -131,6 +149,7 @@ def train_rfnet_command(
         run_dir = Path(out) / name if ablation else Path(out)
         cfg = dataclasses.replace(base, modalities=VARIANTS[name])
         result = train_rfnet(data, run_dir, cfg, config, progress=progress, degraded=degraded)
+        _record_keys(samples, run_dir / "model", None)
         runs[name] = {"model": str(run_dir / "model"), "steps": result.steps,
                       "seconds": round(result.seconds, 1), "metrics": result.metrics}  # fmt: skip
     summary["runs"] = runs
@@ -261,10 +280,14 @@ def eval_rfnet_command(
     seed: int = 0,
     out: str | Path | None = None,
     progress: bool = True,
+    allow_overlap: bool = False,
 ) -> str:
-    """Evaluate a model (or every run of an ablation folder) on ``manifest``; all of its
-    samples are held out (``split`` ignored) unless it is the training manifest's test split.
-    Returns the Markdown tables; writes JSON (+ .md) to ``out``."""
+    """Evaluate a model (or every run of an ablation folder) on every sample of ``manifest``.
+
+    The products are checked against those the models trained or were chosen on
+    (``rewardkit.data.keys``): any overlap raises ``OverlapError`` unless ``allow_overlap``,
+    and the share is reported with the tables. Returns the Markdown tables; writes JSON
+    (+ .md) to ``out``."""
     from rewardkit.models.defaults import default_model_path
 
     samples = load_samples(manifest, split=False)
@@ -277,14 +300,22 @@ def eval_rfnet_command(
             raise FileNotFoundError(f"{runs}: no <variant>/model folders (train with --ablation)")
     else:
         folders = {"full": Path(model) if model else default_model_path("rfnet")}
+    overlap = check_held_out(
+        folders, product_keys=samples["product_key"].to_pylist(),
+        prompts=samples["prompt"].to_pylist() if "prompt" in samples.column_names else None,
+        allow_overlap=allow_overlap, where=str(manifest),
+    )  # fmt: skip
     models = {n: RFNet.from_pretrained(f) for n, f in folders.items()}
     widest = dataclasses.replace(next(iter(models.values())).config, modalities=VARIANTS["full"])
     clean = prepare_inspection_data(samples, widest, maps=maps, progress=progress)
     degraded = degrade_inspection_data(clean, seed, predict_maps=maps == "predicted")
     oracle = oracle_verdicts(samples, degraded, progress)  # judges what the models saw
     results = {n: _evaluate_model(m, clean, degraded, oracle) for n, m in models.items()}
-    text = _tables(results)
+    text = _tables(results) + "\n" + overlap.describe() + "\n"
     if out is not None:
-        write_json_atomic(Path(out), {"manifest": str(manifest), "results": results})
+        write_json_atomic(
+            Path(out),
+            {"manifest": str(manifest), "results": results, "held_out": overlap.to_dict()},
+        )
         write_text_atomic(Path(out).with_suffix(".md"), text + "\n")
     return text

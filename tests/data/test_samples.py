@@ -169,10 +169,13 @@ def test_split_by_product_keeps_duplicated_photos_together(tmp_path):
     assert split_by_product(table, seed=2)["split"].to_pylist() != split["split"].to_pylist()
 
 
-def test_split_by_product_uses_product_id_and_validates(tmp_path):
-    paths = [str(tmp_path / f"{i}.png") for i in range(12)]  # missing files: ids decide
-    table = pa.table({"path": paths, "product_path": paths,
-                      "product_id": [i // 4 for i in range(12)]})  # fmt: skip
+def test_split_by_product_groups_unreadable_photos_by_path_and_validates(tmp_path):
+    # A file name is not an identity (two folders both hold 000000.png): product_id is not
+    # used; photos that cannot be read are grouped by their path.
+    paths = [str(tmp_path / f"{i}.png") for i in range(12)]
+    product_paths = [str(tmp_path / f"p{i // 4}.png") for i in range(12)]  # missing files
+    table = pa.table({"path": paths, "product_path": product_paths,
+                      "product_id": [0] * 12})  # fmt: skip
     split = split_by_product(table, {"a": 0.5, "b": 0.25, "c": 0.25})["split"].to_pylist()
     assert all(len(set(split[i : i + 4])) == 1 for i in range(0, 12, 4))
     assert sorted(set(split)) == ["a", "b", "c"]  # three products, three splits

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rewardkit.data.keys import prompt_key, read_training_keys
 from rewardkit.io import write_png_atomic
 from rewardkit.training.reward import (
     PretrainConfig,
@@ -59,6 +60,9 @@ def test_train_reward_learns_the_preference(setup, tmp_path):
     assert result.metrics["val_pair_accuracy"] >= 0.9
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "run" / "train_summary.json").is_file()
+    # The model records the prompts it trained and was validated on (held-out checks).
+    keys = read_training_keys(tmp_path / "run" / "model")
+    assert keys.prompts == {prompt_key("a cat"): "train"}
 
 
 def test_resume_matches_an_uninterrupted_run(setup, tmp_path):

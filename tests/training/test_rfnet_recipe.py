@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from rewardkit.cli import main
+from rewardkit.data.keys import read_training_keys
 from rewardkit.data.samples import load_adworld_manifest, split_by_product
 from rewardkit.models.inspector import INSPECTOR_FILE, Inspector
 from rewardkit.models.modalities import (
@@ -99,11 +100,30 @@ def test_cli_train_eval_inspect(world, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["runs"]) == {"full", "image-only", "no-product", "no-generated",
                                     "no-depth", "no-saliency", "no-caption"}  # fmt: skip
+    # The run records its training and validation products, not its test split.
+    keys = read_training_keys(run / "full" / "model")
+    samples = split_by_product(load_adworld_manifest(manifest))
+    by_split = {}
+    for k, sp in zip(samples["product_key"].to_pylist(), samples["split"].to_pylist(),
+                     strict=True):  # fmt: skip
+        by_split.setdefault(sp, set()).add(k)
+    assert set(keys.products) == by_split["train"] | by_split["val"]
+    assert not by_split["test"] & set(keys.products)
+    # Evaluating on the training manifest is refused, naming the overlap ...
     out = tmp_path / "eval.json"
     argv = ["eval", "rfnet", "--manifest", manifest, "--runs", str(run), "--maps", "truth",
             "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert manifest in err and "were seen by" in err and "--allow-overlap" in err
+    assert not out.exists()
+    # ... and reported with --allow-overlap.
+    assert main([*argv, "--allow-overlap"]) == 0
     text = capsys.readouterr().out
+    held = json.loads(out.read_text())["held_out"]
+    n_seen = sum(1 for k in samples["product_key"].to_pylist() if k in keys.products)
+    assert held["rows"] == 40 and held["seen_rows"] == n_seen and 0 < n_seen < 40
+    assert "held-out check" in text
     assert "RFNet vs image-only baseline" in text and "Modality ablation" in text
     results = json.loads(out.read_text())["results"]
     assert set(results["full"]) == {"clean", "degraded"}

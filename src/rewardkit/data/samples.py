@@ -10,9 +10,9 @@ depth_path         depth map of the generated image (absolute), null when absent
 saliency_path      saliency map (absolute), null when absent
 caption            the product caption/title ("" when the source has none)
 label              the class name (one of ``rewardkit.world.scene.CLASSES`` by default)
-product_key        which product the row shows: ``id:<product_id>`` when the source has a
-                   ``product_id``, else ``sha1:<hash of the product file's bytes>`` (so
-                   identical photos under other names stay together), else
+product_key        which product the row shows: the content key of its photo and height
+                   (``rewardkit.data.keys.product_key``: identical products under other
+                   names stay together, two ``000000.png`` of different products do not),
                    ``path:<product_path>`` when the file cannot be read
 =================  ======================================================================
 
@@ -28,7 +28,6 @@ beyond these (``prompt``, ``category``, ``product_id``, ``product_alpha``, ...) 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from rewardkit.data.keys import height_from_row, product_keys_of_paths
 from rewardkit.world.placement import white_background_to_rgba
 from rewardkit.world.scene import CLASSES
 
@@ -83,33 +83,16 @@ def _check_labels(labels: Sequence[object], classes: Sequence[str], where: str) 
             raise ValueError(f"{where}: row {i}: label {lab!r} is not one of {tuple(classes)}")
 
 
-def _sha1_file(path: str) -> str | None:
-    h = hashlib.sha1()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()
-
-
 def product_keys(table: pa.Table) -> list[str]:
-    """The product key of each row (see the module docstring): ``product_id`` when the row
-    has one, else the SHA-1 of the product file (each distinct path hashed once)."""
-    ids = table["product_id"].to_pylist() if "product_id" in table.column_names else None
+    """The product key of each row (see the module docstring): the content key of its product
+    photo and height (``rewardkit.data.keys``; each distinct file read once), or
+    ``path:<product_path>`` when the photo cannot be read."""
+    n = table.num_rows
     paths = table["product_path"].to_pylist()
-    hashes: dict[str, str | None] = {}
-    keys = []
-    for i, path in enumerate(paths):
-        if ids is not None and ids[i] is not None and str(ids[i]) != "":
-            keys.append(f"id:{ids[i]}")
-            continue
-        if path not in hashes:
-            hashes[path] = _sha1_file(path) if path else None
-        digest = hashes[path]
-        keys.append(f"sha1:{digest}" if digest else f"path:{path}")
-    return keys
+    cols = [c for c in ("product_height_cm", "caption") if c in table.column_names]
+    rows = table.select(cols).to_pylist() if cols else [{}] * n
+    keys = product_keys_of_paths(paths, [height_from_row(r) for r in rows])
+    return [k if k is not None else f"path:{p}" for k, p in zip(keys, paths, strict=True)]
 
 
 def _assemble(columns: dict[str, list], extras: dict[str, pa.ChunkedArray | list]) -> pa.Table:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewardkit.data.keys import check_held_out
 from rewardkit.generation.metrics import appeal_scores, background_diversity
 from rewardkit.generation.pipeline import AdGenerator, generate_images, generator_resolution
 from rewardkit.generation.recurrent import (
@@ -134,9 +135,12 @@ def evaluate_generators(
     seed: int = 0,
     progress: bool = True,
     steps: int | None = None,
+    allow_overlap: bool = False,
 ) -> dict:
     """The module docstring's table, grids and JSON (``steps``: DDIM steps, default each
-    generator's own)."""
+    generator's own). Products that a generator, the inspector or the Social Reward model
+    trained or was chosen on raise ``OverlapError`` unless ``allow_overlap``; the overlap is
+    reported in the JSON either way."""
     from rewardkit.generation.run import load_jobs, sampler_for
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.inspector import Inspector
@@ -151,6 +155,12 @@ def evaluate_generators(
     jobs, skipped = load_jobs(products, generator_resolution(models[0][1]), limit=limit)
     if not all(np.isfinite(j.height_cm) for j in jobs):
         raise ValueError(f"{products}: the oracle needs product heights (an AdWorld manifest)")
+    held_out = check_held_out(
+        {**dict(models), "inspector": inspector or default_model_path("rfnet"),
+         "social": social or default_model_path("social-reward")},
+        product_keys=[j.product_key for j in jobs], prompts=[j.prompt for j in jobs],
+        allow_overlap=allow_overlap, where=str(products),
+    )  # fmt: skip
     p_div = min(diversity_products, len(jobs))
     rows, grids = [], []
     first_seeds = [attempt_seed(seed, i, 1) for i in range(len(jobs))]
@@ -213,6 +223,8 @@ def evaluate_generators(
         "rows": rows,
         "grids": {name: str(out / "grids" / f"{_slug(name)}.png") for name, _ in models},
         "compare": str(out / "compare.png"),
+        "held_out": held_out.to_dict(),
+        "held_out_text": held_out.describe(),
     }
     write_json_atomic(out / "generator_eval.json", result)
     write_text_atomic(out / "generator_eval.md", markdown_table(result))
@@ -248,4 +260,6 @@ def markdown_table(result: dict) -> str:
         f"generator); diversity, appeal and aesthetic over the first "
         f"{result['diversity_products']} products x {result['seeds']} seeds.\n"
     )
+    if "held_out_text" in result:
+        foot += f"\n{result['held_out_text']}.\n"
     return head + "\n".join(lines) + "\n" + foot

@@ -43,7 +43,10 @@ AVAILABLE = "Available"
 
 @dataclass
 class ProductJob:
-    """One product to generate for: its photo (RGBA), prompt, caption and real height."""
+    """One product to generate for: its photo (RGBA), prompt, caption and real height.
+
+    ``product_id`` names its output files (unique within a run); ``product_key`` is its
+    content identity (``rewardkit.data.keys.product_key``, computed when not given)."""
 
     product_id: str
     photo: np.ndarray  # RGBA uint8
@@ -52,6 +55,13 @@ class ProductJob:
     caption: str
     height_cm: float
     fill: float
+    product_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.product_key:
+            from rewardkit.data.keys import product_key
+
+            self.product_key = product_key(self.photo, self.height_cm)
 
 
 @dataclass

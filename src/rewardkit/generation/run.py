@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from rewardkit.data.keys import prompt_key
 from rewardkit.generation.pipeline import AdGenerator, SamplerConfig
 from rewardkit.generation.product import prepare_product
 from rewardkit.generation.recurrent import (
@@ -104,6 +105,7 @@ def load_jobs(
         if not file_prompts:
             raise ValueError(f"{prompts_file}: no prompts (one per line)")
     jobs, skipped = [], []
+    used: set[str] = set()
     for i, r in enumerate(rows):
         text = prompt or (file_prompts[i % len(file_prompts)] if file_prompts else r["prompt"])
         if not text:
@@ -119,10 +121,22 @@ def load_jobs(
             skipped.append({"row": i, "path": str(r["path"]), "reason": str(err)})
             continue
         height = float(r["height"]) if r["height"] is not None else _height(cap)
-        jobs.append(ProductJob(r["id"], photo, prepared, text, cap, height, f))
+        job = ProductJob(r["id"], photo, prepared, text, cap, height, f)
+        job.product_id = _unique_id(r["id"], job.product_key, i, used)
+        jobs.append(job)
     if not jobs:
         raise ValueError(f"{src}: no usable product photos ({len(skipped)} skipped)")
     return jobs, skipped
+
+
+def _unique_id(stem: str, key: str, row: int, used: set[str]) -> str:
+    """The file stem for a product's outputs: its photo's stem, made unique within the run
+    (two folders may both hold ``000000.png``) with its content key, then its row."""
+    for candidate in (stem, f"{stem}-{key[:10]}", f"{stem}-{key[:10]}-r{row}"):
+        if candidate not in used:
+            used.add(candidate)
+            return candidate
+    raise AssertionError("unreachable: the row index makes the id unique")
 
 
 def write_result(out: Path, jobs: list[ProductJob], result: RecurrentResult, judged: bool) -> dict:
@@ -158,6 +172,8 @@ def _row(j: ProductJob, a, rel: str, judged: bool) -> dict:
     return {
         "image_id": Path(rel).stem,
         "product_id": j.product_id,
+        "product_key": j.product_key,
+        "prompt_key": prompt_key(j.prompt),
         "path": rel,
         "product_path": f"products/{j.product_id}.png",
         "prompt": j.prompt,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rewardkit.data.keys import TrainingKeys, write_training_keys
 from rewardkit.losses import bradley_terry_loss, contrastive_clip_loss, triplet_loss
 from rewardkit.models.social_reward import PRESETS, SocialReward, apply_preset
 from rewardkit.training.loop import (
@@ -166,11 +167,22 @@ def pretrain_contrastive(
         hit = sum(val_texts[b] == val_texts[i] for i, b in enumerate(best)) / n_val
         return {"val_image_to_text_top1": hit}
 
+    seen = TrainingKeys.starting_from(model_dir)
+    seen.add_prompts(texts[:n_train], "train")
+    seen.add_prompts(texts[n_train:], "val")
+    if "product_key" in table.column_names:
+        keys = table.column("product_key").to_pylist()
+        seen.add("product", keys[:n_train], "train")
+        seen.add("product", keys[n_train:], "val")
+
+    def save(path: Path) -> None:
+        reward.save_pretrained(path, text_base=config.text_base)
+        write_training_keys(path, seen)
+
     signature = {"recipe": "pretrain", "config": resumable(config), "rows": len(texts)}
     return run_training(
-        reward, n_train, step_loss, config, out_dir, signature, evaluate,
-        lambda path: reward.save_pretrained(path, text_base=config.text_base), progress,
-    )  # fmt: skip
+        reward, n_train, step_loss, config, out_dir, signature, evaluate, save, progress
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,8 +265,17 @@ def train_reward(
             wins += float((s_pos > s_neg).sum()) + 0.5 * float((s_pos == s_neg).sum())
         return {"val_pair_accuracy": wins / len(val_rows)}
 
+    # What this model has seen: the training and validation prompts (pairs are split by
+    # prompt), and whatever the starting model had seen.
+    seen = TrainingKeys.starting_from(model_dir)
+    seen.add_prompts([prompts[i] for i in train_rows.tolist()], "train")
+    seen.add_prompts([prompts[i] for i in val_rows.tolist()], "val")
+
+    def save(path: Path) -> None:
+        reward.save_pretrained(path, text_base=config.text_base)
+        write_training_keys(path, seen)
+
     signature = {"recipe": "reward", "config": resumable(config), "pairs": len(prompts)}
     return run_training(
-        reward, len(train_rows), step_loss, config, out_dir, signature, evaluate,
-        lambda path: reward.save_pretrained(path, text_base=config.text_base), progress,
-    )  # fmt: skip
+        reward, len(train_rows), step_loss, config, out_dir, signature, evaluate, save, progress
+    )

@@ -195,9 +195,10 @@ class RFNetObjective:
         self._products: dict[str, torch.Tensor] = {}
 
     def _product(self, job: ProductJob) -> torch.Tensor:
-        if job.product_id not in self._products:
-            self._products[job.product_id] = products_on_white([job.photo], self.size)[0]
-        return self._products[job.product_id]
+        # keyed by content: two folders may both hold a 000000.png
+        if job.product_key not in self._products:
+            self._products[job.product_key] = products_on_white([job.photo], self.size)[0]
+        return self._products[job.product_key]
 
     def _inputs(self, images: torch.Tensor, jobs: list[ProductJob]):
         p = torch.stack([self._product(j) for j in jobs]).to(images.device, images.dtype)
@@ -719,6 +720,31 @@ def finetune_generator(
     return summary
 
 
+def _record_keys(model_dir: Path, jobs, probe_jobs, replay_file: Path | None) -> None:
+    """Beside the fine-tuned model: the products and prompts it trained on (and the replay
+    set's), and the probe products it was watched on (selection). The base generator's keys
+    are inherited through the ``base`` the model names."""
+    from rewardkit.data.keys import (
+        TrainingKeys,
+        height_from_row,
+        product_keys_of_paths,
+        write_training_keys,
+    )
+    from rewardkit.training.generator import _resolve
+
+    seen = TrainingKeys()
+    for role, group in (("train", jobs), ("selection", probe_jobs)):
+        seen.add("product", (j.product_key for j in group), role)
+        seen.add_prompts((j.prompt for j in group), role)
+    if replay_file is not None:
+        rows = pq.read_table(replay_file).to_pylist()
+        paths = [_resolve(replay_file.parent, r["product_path"]) for r in rows]
+        seen.add("product", product_keys_of_paths(paths, [height_from_row(r) for r in rows]),
+                 "train")  # fmt: skip
+        seen.add_prompts((r.get("prompt") for r in rows), "train")
+    write_training_keys(model_dir, seen)
+
+
 def _source_key(manifest: str | Path) -> dict:
     """What identifies a replay source: its resolved manifest file, size and mtime."""
     src = _manifest_file(manifest)
@@ -817,6 +843,7 @@ def finetune_command(
         replay=replay_data,
     )  # fmt: skip
     summary["skipped_products"] = len(skipped)
+    _record_keys(Path(out) / "model", jobs, probe_jobs, kept_file if replay else None)
     if replay_info is not None:
         summary["replay"] = replay_info
         write_json_atomic(Path(out) / "finetune_summary.json", summary)

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from rewardkit.data.keys import product_key, prompt_key
 from rewardkit.io import (
     read_image_rgb,
     read_image_rgba,
@@ -58,6 +59,8 @@ MANIFEST_COLUMNS = (
     "y0",
     "x1",
     "y1",
+    "product_key",
+    "prompt_key",
 )
 LABEL_INPUT_COLUMNS = ("path", "product_path")  # plus product_height_cm or a caption with "N cm"
 
@@ -83,6 +86,9 @@ def item_row(item: Item, image_id: str, paths: dict[str, str], fill: float) -> d
         "y0": p.y0,
         "x1": p.x1,
         "y1": p.y1,
+        # content identities (rewardkit.data.keys): renders of one seed share products
+        "product_key": product_key(item.cutout, item.product.height_cm),
+        "prompt_key": prompt_key(r.prompt),
     }
 
 

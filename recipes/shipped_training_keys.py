@@ -1,0 +1,124 @@
+"""Write ``training_keys.parquet`` into every shipped model folder, from the data that
+MODELS.md says each was trained, validated or chosen on.
+
+The shipped models were trained before runs recorded their keys. AdWorld items are pure
+functions of (seed, index, class balance), so the products and prompts each model saw can be
+drawn again exactly, in memory, without writing images. Over-inclusion is the safe side: a
+world a model was only partly trained on (its 80/10/10 split by product) is recorded whole,
+so the held-out check can only be stricter than the truth; the one exception is Social
+Reward's community, whose test prompts are excluded by the same split hash that curation
+uses (``data/sql/curation_5_pairs.sql``), because MODELS.md reports on them.
+
+    python recipes/shipped_training_keys.py [--models DIR]    # about 10 minutes on 1 core
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rewardkit.data.keys import TrainingKeys, prompt_key, write_training_keys
+from rewardkit.world.pool import _feasible_product
+from rewardkit.world.sampler import class_for_index, parse_balance, sample_item
+
+B_RFNET = (
+    "Available=0.25,Size Mismatch=0.25,Space Mismatch=0.125,Indistinctiveness=0.125,"
+    "Shape Hallucination=0.125,Unsuitable=0.125"
+)
+B_GEN = (
+    "Available=0.5,Space Mismatch=0.14,Size Mismatch=0.12,Indistinctiveness=0.12,"
+    "Shape Hallucination=0.12"
+)
+B_HELDOUT = "Available=0.97,Unsuitable=0.03"
+
+# (seed, n, balance): the AdWorld worlds of MODELS.md, by what they were used for.
+PRETRAIN = (101, 6000, None)  # dual encoder, aesthetic head, depth/saliency, RFNet
+RFNET_HARD = (303, 14000, B_RFNET)  # RFNet
+GEN_TRAIN = (303, 16000, B_GEN)  # generator (and the RFFT runs' first 2,000 products)
+GEN_HELDOUT = (404, 300, B_HELDOUT)  # every generator table chose on it: selection
+RFFT_PROBE = (505, 64, B_HELDOUT)  # RFFT probes: selection
+COMMUNITY = (7, 500)  # Social Reward's community: seed, prompts
+
+
+def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
+    """(product keys, prompt keys) of ``rewardkit world render --seed S --n N --balance B``."""
+    from rewardkit.data.keys import product_key
+
+    weights = parse_balance(balance)
+    products, prompts = [], []
+    for i in tqdm(range(n), desc=f"world {seed}", unit="item"):
+        item = sample_item(seed, i, size, class_for_index(seed, i, weights))
+        products.append(product_key(item.cutout, item.product.height_cm))
+        prompts.append(prompt_key(item.render.prompt))
+    return products, prompts
+
+
+def community_prompts(seed: int, n_prompts: int, split_seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, split) of each prompt of the community pool, the split as curation's stage 5
+    computes it (prompt texts can repeat across prompt ids)."""
+    p = 2147483647
+    out = []
+    for j in range(n_prompts):
+        product, *_ = _feasible_product(np.random.default_rng([seed, j, 7]), f"c{seed}-{j}", 64)
+        a = (abs(j) % p * 48271 + split_seed * 69621 + 1) % p
+        b = (abs(j) % p * 16807 + split_seed * 48271 + 7) % p
+        x = a * b % p
+        u = ((x * x + x * split_seed + 12345) % p) / p
+        split = "train" if u < 0.8 else "val" if u < 0.9 else "test"
+        out.append((f"an ad photo of a {product.caption}", split))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="src/rewardkit/assets/models")
+    a = ap.parse_args()
+    root = Path(a.models)
+    t0 = time.perf_counter()
+    worlds = {w: world_keys(*w) for w in (PRETRAIN, RFNET_HARD, GEN_TRAIN, GEN_HELDOUT, RFFT_PROBE)}
+
+    def keys(*parts: tuple[tuple, str]) -> TrainingKeys:
+        k = TrainingKeys()
+        for world, role in parts:
+            products, prompts = worlds[world]
+            k.add("product", products, role)
+            k.add("prompt", prompts, role)
+        return k
+
+    pretrain = keys((PRETRAIN, "train"))
+    community = TrainingKeys()
+    for text, split in community_prompts(*COMMUNITY):
+        if split != "test":
+            community.add_prompts([text], split)
+    social = keys((PRETRAIN, "train"))
+    social.update(community)
+    generator = keys((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"))
+    tuned = keys((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"), (RFFT_PROBE, "selection"))
+    plan = {
+        "dual-encoder": pretrain,
+        "aesthetic": pretrain,
+        "depth": pretrain,
+        "saliency": pretrain,
+        "social-reward": social,
+        "rfnet": keys((PRETRAIN, "train"), (RFNET_HARD, "train")),
+        "rfnet-image-only": keys((PRETRAIN, "train"), (RFNET_HARD, "train")),
+        "generator": generator,
+        "generator-rfft": tuned,
+        "generator-social": tuned,
+    }
+    report = {}
+    for name, k in plan.items():
+        if (root / name).is_dir():
+            write_training_keys(root / name, k)
+            report[name] = {"products": len(k.products), "prompts": len(k.prompts)}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
