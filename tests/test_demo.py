@@ -50,6 +50,19 @@ def test_demo_writes_a_readable_report(tmp_path, capsys):
     rfft = summary["rfft"]  # the shipped original and fine-tuned generators, 3 products
     assert rfft["products"] == 3 and rfft["rows"][0]["model"] == "Original"
     assert len(rfft["rows"]) >= 2 and all(0 <= r["oracle_available"] <= 1 for r in rfft["rows"])
+    # Every figure is on products and prompts no shipped model trained or was chosen on.
+    for stage in (summary["rfnet"], reward, gen, rfft):
+        assert stage["held_out"]["rows"] > 0 and stage["held_out"]["seen_rows"] == 0
+    assert summary["rfnet"]["held_out"]["unknown_models"] == []  # the shipped keys are read
+    assert html.count("Held out: none of these") >= 3
+
+
+def test_demo_refuses_a_seed_whose_products_the_shipped_models_trained_on(tmp_path, capsys):
+    # Seed 101 renders are the shipped RFNet's (and dual encoder's) training products.
+    argv = ["demo", "--out", str(tmp_path / "d"), "--seed", "101", "--n", "12"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "demo RFNet stage" in err and "were seen by rfnet" in err and "--allow-overlap" in err
 
 
 def test_world_community_command(tmp_path, capsys):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rewardkit.data.keys import check_held_out
+from rewardkit.demo.run import held_out_note
 from rewardkit.generation.pipeline import AdGenerator
 from rewardkit.generation.recurrent import (
     InspectorJudge,
@@ -28,7 +30,9 @@ from rewardkit.world.export import render_world
 
 __all__ = ["generation_section"]
 
-PRODUCTS_SEED = 404  # held-out products: not the seeds the shipped models were trained on
+# New products: no shipped model trained or was chosen on this seed's products (404, the
+# seed used before, was the set every generator table chose on; checked by product keys).
+PRODUCTS_SEED = 4242
 GALLERY = 8
 
 
@@ -58,6 +62,7 @@ def generation_section(
     steps: int | None = None,
     batch_size: int = 16,
     generator: str | Path | None = None,
+    allow_overlap: bool = False,
 ) -> tuple[str, dict]:
     """Generate for ``products`` new products (``generator``: a pipeline folder; default:
     the embedded generator; without one installed, the section says so and is skipped)."""
@@ -79,6 +84,11 @@ def generation_section(
     render_world(world, products, PRODUCTS_SEED, size=gen.resolution, balance="Available=1",
                  progress=False)  # fmt: skip
     jobs, _ = load_jobs(world, gen.resolution)
+    held_out = check_held_out(
+        {"generator": folder, "rfnet": default_model_path("rfnet")},
+        product_keys=[j.product_key for j in jobs], prompts=[j.prompt for j in jobs],
+        allow_overlap=allow_overlap, where="demo generation stage",
+    )  # fmt: skip
     inspector = InspectorJudge(Inspector.from_pretrained(default_model_path("rfnet")))
     result = recurrent_generate(gen, jobs, inspector, sampler, max_attempts, batch_size, seed=0)
     timings["generate"] = time.perf_counter() - t
@@ -142,6 +152,7 @@ def generation_section(
         "background, the product pixels are pasted back. Recurrent Generation retries the "
         f"products the RFNet inspector rejects (new seeds, batches refilled), up to "
         f"{max_attempts} attempts. The oracle judges every attempt as ground truth.</p>"
+        + held_out_note(held_out)
         + table
         + f"<p>Inspector and oracle agree on {100 * agree:.1f}% of the "
         f"{len(result.attempts)} generated images.</p>"
@@ -152,6 +163,7 @@ def generation_section(
     )
     summary = {
         "products": n,
+        "held_out": held_out.to_dict(),
         "stats": stats,
         "first_attempt_oracle_rate": first_oracle,
         "returned_oracle_rate": oracle_curve[-1],

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from rewardkit.compare import community_images, compare_scorers
 from rewardkit.data.curation import CurationConfig, card_rows, curate, pair_truth_accuracy
+from rewardkit.demo.run import held_out_note
 from rewardkit.io import read_image_rgb
 from rewardkit.models.defaults import default_model_path
 from rewardkit.models.scorers import create_scorer
@@ -26,8 +27,11 @@ DATA = Path(str(resources.files("rewardkit"))) / "data"
 SHOWN_PROMPTS = 3  # prompts whose images are shown ranked by Social Reward
 
 
-def reward_section(out: Path, community: Path, train_steps: int, timings: dict) -> tuple[str, dict]:
-    """Curate pairs from ``community``, tune for ``train_steps`` steps, compare, rank."""
+def reward_section(
+    out: Path, community: Path, train_steps: int, timings: dict, allow_overlap: bool = False
+) -> tuple[str, dict]:
+    """Curate pairs from ``community``, tune for ``train_steps`` steps, compare, rank (on
+    test prompts that no scorer trained or was chosen on, unless ``allow_overlap``)."""
     truth = pq.read_table(community / "truth" / "images.parquet")
     t = time.perf_counter()
     results, pair_acc = {}, {}
@@ -47,15 +51,18 @@ def reward_section(out: Path, community: Path, train_steps: int, timings: dict) 
 
     t = time.perf_counter()
     tuned_name = f"Social Reward (tuned here, {run.steps} steps)"
-    scorers = {
-        "Social Reward (shipped)": create_scorer(
-            "social-reward", default_model_path("social-reward")
-        ),
-        tuned_name: create_scorer("social-reward", out / "reward" / "model"),
-        "CLIP score (pre-trained)": create_scorer("clip-score", default_model_path("clip-score")),
-        "Aesthetic (linear head)": create_scorer("aesthetic", default_model_path("aesthetic")),
+    folders = {
+        "Social Reward (shipped)": ("social-reward", default_model_path("social-reward")),
+        tuned_name: ("social-reward", out / "reward" / "model"),
+        "CLIP score (pre-trained)": ("clip-score", default_model_path("clip-score")),
+        "Aesthetic (linear head)": ("aesthetic", default_model_path("aesthetic")),
     }
-    table, scores = compare_scorers(scorers, community, curated, split="test", progress=False)
+    scorers = {name: create_scorer(kind, folder) for name, (kind, folder) in folders.items()}
+    table, scores = compare_scorers(
+        scorers, community, curated, split="test", progress=False,
+        models={name: folder for name, (_, folder) in folders.items()},
+        allow_overlap=allow_overlap,
+    )  # fmt: skip
     timings["evaluate"] = time.perf_counter() - t
 
     gallery = _ranking_gallery(community, scores["Social Reward (shipped)"], truth)
@@ -65,6 +72,7 @@ def reward_section(out: Path, community: Path, train_steps: int, timings: dict) 
         "scorer is compared on the held-out prompts (<code>rewardkit eval reward</code>): on "
         "the curated test pairs, and against the community's ground-truth appeal.</p>"
         "<h3>Scorers on held-out prompts</h3>"
+        + held_out_note(table.held_out)
         + table.to_html()
         + "<p class='muted'>pairs: curated test pairs (ties half / ties correct); truth: every "
         "within-prompt pair of the held-out prompts ordered by true appeal; Spearman by prompt; "
@@ -87,6 +95,7 @@ def reward_section(out: Path, community: Path, train_steps: int, timings: dict) 
     )
     stats = {
         "table": table.rows,
+        "held_out": table.held_out.to_dict(),
         "pair_truth_accuracy": pair_acc,
         "pairs": {k: r.pairs.num_rows for k, r in results.items()},
         "train": {"steps": run.steps, "metrics": run.metrics, "seconds": run.seconds},

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rewardkit.data.keys import check_held_out
+from rewardkit.demo.run import held_out_note
 from rewardkit.io import read_image_rgb
 from rewardkit.models.defaults import default_model_path
 from rewardkit.models.rfnet import RFNet
@@ -31,7 +33,7 @@ EXAMPLES_PER_VERDICT = 5
 
 
 def _confusion_figure(confusion: list[list[int]], classes: list[str], title: str) -> str:
-    from rewardkit.demo import _plt
+    from rewardkit.demo.run import _plt
 
     plt = _plt()
     m = np.asarray(confusion, dtype=float)
@@ -49,16 +51,22 @@ def _confusion_figure(confusion: list[list[int]], classes: list[str], title: str
     return figure_tag(fig)
 
 
-def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
-    """Inspect ``out/world`` with the shipped RFNet and its image-only baseline."""
+def rfnet_section(out: Path, timings: dict, allow_overlap: bool = False) -> tuple[str, dict]:
+    """Inspect ``out/world`` with the shipped RFNet and its image-only baseline (products
+    either model trained on are refused unless ``allow_overlap``)."""
     t = time.perf_counter()
     samples = load_samples(out / "world" / "manifest.parquet", split=False)
     import pyarrow as pa
 
     samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     folder = default_model_path("rfnet")
-    models = {"RFNet (shipped)": RFNet.from_pretrained(folder)}
     baseline = default_model_path("rfnet-image-only")
+    held_out = check_held_out(
+        {"rfnet": folder, "rfnet-image-only": baseline},
+        product_keys=samples["product_key"].to_pylist(), prompts=samples["prompt"].to_pylist(),
+        allow_overlap=allow_overlap, where="demo RFNet stage",
+    )  # fmt: skip
+    models = {"RFNet (shipped)": RFNet.from_pretrained(folder)}
     models["image-only baseline (shipped)"] = RFNet.from_pretrained(baseline)
     full = next(iter(models.values())).config
     clean = prepare_inspection_data(samples, full, progress=False)
@@ -124,6 +132,7 @@ def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
         "JPEG-compressed, depth and saliency predicted again. P/R/F1/AP are for Available "
         "vs any defect; accuracy is over all classes (render truth); agreement is with the "
         "AdWorld oracle's verdict on the same image.</p>"
+        + held_out_note(held_out)
         + table
         + figure
         + "<h3>Baseline and modality ablation (measured when the shipped models were "
@@ -132,5 +141,5 @@ def rfnet_section(out: Path, timings: dict) -> tuple[str, dict]:
         + "<h3>Examples of each verdict</h3>"
         + "".join(gallery)
     )
-    stats = {"results": results, "variants": list(VARIANTS)}
+    stats = {"results": results, "variants": list(VARIANTS), "held_out": held_out.to_dict()}
     return body, json.loads(json.dumps(stats))

@@ -21,7 +21,7 @@ from rewardkit.world.export import render_world
 
 __all__ = ["rfft_section", "TUNED"]
 
-PRODUCTS_SEED = 405  # new products, not those of the generation stage or of training
+PRODUCTS_SEED = 4243  # new products: not the generation stage's, none a model saw (checked)
 TUNED = (("RFFT (RFNet + CC)", "generator-rfft"), ("RFFT (Social Reward + CC)", "generator-social"))
 
 
@@ -32,6 +32,7 @@ def rfft_section(
     seeds: int = 2,
     diversity_products: int = 12,
     steps: int | None = None,
+    allow_overlap: bool = False,
 ) -> tuple[str, dict]:
     """The shipped original and fine-tuned generators on ``products`` new products
     (``steps``: DDIM steps, default the generators' own)."""
@@ -55,7 +56,7 @@ def rfft_section(
     result = evaluate_generators(
         models, world, out / "rfft_eval", limit=products, seeds=seeds,
         diversity_products=min(diversity_products, products), recurrent_attempts=0,
-        batch_size=16, progress=False, steps=steps,
+        batch_size=16, progress=False, steps=steps, allow_overlap=allow_overlap,
     )  # fmt: skip
     timings["rfft_eval"] = time.perf_counter() - t
     rows = [
@@ -90,10 +91,15 @@ def rfft_section(
         "products in MODELS.md). Diversity: RMS difference of backgrounds across seeds and "
         f"across products on a 16x16 grid, over {result['diversity_products']} products x "
         f"{result['seeds']} seeds; appeal: the simulated community's ground truth.</p>"
+        + f"<p class='muted'>{esc(result['held_out_text'])}.</p>"
         + table
         + "<h3>Same products and seeds: one row per generator</h3>"
         + img_tag(compare, width=min(1100, 3 * compare.shape[1]))
         + curves
     )
-    summary = {"rows": result["rows"], "products": result["n_products"]}
+    summary = {
+        "rows": result["rows"],
+        "products": result["n_products"],
+        "held_out": result["held_out"],
+    }
     return body, summary

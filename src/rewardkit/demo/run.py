@@ -20,7 +20,7 @@ import duckdb
 import numpy as np
 
 from rewardkit.io import read_image_rgb, write_json_atomic, write_text_atomic
-from rewardkit.report.html import card, figure_tag, page, table_html
+from rewardkit.report.html import card, esc, figure_tag, page, table_html
 from rewardkit.world.agreement import oracle_agreement
 from rewardkit.world.export import label_manifest, render_world
 from rewardkit.world.oracle import MEASUREMENTS, thresholds_table
@@ -188,6 +188,20 @@ def community_section(
     return body, summary
 
 
+def held_out_note(overlap) -> str:
+    """One report line saying whether the stage's data was held out from every model."""
+    if overlap.seen_rows == 0:
+        text = (
+            f"Held out: none of these {overlap.rows} {overlap.kind}s was seen by a model in "
+            "training or model choice (checked by content keys)."
+        )
+    else:
+        text = f"NOT held out (--allow-overlap): {overlap.describe()}."
+    if overlap.unknown:
+        text += f" No training keys recorded for: {', '.join(overlap.unknown)}."
+    return f"<p class='muted'>{esc(text)}</p>"
+
+
 def run_demo(
     out_dir: str | Path,
     n: int = 240,
@@ -200,25 +214,36 @@ def run_demo(
     gen_steps: int | None = None,
     generator: str | Path | None = None,
     rfft_products: int = 16,
+    allow_overlap: bool = False,
 ) -> Path:
-    """Run every stage on the embedded default and write ``out_dir/report.html``."""
-    from rewardkit.demo_generation import generation_section
-    from rewardkit.demo_reward import reward_section
-    from rewardkit.demo_rfft import rfft_section
-    from rewardkit.demo_rfnet import rfnet_section
+    """Run every stage on the embedded default and write ``out_dir/report.html``.
+
+    Every stage checks that its products and prompts are ones no shipped model trained or
+    was chosen on (``rewardkit.data.keys``) and says so in the report; a seed whose data
+    overlaps (e.g. 101, the pre-training renders) raises ``OverlapError`` unless
+    ``allow_overlap``."""
+    from rewardkit.demo.generation import generation_section
+    from rewardkit.demo.reward import reward_section
+    from rewardkit.demo.rfft import rfft_section
+    from rewardkit.demo.rfnet import rfnet_section
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     world_body, world_stats = world_section(out, n, seed, timings)
-    rfnet_body, rfnet_stats = rfnet_section(out, timings)
+    rfnet_body, rfnet_stats = rfnet_section(out, timings, allow_overlap)
     comm_body, comm_stats = community_section(out, users, seed, timings, prompts)
-    reward_body, reward_stats = reward_section(out, out / "community", train_steps, timings)
-    gen_body, gen_stats = generation_section(
-        out, timings, gen_products, gen_attempts, gen_steps, generator=generator
+    reward_body, reward_stats = reward_section(
+        out, out / "community", train_steps, timings, allow_overlap
     )
-    rfft_body, rfft_stats = rfft_section(out, timings, products=rfft_products, steps=gen_steps)
+    gen_body, gen_stats = generation_section(
+        out, timings, gen_products, gen_attempts, gen_steps, generator=generator,
+        allow_overlap=allow_overlap,
+    )  # fmt: skip
+    rfft_body, rfft_stats = rfft_section(
+        out, timings, products=rfft_products, steps=gen_steps, allow_overlap=allow_overlap
+    )
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",
