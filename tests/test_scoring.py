@@ -17,12 +17,13 @@ from rewardkit.scoring import ScoreSummary, SkippedImage, list_images, score_ima
 from tests.models.test_social_reward import make_tiny_vtde
 
 GOOD = [f"img{i}.png" for i in range(8)] + ["photo.jpg", "sub/tall.png"]  # sorted order
-BAD = ["broken.png", "fake.jpg"]
+BAD = ["broken.png", "fake.jpg"]  # image suffixes, unreadable
+SKIPPED = [*BAD, "notes.txt"]  # and a file that is not an image: listed, with its reason
 
 
 def make_folder(root: Path, seed: int = 0) -> Path:
     """8 PNGs and a JPEG at 40x40, a 48x36 PNG in a subfolder, a truncated PNG, a text file
-    named .jpg (both bad) and a .txt (not an image suffix: ignored)."""
+    named .jpg (both bad) and a .txt (not an image suffix: skipped without being read)."""
     rng = np.random.default_rng(seed)
     for name in GOOD[:8]:
         write_png_atomic(root / name, rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
@@ -31,7 +32,7 @@ def make_folder(root: Path, seed: int = 0) -> Path:
     data = png_bytes(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
     (root / "broken.png").write_bytes(data[: len(data) // 2])
     (root / "fake.jpg").write_text("not an image")
-    (root / "notes.txt").write_text("ignored")
+    (root / "notes.txt").write_text("not an image")
     return root
 
 
@@ -60,19 +61,21 @@ def test_folder_scores_good_images_and_reports_bad_ones(scorer, folder, tmp_path
     summary = score_images(scorer, folder, out, batch_size=4, prompt="a red shoe", progress=False)
     assert isinstance(summary, ScoreSummary)
     assert summary.scored == len(GOOD) and summary.resumed == 0 and summary.out == out
-    assert [s.path for s in summary.skipped] == BAD
+    assert [s.path for s in summary.skipped] == SKIPPED
     assert all(isinstance(s, SkippedImage) and s.reason for s in summary.skipped)
-    assert "unreadable image" in summary.skipped[0].reason
+    reasons = [s.reason for s in summary.skipped]
+    assert "unreadable image" in reasons[0] and "not an image file" in reasons[1]
+    assert reasons[2].startswith("not an image file type ('.txt'")
     table = pq.read_table(out)
     assert table.column_names == ["path", "prompt", "score"]
     assert table.schema.field("score").type == pa.float32()
     assert table.column("path").to_pylist() == GOOD
     assert set(table.column("prompt").to_pylist()) == {"a red shoe"}
     report = json.loads((tmp_path / "res" / "scores.skipped.json").read_text())
-    assert [s["path"] for s in report["skipped"]] == BAD
+    assert [s["path"] for s in report["skipped"]] == SKIPPED
     assert summary.skipped_report == tmp_path / "res" / "scores.skipped.json"
     assert not (tmp_path / "res" / "scores.partial.parquet").exists()
-    assert summary.to_dict()["skipped"] == 2 and summary.to_dict()["scored"] == len(GOOD)
+    assert summary.to_dict()["skipped"] == 3 and summary.to_dict()["scored"] == len(GOOD)
 
 
 @pytest.mark.parametrize("batch_size, workers", [(4, 2), (16, 0), (3, 1)])
@@ -144,7 +147,7 @@ def test_resume_from_checkpoint(scorer, folder, tmp_path, monkeypatch):
     monkeypatch.setattr(scorer, "score_batch", counting, raising=False)
     summary = score_images(scorer, folder, out, batch_size=3, progress=False)
     assert summary.resumed == 4 and sum(calls) == len(GOOD) - 4  # only the rest is scored
-    assert summary.scored == len(GOOD) and [s.path for s in summary.skipped] == BAD
+    assert summary.scored == len(GOOD) and [s.path for s in summary.skipped] == SKIPPED
     assert not partial.exists()
     monkeypatch.undo()
     fresh = score_images(scorer, folder, tmp_path / "fresh.parquet", progress=False)

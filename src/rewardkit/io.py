@@ -13,15 +13,27 @@ import math
 import os
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import (
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
 
 @contextmanager
@@ -169,23 +181,349 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     write_bytes_atomic(path, png_bytes(array))
 
 
-def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8, with an error naming the file if it cannot."""
+# ---------------------------------------------------------------------------------------
+# Reading images: one reader for every command.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+# The largest image decoded, in pixels: a 12000 x 12000 scan (144 Mpx) still reads, and an
+# RGB image at the limit decodes to 480 MB. Anything larger (a decompression bomb such as a
+# 20000 x 20000 PNG of a few kB) is refused from its header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 160_000_000
+# Images above this many pixels are decoded one at a time per process (a lock shared by the
+# decoding threads), so several full-size decodes are never held at once.
+LARGE_IMAGE_PIXELS = 16_000_000
+_STRIP_PIXELS = 4_000_000  # large images are converted and reduced in strips of this size
+
+# PIL's own bomb check agrees with ours: it warns above MAX_IMAGE_PIXELS (silenced: the
+# reader refuses those itself, naming the file) and refuses twice that in Image.open.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_LARGE_DECODE = threading.Lock()
+
+_ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # as ImageOps.exif_transpose, applied to the reduced image instead of the full one
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image as read by :func:`decode_image`.
+
+    Attributes:
+        array: (H, W, 3|4) or (H, W) uint8, upright, possibly reduced (see ``target_side``).
+        width: The file's width in pixels, upright (after EXIF orientation), before reduction.
+        height: The file's height, likewise.
+    """
+
+    array: np.ndarray
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    """What an image file's header says (:func:`probe_image`); no pixels are decoded.
+
+    Attributes:
+        width: Width in pixels, upright (after EXIF orientation).
+        height: Height, likewise.
+        mode: PIL's mode of the file (``RGB``, ``I;16``, ``P``, ...).
+        format: PIL's format name (``PNG``, ``JPEG``, ...).
+        has_alpha: Whether the file has an alpha channel or a transparent colour.
+    """
+
+    width: int
+    height: int
+    mode: str
+    format: str
+    has_alpha: bool
+
+
+def read_image(
+    path: str | os.PathLike, mode: str = "RGB", target_side: int | None = None
+) -> np.ndarray:
+    """Read an image file as uint8: (H, W, 3) for ``"RGB"``, (H, W, 4) for ``"RGBA"``,
+    (H, W) for ``"L"``. The one reader of every command; see :func:`decode_image`."""
+    return decode_image(path, mode, target_side).array
+
+
+def decode_image(
+    path: str | os.PathLike, mode: str = "RGB", target_side: int | None = None
+) -> DecodedImage:
+    """Decode an image file, whatever its format, depth or orientation, within bounded memory.
+
+    - Formats: every suffix in :data:`IMAGE_SUFFIXES` (the first frame of a GIF or a
+      multi-page TIFF).
+    - Depth: 16-bit greyscale (``I;16``, ``I;16B``) and 32-bit integer images are scaled
+      to 8 bits (``v * 255 / 65535``, rounded), not clipped; float images are taken as
+      [0, 1] (or [0, 255] when larger values occur).
+    - Colour: CMYK, palette (with its transparency), greyscale and alpha are converted.
+      ``"RGB"`` and ``"L"`` composite transparent images on white (as a viewer shows them);
+      ``"RGBA"`` keeps alpha (opaque when the file has none).
+    - Orientation: the EXIF orientation tag is applied, so the array is upright.
+    - Size: files over :data:`MAX_IMAGE_PIXELS` are refused from their header. With
+      ``target_side`` (the side the caller will resize the image to), a large image is
+      decoded reduced: JPEG's DCT scaling, then integer box reduction in strips, by the
+      largest factor that keeps the shorter side at least ``2 * target_side``, so memory
+      follows the requested size and the caller's own resize still has pixels to filter.
+      Never enlarges. Images over :data:`LARGE_IMAGE_PIXELS` are decoded one at a time.
+
+    Args:
+        path: The image file.
+        mode: ``"RGB"``, ``"RGBA"`` or ``"L"``.
+        target_side: The side the caller resizes to, or None for the full size.
+
+    Raises:
+        FileNotFoundError: No such file, or a broken symbolic link (the message names it).
+        ValueError: Anything else that makes the file unusable, the message starting with
+            the path: empty file, not an image, truncated or corrupt data, too large, a
+            folder.
+    """
+    if mode not in ("RGB", "RGBA", "L"):
+        raise ValueError(f"mode must be 'RGB', 'RGBA' or 'L'; got {mode!r}")
+    if target_side is not None and target_side < 1:
+        raise ValueError(f"target_side must be >= 1 or None; got {target_side}")
+    _check_file(path)
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
-    except Exception as e:  # PIL raises several types for corrupt files
+            width, height = im.size
+            _check_pixels(path, width, height)
+            lock = _LARGE_DECODE if width * height > LARGE_IMAGE_PIXELS else nullcontext()
+            with lock:
+                if target_side is not None and im.format == "JPEG":
+                    _draft(im, 2 * target_side)
+                im.load()
+                orientation = _orientation(im)
+                factor = 1 if target_side is None else min(im.size) // (2 * target_side)
+                out = _shrink(im, max(1, factor))
+    except Image.DecompressionBombError as e:
+        raise ValueError(_too_large(path, e)) from None
+    except UnidentifiedImageError:
+        raise ValueError(
+            f"{path}: not an image file (the format cannot be identified; supported: "
+            f"{', '.join(IMAGE_SUFFIXES)})"
+        ) from None
+    except ValueError as e:
+        if str(e).startswith(f"{path}: "):
+            raise
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # PIL raises several types for truncated or corrupt files
+        raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+    if orientation in _TRANSPOSE:
+        out = out.transpose(_TRANSPOSE[orientation])
+        if orientation >= 5:  # the quarter turns swap width and height
+            width, height = height, width
+    return DecodedImage(np.asarray(_to_mode(out, mode)), width, height)
 
 
-def read_image_rgba(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 4) uint8 keeping alpha if present (opaque otherwise)."""
+def probe_image(path: str | os.PathLike) -> ImageProbe:
+    """Read an image file's header: upright size, mode, format, alpha. Errors as
+    :func:`decode_image` (except truncated data, which only decoding finds)."""
+    _check_file(path)
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGBA"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
+            width, height = im.size
+            _check_pixels(path, width, height)
+            has_alpha = "A" in im.mode or "a" in im.mode or "transparency" in im.info
+            if _orientation(im, header_only=True) >= 5:
+                width, height = height, width
+            return ImageProbe(width, height, im.mode, im.format or "", has_alpha)
+    except Image.DecompressionBombError as e:
+        raise ValueError(_too_large(path, e)) from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file (the format cannot be identified)") from None
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def read_image_rgb(path: str | os.PathLike, target_side: int | None = None) -> np.ndarray:
+    """:func:`read_image` as (H, W, 3) uint8 (transparent images composited on white)."""
+    return read_image(path, "RGB", target_side)
+
+
+def read_image_rgba(path: str | os.PathLike, target_side: int | None = None) -> np.ndarray:
+    """:func:`read_image` as (H, W, 4) uint8, keeping alpha (opaque when the file has none)."""
+    return read_image(path, "RGBA", target_side)
+
+
+def list_images(
+    folder: str | os.PathLike, recursive: bool = True
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files of a folder, and every other entry with the reason it is not used.
+
+    Files with a suffix in :data:`IMAGE_SUFFIXES` (any case) are listed whether or not they
+    decode (the reader reports that, naming the file). Everything else is in ``skipped``:
+    other suffixes, hidden files and folders (names starting with "."; not searched),
+    broken symbolic links, links to folders (not followed), special files, and with
+    ``recursive=False`` subfolders. Both lists are sorted by path relative to ``folder``.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    pending = [root]
+    while pending:
+        current = pending.pop()
+        for entry in os.scandir(current):
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                kind = "folder, not searched" if entry.is_dir() else "file"
+                skipped.append((path, f"hidden {kind}"))
+            elif entry.is_symlink() and not path.exists():
+                skipped.append((path, f"broken symbolic link (to {os.readlink(path)})"))
+            elif entry.is_dir():
+                if entry.is_symlink():
+                    skipped.append((path, "link to a folder, not followed"))
+                elif recursive:
+                    pending.append(path)
+                else:
+                    skipped.append((path, "a folder (only files at the top level are read)"))
+            elif not entry.is_file():
+                skipped.append((path, "not a regular file"))
+            elif path.suffix.lower() not in IMAGE_SUFFIXES:
+                what = f"'{path.suffix}'" if path.suffix else "no suffix"
+                skipped.append(
+                    (path, f"not an image file type ({what}; read: {', '.join(IMAGE_SUFFIXES)})")
+                )
+            else:
+                files.append(path)
+
+    def key(p: Path) -> str:
+        return p.relative_to(root).as_posix()
+
+    files.sort(key=key)
+    skipped.sort(key=lambda s: key(s[0]))
+    return files, skipped
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    """Errors naming the file for what is not a readable, non-empty file."""
+    p = Path(path)
+    if not p.exists():
+        if p.is_symlink():
+            raise FileNotFoundError(f"{path}: broken symbolic link (to {os.readlink(p)})")
+        raise FileNotFoundError(f"{path}: image file not found")
+    if p.is_dir():
+        raise ValueError(f"{path}: a folder, not an image file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+
+
+def _check_pixels(path: str | os.PathLike, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{path}: image too large ({width} x {height} pixels, limit {MAX_IMAGE_PIXELS})"
+        )
+
+
+def _too_large(path: str | os.PathLike, error: Exception) -> str:
+    """The message for PIL's own refusal (over twice the limit), with the size when the
+    header can be read by the format's plugin (which skips PIL's check)."""
+    plugins = (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile,
+               TiffImagePlugin.TiffImageFile, WebPImagePlugin.WebPImageFile,
+               BmpImagePlugin.BmpImageFile, GifImagePlugin.GifImageFile)  # fmt: skip
+    for plugin in plugins:
+        try:
+            with plugin(path) as im:
+                w, h = im.size
+            return f"{path}: image too large ({w} x {h} pixels, limit {MAX_IMAGE_PIXELS})"
+        except Exception:  # not this format
+            continue
+    return f"{path}: image too large ({error}; limit {MAX_IMAGE_PIXELS} pixels)"
+
+
+def _draft(im: Image.Image, min_side: int) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays >= min_side."""
+    w, h = im.size
+    for scale in (8, 4, 2):
+        if min(w, h) // scale >= min_side:
+            im.draft(None, (w // scale, h // scale))
+            return
+
+
+def _orientation(im: Image.Image, header_only: bool = False) -> int:
+    """The EXIF orientation (1-8; 1 when absent or unreadable). ``header_only``: a PNG whose
+    EXIF follows its pixels counts as upright rather than being decoded to find out."""
+    if header_only and im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = int(im.getexif().get(_ORIENTATION, 1))
+    except Exception:  # a damaged EXIF block must not make the image unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _working(im: Image.Image) -> Image.Image:
+    """8-bit ``L``, ``LA``, ``RGB`` or ``RGBA`` from any mode (16-bit scaled, not clipped)."""
+    mode = im.mode
+    if mode in ("L", "LA", "RGB", "RGBA") and "transparency" not in im.info:
+        return im
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(im)
+        if mode == "I":  # 32-bit integers: taken as 16-bit values
+            values = np.clip(values, 0, 65535)
+        return Image.fromarray(_scale_16_to_8(values))
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float32)
+        top = 1.0 if np.nanmax(values, initial=0.0) <= 1.0 else 255.0
+        scaled = np.nan_to_num(values / top * 255.0 + 0.5, nan=0.0)
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
+    if mode == "1":
+        return im.convert("L")
+    if mode in ("P", "PA") or "transparency" in im.info:
+        has_alpha = mode == "PA" or "transparency" in im.info or "A" in mode
+        return im.convert("RGBA" if has_alpha else "RGB")
+    if "A" in mode or "a" in mode:  # La, RGBa (premultiplied), ...
+        return im.convert("RGBA")
+    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def _scale_16_to_8(values: np.ndarray) -> np.ndarray:
+    """uint16 values -> uint8, ``round(v * 255 / 65535)``, in row blocks to bound memory."""
+    out = np.empty(values.shape, np.uint8)
+    step = max(1, _STRIP_PIXELS // max(1, values.shape[1]))
+    for top in range(0, values.shape[0], step):
+        block = values[top : top + step].astype(np.uint32)
+        out[top : top + step] = (block * 255 + 32767) // 65535
+    return out
+
+
+def _shrink(im: Image.Image, factor: int) -> Image.Image:
+    """The image in a working mode, box-reduced by ``factor``; a large image is converted
+    and reduced strip by strip, so only the decoded file and small strips are in memory."""
+    if factor == 1:
+        return _working(im)
+    rows = max(factor, _STRIP_PIXELS // max(1, im.width) // factor * factor)
+    out: Image.Image | None = None
+    for top in range(0, im.height, rows):
+        part = _working(im.crop((0, top, im.width, min(top + rows, im.height))))
+        part = part.reduce(factor) if factor > 1 else part
+        if out is None:
+            size = (-(-im.width // factor), -(-im.height // factor))
+            out = Image.new(part.mode, size)
+        out.paste(part, (0, top // factor))
+    assert out is not None
+    return out
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    """The working image in ``mode``; alpha composited on white unless ``mode`` keeps it."""
+    if mode == "RGBA":
+        return im.convert("RGBA")
+    if im.mode in ("LA", "RGBA"):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert(mode)

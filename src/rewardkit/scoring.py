@@ -3,14 +3,18 @@
 :func:`score_images` runs a scorer with the shared reward signature
 ``scorer(images [B,3,H,W] in [0,1], prompts) -> [B]`` over
 
-* a folder: every ``.png``/``.jpg``/``.jpeg``/``.webp`` file under it (recursively, sorted),
-  with one prompt for all; or
+* a folder: every image file under it (``rewardkit.io.IMAGE_SUFFIXES``: PNG, JPEG, WebP,
+  TIFF, BMP, GIF; recursively, sorted), with one prompt for all; or
 * a manifest: a Parquet file with a ``path`` column (relative to the manifest's folder, or
   absolute) and optionally ``prompt``, ``image_id`` and any other columns, which are carried
   through to the output.
 
-Images are decoded by background threads while the model scores the previous batch. Bad or
-missing images are skipped and reported, never fatal. Finished scores are checkpointed to
+Images are decoded by background threads while the model scores the previous batch, each
+already reduced toward the scorer's input size (``rewardkit.io.decode_image``), so memory
+follows the batch and not the files. Bad or missing images, and every entry of a folder that
+is not an image (other files, hidden files, broken links), are skipped and reported with the
+reason, never fatal. When the embedded default model scores images unlike AdWorld's (large
+or photo-like), a :class:`DomainWarning` says so once per run. Finished scores are checkpointed to
 ``<stem>.partial.parquet`` beside the output every few batches; a re-run with the same input,
 prompt and scorer resumes from it, and it is deleted once the output is written.
 
@@ -34,6 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +47,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from rewardkit.io import read_image_rgb, write_json_atomic, write_parquet_atomic
+from rewardkit import io as rkio
+from rewardkit.io import (
+    IMAGE_SUFFIXES,
+    DecodedImage,
+    decode_image,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from rewardkit.models.social_reward import images_to_pixel_values
 
-__all__ = ["IMAGE_SUFFIXES", "ScoreSummary", "SkippedImage", "list_images", "score_images"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DomainWarning",
+    "ScoreSummary",
+    "SkippedImage",
+    "embedded_default_in_use",
+    "list_images",
+    "score_images",
+    "unlike_adworld",
+]
 CHECKPOINT_EVERY = 20  # batches between checkpoints: at most 20 batches are ever re-scored
 FINGERPRINT_KEY = b"rewardkit_fingerprint"
 SKIPPED_KEY = b"rewardkit_skipped"
@@ -105,12 +125,10 @@ class ScoreSummary:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursively, by suffix, case-insensitive), sorted."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    """Image files under ``folder`` (recursively, by suffix, case-insensitive), sorted.
+
+    The entries that are not used, with the reason: :func:`rewardkit.io.list_images`."""
+    return rkio.list_images(folder)[0]
 
 
 def score_images(
@@ -154,7 +172,7 @@ def score_images(
     out = Path(out)
     if out.exists() and out.resolve() == Path(input).resolve():
         raise ValueError(f"{out}: the output would overwrite the input manifest")
-    rows, files = _read_input(Path(input), prompt)
+    rows, files, unlisted = _read_input(Path(input), prompt)
     partial = out.with_name(out.stem + ".partial.parquet")
     prompts = rows.column("prompt").to_pylist()
     paths = rows.column("path").to_pylist()
@@ -170,6 +188,7 @@ def score_images(
     # in one batch. The output keeps the input order.
     pending.sort(key=lambda i: (len(prompts[i]), prompts[i], i))
     side = _input_side(scorer)
+    check_domain = embedded_default_in_use(scorer)
 
     def checkpoint() -> None:
         _write_checkpoint(partial, fingerprint, paths, done, skipped)
@@ -177,10 +196,13 @@ def score_images(
     bar = tqdm(total=len(files), initial=len(files) - len(pending), desc="score", unit="img",
                disable=not progress)  # fmt: skip
     batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
-    loader = _prefetch(batches, files, side, num_workers)
+    loader = _prefetch(batches, files, side, num_workers, check_domain)
     try:
-        for n, (index, images, bad) in enumerate(loader):
+        for n, (index, images, bad, unlike) in enumerate(loader):
             skipped.update(bad)
+            if unlike is not None and check_domain:
+                warn_unlike_adworld(unlike, SCORER_HINT)
+                check_domain = False  # once per run
             if index:
                 scores = _score(scorer, images, [prompts[i] for i in index], batch_size)
                 done.update(zip(index, scores.tolist(), strict=True))
@@ -199,6 +221,8 @@ def score_images(
     table = _output_table(rows, order, [done[i] for i in order])
     write_parquet_atomic(out, table)
     skipped_list = [SkippedImage(paths[i] or "", skipped[i]) for i in sorted(skipped)]
+    if unlisted:  # a folder's rows are sorted by path: the merged list is in folder order
+        skipped_list = sorted(unlisted + skipped_list, key=lambda s: s.path)
     report = out.with_name(out.stem + ".skipped.json")
     write_json_atomic(
         report,
@@ -219,20 +243,27 @@ def score_images(
 # Inputs.
 
 
-def _read_input(source: Path, prompt: str) -> tuple[pa.Table, list[Path | None]]:
-    """Rows to score (path, prompt, carried columns) and the file of each (None: no path)."""
+def _read_input(
+    source: Path, prompt: str
+) -> tuple[pa.Table, list[Path | None], list[SkippedImage]]:
+    """Rows to score (path, prompt, carried columns), the file of each (None: no path), and
+    a folder's entries that are not images, with the reason."""
     if source.is_dir():
-        files = list_images(source)
+        files, others = rkio.list_images(source)
+        unlisted = [SkippedImage(p.relative_to(source).as_posix(), why) for p, why in others]
         if not files:
+            seen = f"; skipped {unlisted[0].path}: {unlisted[0].reason}" if unlisted else ""
+            more = f" and {len(unlisted) - 1} more" if len(unlisted) > 1 else ""
             raise ValueError(
-                f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, recursively)"
+                f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}, "
+                f"recursively){seen}{more}"
             )
         rel = [f.relative_to(source).as_posix() for f in files]
         table = pa.table({"path": pa.array(rel, pa.string()), "prompt": [prompt] * len(rel)})
-        return table, list(files)
+        return table, list(files), unlisted
     if not source.exists():
         raise FileNotFoundError(f"{source}: input not found (expected a folder or a manifest)")
-    return _read_manifest(source, prompt)
+    return (*_read_manifest(source, prompt), [])
 
 
 def _read_manifest(path: Path, prompt: str) -> tuple[pa.Table, list[Path | None]]:
@@ -245,10 +276,12 @@ def _read_manifest(path: Path, prompt: str) -> tuple[pa.Table, list[Path | None]
             f"{path}: manifest is missing column 'path' (image paths, relative to the "
             f"manifest's folder or absolute); have {table.column_names}"
         )
-    if not pa.types.is_string(table.schema.field("path").type):
-        raise ValueError(
-            f"{path}: column 'path' must hold strings; got {table.schema.field('path').type}"
-        )
+    path_type = table.schema.field("path").type
+    if not _is_text(path_type):
+        raise ValueError(f"{path}: column 'path' must hold strings; got {path_type}")
+    if path_type != pa.string():  # large_string (pandas 3, polars), string_view, dictionary
+        index = table.schema.get_field_index("path")
+        table = table.set_column(index, "path", table.column("path").cast(pa.string()))
     if "prompt" in table.column_names:
         try:
             prompts = pc.fill_null(table.column("prompt").cast(pa.string()), prompt)
@@ -260,6 +293,15 @@ def _read_manifest(path: Path, prompt: str) -> tuple[pa.Table, list[Path | None]
     base = path.parent
     files = [None if not p else base / p for p in table.column("path").to_pylist()]
     return table, files
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    """string, large_string, string_view, or a dictionary of one of them."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (
+        pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    )
 
 
 def _output_table(rows: pa.Table, order: list[int], scores: list[float]) -> pa.Table:
@@ -277,20 +319,27 @@ def _output_table(rows: pa.Table, order: list[int], scores: list[float]) -> pa.T
 # Loading: decode and stack batches in background threads.
 
 
+Loaded = tuple[list[int], torch.Tensor | None, dict[int, str], str | None]
+
+
 def _prefetch(
-    batches: list[list[int]], files: list[Path | None], side: int | None, num_workers: int
-) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+    batches: list[list[int]],
+    files: list[Path | None],
+    side: int | None,
+    num_workers: int,
+    check_domain: bool = False,
+) -> Iterator[Loaded]:
     """Yield loaded batches in order, keeping ``num_workers`` more loading ahead."""
     if num_workers == 0:
         for batch in batches:
-            yield _load_batch(batch, files, side)
+            yield _load_batch(batch, files, side, check_domain)
         return
     pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="rewardkit-decode")
     ahead: deque[Future] = deque()
     upcoming = iter(batches)
     try:
         for batch in upcoming:
-            ahead.append(pool.submit(_load_batch, batch, files, side))
+            ahead.append(pool.submit(_load_batch, batch, files, side, check_domain))
             if len(ahead) > num_workers:
                 yield ahead.popleft().result()
         while ahead:
@@ -300,18 +349,24 @@ def _prefetch(
 
 
 def _load_batch(
-    batch: list[int], files: list[Path | None], side: int | None
-) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
-    """Decode a batch: (rows loaded, images (B, 3, H, W) in [0, 1] or None, {row: reason})."""
+    batch: list[int], files: list[Path | None], side: int | None, check_domain: bool = False
+) -> Loaded:
+    """Decode a batch, each image reduced toward ``side``: (rows loaded, images (B, 3, H, W)
+    in [0, 1] or None, {row: reason}, why the first image unlike AdWorld is, if asked)."""
     index, arrays, bad = [], [], {}
+    unlike = None
     for i in batch:
         path = files[i]
         try:
-            arrays.append(read_image_rgb(path))  # (H, W, 3) uint8
-            index.append(i)
+            decoded = decode_image(path, "RGB", target_side=side)  # (H, W, 3) uint8
         except (OSError, ValueError) as e:
             bad[i] = str(e).removeprefix(f"{path}: ")
-    return index, _stack(arrays, side) if arrays else None, bad
+            continue
+        arrays.append(decoded.array)
+        index.append(i)
+        if check_domain and unlike is None and (why := unlike_adworld(decoded)) is not None:
+            unlike = f"{path}: {why}"
+    return index, _stack(arrays, side) if arrays else None, bad, unlike
 
 
 def _stack(arrays: Sequence[np.ndarray], side: int | None) -> torch.Tensor:
@@ -346,6 +401,64 @@ def _input_side(scorer: nn.Module | RewardFn) -> int | None:
         if isinstance(size, int) and size > 0:
             return size
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# The embedded models' domain: they were trained on AdWorld renders only.
+
+ADWORLD_MAX_SIDE = 256  # the embedded models see 64 px renders; 4x that is clearly other data
+# Share of distinct colours in a 64 x 64 thumbnail: AdWorld renders have 4-15%, degraded
+# copies (blur, noise, JPEG) up to 43%, natural photos 57-88% (measured on sample photos).
+PHOTO_COLOUR_SHARE = 0.6
+SCORER_HINT = (
+    "pass real weights with --model DIR: a CLIPModel or VisionTextDualEncoderModel folder "
+    "(e.g. CLIP ViT-L/14 saved with save_pretrained; --scorer clip-score for an untuned one)"
+)
+
+
+class DomainWarning(UserWarning):
+    """The embedded default models are used on images unlike AdWorld's."""
+
+
+def embedded_default_in_use(model: object) -> bool:
+    """Whether ``model`` (or any submodule) was loaded from the package's embedded models
+    (``config._name_or_path`` of transformers models, or a ``name_or_path`` attribute)."""
+    if not isinstance(model, nn.Module):
+        return False
+    root = (Path(str(resources.files("rewardkit"))) / "assets" / "models").resolve()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for source in (getattr(module, "name_or_path", None),
+                       getattr(config, "_name_or_path", None)):  # fmt: skip
+            if isinstance(source, (str, os.PathLike)) and str(source):
+                if Path(source).resolve().is_relative_to(root):
+                    return True
+    return False
+
+
+def unlike_adworld(image: DecodedImage) -> str | None:
+    """Why an image looks unlike AdWorld's renders (much larger, or photo-like colour
+    detail), or None."""
+    if min(image.width, image.height) > ADWORLD_MAX_SIDE:
+        return f"{image.width} x {image.height} px (AdWorld renders are 64-256 px)"
+    thumb = Image.fromarray(image.array).convert("RGB").resize((64, 64))
+    pixels = np.asarray(thumb).reshape(-1, 3).astype(np.int64)  # (4096, 3)
+    codes = pixels @ np.array([65536, 256, 1], dtype=np.int64)
+    share = len(np.unique(codes)) / len(codes)
+    if share > PHOTO_COLOUR_SHARE:
+        return f"photo-like detail ({share:.0%} distinct colours at 64 px; AdWorld: under 45%)"
+    return None
+
+
+def warn_unlike_adworld(example: str, hint: str) -> None:
+    """The :class:`DomainWarning` for ``example`` ("<path>: <why>"), with what to do."""
+    warnings.warn(
+        f"the embedded default models know only AdWorld (small procedural ad renders), and "
+        f"these images are unlike it, e.g. {example}; their results say little about such "
+        f"images. For real images {hint}.",
+        DomainWarning,
+        stacklevel=3,
+    )
 
 
 # ---------------------------------------------------------------------------------------
