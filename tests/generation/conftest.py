@@ -38,3 +38,19 @@ def photos():
 
 
 FILL = DEFAULT_FILL
+
+
+def sd15_scheduler():
+    """The scheduler as SD 1.5 folders ship it (PNDM, epsilon, ``scheduler_config.json`` of
+    runwayml/stable-diffusion-inpainting), which the generator reads as DDIM."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )

@@ -2,7 +2,20 @@
 
 Components are the diffusers/transformers classes of a ``StableDiffusionControlNetInpaintPipeline``
 folder (``unet``, ``controlnet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``), so a
-user's SD 1.5 + ControlNet folder and the embedded small generator load the same way.
+user's SD 1.5 + ControlNet folder and the embedded small generator load the same way. A
+generator folder is one of (:func:`component_folders`):
+
+- a pipeline folder as diffusers saves ``StableDiffusionControlNetInpaintPipeline`` or
+  ``StableDiffusionControlNetPipeline`` (9- or 4-channel UNet);
+- a folder with some components and a ``rewardkit_generator.json`` whose ``"base"`` names a
+  pipeline folder for the rest (what ``rewardkit finetune`` writes), and whose component keys
+  (``"controlnet"``, ...) may name component folders elsewhere: e.g. a stock
+  ``StableDiffusionInpaintPipeline`` folder (no ControlNet) plus a ``ControlNetModel`` folder,
+  as users have them (:func:`combine_generator` writes such a card);
+- a ``ControlNetModel`` folder (``config.json`` + weights) whose card names its base pipeline.
+
+Weights are read from safetensors only, and every weight must load: a missing, unexpected or
+reshaped weight is an error naming the component folder, never a silent random init.
 
 The denoising loop is written out once, step by step, and shared by generation, Recurrent
 Generation and reward fine-tuning (which only decides where gradients flow):
@@ -24,6 +37,7 @@ Generation and reward fine-tuning (which only decides where gradients flow):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,11 +49,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from rewardkit.generation.product import PreparedProduct, paste_back, stack_products
-from rewardkit.io import write_folder_atomic
+from rewardkit.io import write_folder_atomic, write_text_atomic
 
 __all__ = [
     "AdGenerator",
     "SamplerConfig",
+    "combine_generator",
+    "component_folders",
+    "load_component",
     "SampleOutput",
     "GenerationBatch",
     "prepare_batch",
@@ -59,27 +76,154 @@ _LIBRARY = {
 }
 
 
+CARD = "rewardkit_generator.json"
+_EXPECTED = (
+    "a Stable Diffusion + ControlNet pipeline folder (unet/, controlnet/, vae/, text_encoder/, "
+    f"tokenizer/, scheduler/ as diffusers saves a {PIPELINE_CLASS}), or a {CARD} naming a base "
+    'pipeline and a ControlNet folder ({"base": "SD_INPAINT_DIR", "controlnet": "CONTROLNET_DIR"})'
+)
+
+
 def component_folders(folder: Path) -> dict[str, Path]:
-    """Where each component of a generator folder lives. A fine-tuned generator written by
-    ``rewardkit finetune`` holds only what changed (e.g. ``controlnet/``) and names its base
-    folder in ``rewardkit_generator.json`` (``"base"``, relative to the folder); the other
-    components come from there (recursively)."""
-    where: dict[str, Path] = {c: folder / c for c in COMPONENTS if (folder / c).is_dir()}
-    card = folder / "rewardkit_generator.json"
-    base = json.loads(card.read_text()).get("base") if card.is_file() else None
+    """Where each component of a generator folder lives (module docstring: the layouts). A
+    folder's own component subfolders come first, then the folders its ``rewardkit_generator.json``
+    names per component, then its ``"base"`` (relative to the folder, recursively).
+
+    Raises:
+        FileNotFoundError: one line naming the folder, what it is and what was expected.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: generator folder not found")
+    where = _components(folder, ())
     missing = [c for c in COMPONENTS if c not in where]
-    if missing and base:
+    if missing:
+        raise FileNotFoundError(f"{folder}: {_what_it_is(folder, missing)}; expected {_EXPECTED}")
+    return where
+
+
+def _read_card(folder: Path) -> dict:
+    card = folder / CARD
+    if not card.is_file():
+        return {}
+    try:
+        info = json.loads(card.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{card}: invalid JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{card}: expected a JSON object")
+    return info
+
+
+def _class_name(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _components(folder: Path, chain: tuple[Path, ...]) -> dict[str, Path]:
+    """The components ``folder`` supplies, directly or through its card (see above)."""
+    folder = folder.resolve()
+    if folder in chain:
+        raise ValueError(f"{folder / CARD}: its base leads back to {folder} (a cycle)")
+    card = _read_card(folder)
+    where: dict[str, Path] = {}
+    if _class_name(folder / "config.json") == "ControlNetModel":
+        where["controlnet"] = folder  # a ControlNet folder itself
+    where.update({c: folder / c for c in COMPONENTS if (folder / c).is_dir()})
+    for c in COMPONENTS:
+        if isinstance(card.get(c), str):  # a component folder the card names
+            named = (folder / card[c]).resolve()
+            if not named.is_dir():
+                raise FileNotFoundError(f"{folder / CARD}: its {c} folder {named} is not a folder")
+            where[c] = named
+    base = card.get("base")
+    if base and any(c not in where for c in COMPONENTS):
         base_dir = (folder / base).resolve()
         if not base_dir.is_dir():
             raise FileNotFoundError(f"{folder}: its base generator {base_dir} is not a folder")
-        inherited = component_folders(base_dir)
-        where.update({c: inherited[c] for c in missing})
-    elif missing:
-        raise FileNotFoundError(
-            f"{folder}: not a Stable Diffusion + ControlNet pipeline folder; missing "
-            f"component folder(s) {missing} (expected {list(COMPONENTS)})"
-        )
+        for c, path in _components(base_dir, (*chain, folder)).items():
+            where.setdefault(c, path)
     return where
+
+
+def _what_it_is(folder: Path, missing: list[str]) -> str:
+    """A short description of a folder that is not a whole generator, for the error."""
+    if _class_name(folder / "config.json") == "ControlNetModel":
+        return (
+            f"a ControlNet folder without the pipeline it goes with (put a {CARD} with "
+            '{"base": "SD_INPAINT_DIR"} in it)'
+        )
+    pipeline = _class_name(folder / "model_index.json")
+    if pipeline and missing == ["controlnet"]:
+        return f"a {pipeline} folder without a ControlNet (combine it with a ControlNet folder)"
+    kind = f"a {pipeline} folder" if pipeline else "not a generator folder"
+    return f"{kind}; missing component folder(s) {missing}"
+
+
+def combine_generator(
+    folder: str | Path, base: str | Path, controlnet: str | Path | None = None
+) -> Path:
+    """Write ``folder/rewardkit_generator.json`` naming ``base`` (a pipeline folder, e.g. a
+    stock SD 1.5 inpainting pipeline) and ``controlnet`` (a ``ControlNetModel`` folder), with
+    paths relative to ``folder``, so ``AdGenerator.from_pretrained(folder)`` (and ``rewardkit
+    generate --generator folder``) loads them as one generator. ``folder`` may be the
+    ControlNet folder itself (``controlnet`` None). Checks the result loads as a layout."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    card = _read_card(folder)
+    card["base"] = _relative(base, folder)
+    if controlnet is not None:
+        card["controlnet"] = _relative(controlnet, folder)
+    write_text_atomic(folder / CARD, json.dumps(card, indent=2) + "\n")
+    component_folders(folder)
+    return folder
+
+
+def _relative(path: str | Path, start: Path) -> str:
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a folder")
+    try:
+        return os.path.relpath(path, start.resolve())
+    except ValueError:  # another drive (Windows)
+        return str(path)
+
+
+def load_component(cls, folder: Path, name: str | None = None):
+    """``cls.from_pretrained(folder)`` (a diffusers model or transformers model, tokenizer or
+    scheduler class) offline, from safetensors only, refusing partial loads.
+
+    Raises:
+        ValueError: one line naming the folder (and component) when it cannot load, or when a
+            weight is missing, unexpected or of another shape (a silent random init otherwise).
+    """
+    name = name or cls.__name__
+    kw: dict = {"local_files_only": True}
+    is_model = hasattr(cls, "load_state_dict")
+    if is_model:
+        kw.update(use_safetensors=True, output_loading_info=True)
+    try:
+        loaded = cls.from_pretrained(folder, **kw)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder}: cannot load the {name} ({cls.__name__}): {first}") from err
+    if not is_model:
+        return loaded
+    model, info = loaded
+    problems = {
+        k: sorted(map(str, info.get(k) or []))
+        for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(problems.values()):
+        detail = ", ".join(
+            f"{len(v)} {k.removesuffix('_keys')} ({', '.join(v[:3])}{', ...' * (len(v) > 3)})"
+            for k, v in problems.items()
+            if v
+        )
+        raise ValueError(f"{folder}: the {name} weights do not fit its config: {detail}")
+    return model
 
 
 def generator_resolution(folder: str | Path) -> int:
@@ -103,6 +247,25 @@ class AdGenerator:
                 f"unet has {unet.config.in_channels} input channels; expected the VAE's "
                 f"{vae.config.latent_channels} or 9 (inpainting)"
             )
+        # A ControlNet feeds residuals into the UNet's blocks: it must be made for this UNet
+        # (e.g. an SD 1.5 ControlNet for an SD 1.5 base), with the noisy latent as its input.
+        for key in ("block_out_channels", "cross_attention_dim", "layers_per_block"):
+            mine, its = unet.config.get(key), controlnet.config.get(key)
+            if _plain(mine) != _plain(its):
+                raise ValueError(
+                    f"controlnet {key} {_plain(its)} differs from the unet's {_plain(mine)}: "
+                    "a ControlNet made for another base model"
+                )
+        if controlnet.config.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"controlnet has {controlnet.config.in_channels} input channels; expected the "
+                f"VAE's {vae.config.latent_channels} (the noisy latent)"
+            )
+        if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+            raise ValueError(
+                f"text_encoder width {text_encoder.config.hidden_size} differs from the unet's "
+                f"cross_attention_dim {unet.config.cross_attention_dim}"
+            )
         for m in self.modules():
             m.eval()
 
@@ -112,23 +275,31 @@ class AdGenerator:
     def from_pretrained(
         cls, folder: str | Path, device: str | torch.device = "cpu", dtype=torch.float32
     ) -> AdGenerator:
-        """Load every component from ``folder`` (a diffusers pipeline folder); nothing is
-        downloaded. Raises naming the folder and the missing component."""
+        """Load every component from ``folder``, laid out as the module docstring lists
+        (e.g. a stock SD 1.5 inpainting folder combined with a ControlNet folder); nothing is
+        downloaded, weights come from safetensors only and must all fit. The scheduler's
+        config (any of SD's: PNDM, DDIM, ...) is read as a ``DDIMScheduler``'s.
+
+        Raises:
+            FileNotFoundError / ValueError: naming the folder and what is missing or wrong.
+        """
         from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: generator folder not found")
-        where = component_folders(folder)
-        kw = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(where["unet"], **kw)
-        controlnet = ControlNetModel.from_pretrained(where["controlnet"], **kw)
-        vae = AutoencoderKL.from_pretrained(where["vae"], **kw)
-        text_encoder = CLIPTextModel.from_pretrained(where["text_encoder"], **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(where["tokenizer"], **kw)
-        scheduler = DDIMScheduler.from_pretrained(where["scheduler"], **kw)
-        gen = cls(unet, controlnet, vae, text_encoder, tokenizer, scheduler)
+        where = component_folders(Path(folder))
+        classes = {
+            "unet": UNet2DConditionModel,
+            "controlnet": ControlNetModel,
+            "vae": AutoencoderKL,
+            "text_encoder": CLIPTextModel,
+            "tokenizer": CLIPTokenizer,
+            "scheduler": DDIMScheduler,
+        }
+        parts = {name: load_component(c, where[name], name) for name, c in classes.items()}
+        try:
+            gen = cls(**parts)
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
         return gen.to(device, None if dtype == torch.float32 else dtype)
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -236,6 +407,11 @@ class AdGenerator:
         if kind == "sample":
             return (x_t - sa * out) / s1, out
         raise ValueError(f"scheduler prediction_type {kind!r} is not supported")
+
+
+def _plain(value):
+    """Config values as JSON gives them back (tuples as lists)."""
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 @dataclass
