@@ -38,7 +38,12 @@ from torch import nn
 from tqdm import tqdm
 
 from rewardkit.generation.default import GeneratorArch, build_generator
-from rewardkit.generation.pipeline import AdGenerator, SamplerConfig, generate_images
+from rewardkit.generation.pipeline import (
+    AdGenerator,
+    SamplerConfig,
+    generate_images,
+    load_component,
+)
 from rewardkit.generation.product import PreparedProduct, prepare_product
 from rewardkit.io import atomic_path, read_image_rgb, to_strict_json, write_json_atomic
 from rewardkit.training.loop import (
@@ -642,7 +647,7 @@ def train_generator(
     summary: dict = {"arch": asdict(arch), "manifest": str(manifest), "rows": len(data)}
     vae_dir = out / "vae"
     if (vae_dir / "model" / "config.json").is_file() and (vae_dir / "vae.json").is_file():
-        gen.vae = AutoencoderKL.from_pretrained(vae_dir / "model", local_files_only=True)
+        gen.vae = load_component(AutoencoderKL, vae_dir / "model", "vae")
         summary["vae"] = json.loads((vae_dir / "vae.json").read_text())
     else:
         summary["vae"] = train_vae(gen, data, vae_dir, vae_config, progress)
@@ -684,7 +689,7 @@ def export_checkpoint(
     if not (ckpt / "trainable.safetensors").is_file() or not vae_dir.is_dir():
         raise FileNotFoundError(f"{out}: no diffusion checkpoint and VAE to export")
     gen = build_generator(arch)
-    gen.vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    gen.vae = load_component(AutoencoderKL, vae_dir, "vae").eval()
     weights = load_file(ckpt / "trainable.safetensors")
     for name in ("unet", "controlnet", "text_encoder"):
         prefix = f"buffer:ema.{name}."
