@@ -1,11 +1,18 @@
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rewardkit.world.export import MANIFEST_COLUMNS, label_manifest, render_world
+from rewardkit.io import write_png_atomic
+from rewardkit.world.export import (
+    MANIFEST_COLUMNS,
+    label_manifest,
+    load_product_photo,
+    render_world,
+)
 from rewardkit.world.sampler import parse_balance
 from rewardkit.world.scene import CLASSES
 
@@ -90,8 +97,43 @@ def test_label_manifest_round_trip_and_bad_rows(tmp_path):
     assert errors == 2
     errs = out["error"].to_pylist()
     assert "row 1" in errs[1] and "missing.png" in errs[1]
-    assert "row 2" in errs[2] and "unreadable" in errs[2]
+    assert "row 2" in errs[2] and "bad.png: not an image file" in errs[2]
     assert out["oracle_label"].to_pylist()[0] in CLASSES
+
+
+def test_label_names_the_file_of_empty_paths_and_unjudgeable_images(tmp_path):
+    render_world(tmp_path, 3, seed=3, size=64, progress=False)
+    rows = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
+    write_png_atomic(tmp_path / "wide.png", np.full((64, 96, 3), 200, np.uint8))
+    rows[0]["path"] = "wide.png"  # the oracle judges square images only
+    rows[1]["product_path"] = None
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "user.parquet")
+    out, errors = label_manifest(tmp_path / "user.parquet", None, progress=False)
+    errs = out["error"].to_pylist()
+    assert errors == 2 and errs[2] is None
+    assert errs[0].startswith("row 0: ") and "wide.png: image must be square" in errs[0]
+    assert "row 1" in errs[1] and "empty product_path" in errs[1]
+
+
+def test_load_product_photo_cuts_out_white_or_keeps_an_opaque_photo(tmp_path):
+    photo = np.full((40, 30, 3), 255, np.uint8)
+    photo[10:30, 5:25] = (200, 30, 30)
+    write_png_atomic(tmp_path / "on_white.png", photo)
+    rgba = load_product_photo(tmp_path / "on_white.png")
+    assert rgba.shape == (40, 30, 4)
+    assert (rgba[10:30, 5:25, 3] == 255).all() and rgba[..., 3].sum() == 20 * 20 * 255
+    write_png_atomic(tmp_path / "scene.png", np.full((40, 30, 3), 90, np.uint8))
+    with pytest.raises(ValueError, match="scene.png: product photo has no alpha"):
+        load_product_photo(tmp_path / "scene.png")
+    opaque = load_product_photo(tmp_path / "scene.png", require_cutout=False)
+    assert (opaque[..., 3] == 255).all() and (opaque[..., :3] == 90).all()
+    # A large photo is decoded reduced toward the caller's size (shorter side >= 2 x target).
+    big = np.full((1200, 900, 3), 255, np.uint8)
+    big[300:900, 200:700] = (30, 30, 200)
+    write_png_atomic(tmp_path / "big.png", big)
+    small = load_product_photo(tmp_path / "big.png", target_side=64)
+    assert small.shape == (172, 129, 4)  # reduced by 900 // 128 = 7, rounded up
+    assert small[86, 64].tolist() == [30, 30, 200, 255] and small[2, 2, 3] == 0
 
 
 def test_manifest_missing_columns_named(tmp_path):

@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from rewardkit.data.keys import product_key, prompt_key
 from rewardkit.io import (
-    read_image_rgb,
-    read_image_rgba,
+    read_image,
     write_json_atomic,
     write_parquet_atomic,
     write_png_atomic,
@@ -63,6 +62,10 @@ MANIFEST_COLUMNS = (
     "prompt_key",
 )
 LABEL_INPUT_COLUMNS = ("path", "product_path")  # plus product_height_cm or a caption with "N cm"
+# The oracle judges images and product photos of up to 2 x 512 px on the shorter side as they
+# are (every AdWorld render and cutout); larger files are decoded reduced to 1024-2047 px,
+# so a 12000 x 12000 image costs a 1091 px judgement instead of gigabytes of float arrays.
+ORACLE_TARGET_SIDE = 512
 
 
 def item_row(item: Item, image_id: str, paths: dict[str, str], fill: float) -> dict:
@@ -186,13 +189,34 @@ def read_manifest(path: str | Path, required: Iterable[str] = LABEL_INPUT_COLUMN
     return table
 
 
-def load_product_photo(path: Path) -> np.ndarray:
-    """A product photo as RGBA; a photo without alpha is cut out from its white background."""
-    rgba = read_image_rgba(path)
+def load_product_photo(
+    path: str | Path, target_side: int | None = None, require_cutout: bool = True
+) -> np.ndarray:
+    """A product photo as RGBA uint8 (H, W, 4): the one product-photo loader of every
+    command (generation, the oracle, inspection and RFNet training).
+
+    The file is read by :func:`rewardkit.io.read_image` (any format, depth and orientation;
+    reduced toward ``target_side`` when much larger). A photo without alpha is cut out from
+    its white background (pixels with all channels >= 245 become transparent).
+
+    Args:
+        path: The photo.
+        target_side: The side the caller will scale the photo to (None: full size).
+        require_cutout: Raise when the photo has neither alpha nor a white background
+            (the generator and the oracle need the product's outline); False returns it
+            opaque.
+
+    Raises:
+        FileNotFoundError / ValueError: Unreadable file, or no outline (both name the file).
+    """
+    rgba = read_image(path, "RGBA", target_side)
     if (rgba[..., 3] == 255).all():
-        rgba = white_background_to_rgba(rgba[..., :3])
-        if (rgba[..., 3] == 255).all():
-            raise ValueError(f"{path}: product photo has no alpha and no white background")
+        cut = white_background_to_rgba(np.ascontiguousarray(rgba[..., :3]))
+        if (cut[..., 3] == 255).all():
+            if require_cutout:
+                raise ValueError(f"{path}: product photo has no alpha and no white background")
+            return rgba
+        rgba = cut
     return rgba
 
 
@@ -208,11 +232,19 @@ def judge_row(
         ValueError: No product size, or an image the oracle cannot judge (named row).
     """
     base = Path(manifest).parent
-    if image is None:
-        image = read_image_rgb(base / row["path"])
-    cutout = load_product_photo(base / row["product_path"])
+    for column in ("path", "product_path") if image is None else ("product_path",):
+        if not row.get(column):
+            raise ValueError(f"{manifest}: row {i}: empty {column}")
+    source = base / row["path"] if image is None else None
+    if source is not None:
+        image = read_image(source, "RGB", ORACLE_TARGET_SIDE)
+    cutout = load_product_photo(base / row["product_path"], ORACLE_TARGET_SIDE)
     fill = float(row.get("fill") or DEFAULT_FILL)
-    return label(cutout, image, _height_cm(row, i, Path(manifest)), fill=fill)
+    height = _height_cm(row, i, Path(manifest))
+    try:
+        return label(cutout, image, height, fill=fill)
+    except ValueError as e:  # e.g. a non-square image: name the file
+        raise ValueError(f"{source}: {e}" if source is not None else str(e)) from None
 
 
 def label_manifest(
