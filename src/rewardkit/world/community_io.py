@@ -86,6 +86,36 @@ def schema_markdown() -> str:
             "|---|---|---|---|",
         ]
         lines += [f"| {c} | {t} | {'yes' if r else 'no'} | {m} |" for c, t, r, m in cols]
+    lines += [
+        "",
+        "## What `rewardkit curate` accepts besides these types",
+        "",
+        "Logs are checked and normalised before any SQL (`src/rewardkit/data/log_schema.py`):",
+        "",
+        "- Times (`ts`, `posted_at`): any timestamp or date type (no zone: UTC); ISO-8601 text",
+        "  with or without a UTC offset (without: UTC), e.g. `2024-01-01T09:30:00Z`; epoch",
+        "  numbers, integer, float or text, whose unit each value's magnitude tells: below 1e11",
+        "  seconds, below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds (right",
+        "  for any time from 1973 to 5138).",
+        "- Ids (`user_id`, `image_id`, `prompt_id`, `creator_id`): integers of any width, whole",
+        '  floats or text. Text that is a decimal integer is that integer (`"42"` joins `42`,',
+        "  and gives the same pairs); other text becomes a stable negative int64 (BLAKE2b,",
+        "  `text_id_to_int64`), the same in every table; empty text is a missing id.",
+        "- `event_type`: text in any case, spaces trimmed; `view`, `views`, `viewed`,",
+        "  `impression`, `impressions` are views; `like`, `likes`, `liked` are likes; `remix`,",
+        "  `remixes`, `remixed` are remixes. Anything else (a share or repost creates nothing,",
+        "  so it is no remix) is an unknown type.",
+        "- Text columns may be string, large_string (pandas 3, polars) or dictionary-encoded.",
+        "",
+        "Rules, each counted in the dataset card and printed: events without a user, then",
+        "without a time, then of an unknown type (named) are dropped; events on images not in",
+        "`images.parquet` are counted and never paired; a row repeating an earlier `image_id`",
+        "(or `user_id` in `users.parquet`) is dropped, the first row kept; empty `images`",
+        "values are an error. Any value that cannot be read stops curation with one line",
+        "naming the file, the column and the expected type; so does a curation that leaves no",
+        "pair (naming the stage that removed the last rows). An empty val or test split (few",
+        "prompts: each prompt goes to one split by a hash of its id) is a warning.",
+    ]
     return "\n".join(lines) + "\n"
 
 
