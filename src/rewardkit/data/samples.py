@@ -40,7 +40,8 @@ import torch
 from PIL import Image
 
 from rewardkit.data.keys import height_from_row, product_keys_of_paths
-from rewardkit.world.placement import white_background_to_rgba
+from rewardkit.io import IMAGE_SUFFIXES, probe_image, read_image
+from rewardkit.world.export import load_product_photo
 from rewardkit.world.scene import CLASSES
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "SampleLoader",
     "load_adworld_manifest",
     "load_product_rgb",
+    "load_resized",
     "load_rf1m",
     "product_keys",
     "split_by_product",
@@ -65,7 +67,7 @@ SAMPLE_COLUMNS = (
 )
 REQUIRED_MANIFEST_COLUMNS = ("path", "product_path", "label")
 RF1M_EXTRA_COLUMNS = ("prompt", "category", "product_id")  # taken from manifest.parquet
-IMAGE_EXTENSIONS = (".png", ".webp", ".jpg", ".jpeg", ".bmp")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the reader's formats
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
@@ -181,9 +183,8 @@ def _has_alpha(path: Path | None) -> bool | None:
     if path is None:
         return None
     try:
-        with Image.open(path) as im:
-            return im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-    except Exception:  # PIL raises several types for corrupt files
+        return probe_image(path).has_alpha
+    except (OSError, ValueError):
         return None
 
 
@@ -397,14 +398,12 @@ def _resize(im: Image.Image, size: int) -> Image.Image:
     return im if im.size == (size, size) else im.resize((size, size), Image.Resampling.BILINEAR)
 
 
-def load_product_rgb(path: str, size: int) -> np.ndarray:
-    """A product photo as (size, size, 3) uint8: alpha-composited on white (a photo without
-    alpha keeps its own background: its white is cut out as the mask, then composited on
-    white again), padded to a square with white (aspect ratio kept), resized."""
-    with Image.open(path) as im:
-        rgba = np.asarray(im.convert("RGBA"))
-    if (rgba[..., 3] == 255).all():
-        rgba = white_background_to_rgba(np.ascontiguousarray(rgba[..., :3]))
+def load_product_rgb(path: str | Path, size: int) -> np.ndarray:
+    """A product photo as (size, size, 3) uint8, RFNet's product input: read by
+    :func:`rewardkit.world.export.load_product_photo` (a photo without alpha has its white
+    cut out as the mask, or stays opaque), composited on white, padded to a square with
+    white (aspect ratio kept), resized."""
+    rgba = load_product_photo(path, target_side=size, require_cutout=False)
     a = rgba[..., 3:4].astype(np.float32) / 255.0
     rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
     rgb = (rgb + 0.5).astype(np.uint8)  # (h, w, 3) on white
@@ -416,9 +415,11 @@ def load_product_rgb(path: str, size: int) -> np.ndarray:
     return np.asarray(_resize(Image.fromarray(square), size))
 
 
-def _load_image(path: str, size: int, mode: str) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(_resize(im.convert(mode), size))
+def load_resized(path: str | Path, size: int, mode: str = "RGB") -> np.ndarray:
+    """An image as (size, size, 3) (``"RGB"``) or (size, size) (``"L"``) uint8: read by
+    :func:`rewardkit.io.read_image` (reduced toward ``size`` when much larger), then
+    resized (bilinear) to a square, as generated images and maps are fed to RFNet."""
+    return np.asarray(_resize(Image.fromarray(read_image(path, mode, target_side=size)), size))
 
 
 class SampleLoader:
@@ -511,7 +512,7 @@ class SampleLoader:
         s = self.size
         current = self.paths[i]
         try:
-            generated = _load_image(current, s, "RGB")  # (S, S, 3)
+            generated = load_resized(current, s, "RGB")  # (S, S, 3)
             current = self.products[i]
             product = load_product_rgb(current, s)  # (S, S, 3)
             maps = []
@@ -522,11 +523,12 @@ class SampleLoader:
                 current = self.maps[kind][i]
                 if current is None:
                     raise ValueError(f"no {kind}_path")
-                maps.append(_load_image(current, s, "L"))  # (S, S)
-        except FileNotFoundError:
-            raise ValueError(f"{current}: file not found") from None
-        except Exception as err:  # PIL raises several types for corrupt files
-            raise ValueError(f"{current}: {type(err).__name__}: {err}") from None
+                maps.append(load_resized(current, s, "L"))  # (S, S)
+        except Exception as err:  # the reader's errors name the file; others get its name
+            message = str(err)
+            if not message.startswith(f"{current}: "):
+                message = f"{current}: {type(err).__name__}: {message}"
+            raise ValueError(message) from None
         return product, generated, maps[0], maps[1]
 
     def _row(self, i: int) -> tuple | None:
