@@ -23,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
+from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig
 from rewardkit.training.loop import TrainConfigBase, TrainResult, resumable, run_training
 
@@ -76,7 +76,7 @@ class RFNetTrainConfig(TrainConfigBase):
 class InspectionData:
     """Inspection inputs for N samples at one resolution R (uint8 images, float tokens)."""
 
-    product: torch.Tensor  # (N, 3, R, R) uint8, composited on white
+    product: torch.Tensor  # (N, 3, R, R) uint8, on white, padded square (load_product_rgb)
     generated: torch.Tensor  # (N, 3, R, R) uint8
     depth: torch.Tensor | None  # (N, 1, R, R) uint8, 255 = nearest
     saliency: torch.Tensor | None  # (N, 1, R, R) uint8
@@ -124,26 +124,6 @@ class InspectionData:
                 for key in keys:
                     out[key] = None
         return out
-
-
-def _load_rgb(path: str, size: int, on_white: bool) -> np.ndarray:
-    with Image.open(path) as im:
-        if on_white:  # transparent product photo -> RGB on white (alpha is the mask)
-            rgba = im.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(canvas, rgba)
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
-
-
-def _load_grey(path: str, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
 
 
 @torch.no_grad()
@@ -196,8 +176,8 @@ def prepare_inspection_data(
     gen, prod, dep, sal = [], [], [], []
     need_truth = maps == "truth" and bool(mods & {"depth", "saliency"})
     for i in tqdm(range(table.num_rows), desc="decode", disable=not progress, unit="img"):
-        gen.append(_load_rgb(paths[i], size, on_white=False))
-        prod.append(_load_rgb(table["product_path"][i].as_py(), size, on_white=True))
+        gen.append(load_resized(paths[i], size, "RGB"))  # (S, S, 3)
+        prod.append(load_product_rgb(table["product_path"][i].as_py(), size))  # on white
         if need_truth:
             for kind, bucket in (("depth", dep), ("saliency", sal)):
                 if kind in mods:
@@ -205,7 +185,7 @@ def prepare_inspection_data(
                     p = table[column][i].as_py() if column in table.column_names else None
                     if not p:
                         raise ValueError(f"row {i}: no {kind}_path for maps='truth'")
-                    bucket.append(_load_grey(p, size))
+                    bucket.append(load_resized(p, size, "L"))  # (S, S)
     generated = torch.from_numpy(np.stack(gen)).permute(0, 3, 1, 2).contiguous()
     product = torch.from_numpy(np.stack(prod)).permute(0, 3, 1, 2).contiguous()
     depth = saliency = None
