@@ -14,7 +14,7 @@ from rewardkit.generation.pipeline import (
 )
 from rewardkit.generation.product import prepare_product
 
-from .conftest import TINY
+from .conftest import TINY, product_photo
 
 FAST = SamplerConfig(steps=4, guidance_scale=2.0)
 
@@ -128,3 +128,65 @@ def test_clear_errors(tmp_path, tiny_generator, photos):
         prepare_batch(tiny_generator, [prepare_product(photos[0], 64)], ["x"], [0])
     with pytest.raises(ValueError, match="differ in length"):
         prepare_batch(tiny_generator, [prepare_product(photos[0], 32)], ["x", "y"], [0])
+
+
+class _Brightness:
+    """A toy differentiable reward: mean brightness."""
+
+    name = "toy"
+    metric = "brightness"
+
+    def __call__(self, images, jobs):
+        score = images.mean(dim=(1, 2, 3))
+        return -score, score
+
+
+def test_a_finetuned_model_samples_as_its_base(tmp_path, tiny_generator):
+    import json
+
+    from rewardkit.generation.recurrent import ProductJob
+    from rewardkit.generation.run import sampler_for
+    from rewardkit.training.rfft import FinetuneConfig, finetune_generator
+
+    base = tmp_path / "base"
+    tiny_generator.save_pretrained(base)
+    (base / "rewardkit_generator.json").write_text(
+        json.dumps({"sampler": {"steps": 3, "guidance_scale": 1.5}})
+    )
+    jobs = [
+        ProductJob(f"p{i}", p, prepare_product(p, TINY.resolution), "a mug", "mug, 10 cm", 10.0,
+                   0.4)
+        for i, p in enumerate(product_photo(s) for s in range(4))
+    ]  # fmt: skip
+    # The fine-tune runs with its own steps and guidance...
+    config = FinetuneConfig(
+        lr=1e-3, batch_size=2, max_steps=1, regularizer="none", sample_steps=2,
+        guidance_scale=4.0, grad_window=1, probe_every=0, probe_size=2,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    summary = finetune_generator(
+        base, jobs[:2], jobs[2:], _Brightness(), config, run, sampler_for(base), False
+    )
+    assert summary["sampler"]["steps"] == 2 and summary["sampler"]["guidance_scale"] == 4.0
+    # ...but the model recommends its base's sampler; the run's is kept apart.
+    card = json.loads((run / "model" / "rewardkit_generator.json").read_text())
+    assert (card["sampler"]["steps"], card["sampler"]["guidance_scale"]) == (3, 1.5)
+    assert (card["finetune_sampler"]["steps"], card["finetune_sampler"]["guidance_scale"]) == (
+        2, 4.0,
+    )  # fmt: skip
+    assert sampler_for(run / "model") == sampler_for(base) == SamplerConfig(3, 1.5)
+    assert sampler_for(run / "model", steps=5, guidance=2.0) == SamplerConfig(5, 2.0)
+    # Cards written before the fix held the fine-tune's steps under "sampler": the base's win.
+    legacy = {k: v for k, v in card.items() if k != "finetune_sampler"}
+    legacy["sampler"] = card["finetune_sampler"]
+    (run / "model" / "rewardkit_generator.json").write_text(json.dumps(legacy))
+    assert sampler_for(run / "model") == SamplerConfig(3, 1.5)
+    # A folder that only combines others samples as its base; without any card, as SD does.
+    combo = tmp_path / "combo"
+    combo.mkdir()
+    (combo / "rewardkit_generator.json").write_text(json.dumps({"base": "../run/model"}))
+    assert sampler_for(combo) == SamplerConfig(3, 1.5)
+    (base / "rewardkit_generator.json").unlink()
+    assert sampler_for(combo) == SamplerConfig() and SamplerConfig().steps == 40
+    (combo / "rewardkit_generator.json").write_text(json.dumps({"base": "."}))
+    assert sampler_for(combo) == SamplerConfig()  # a cycle ends at the default

@@ -200,11 +200,11 @@ class _AcceptAll:
 def sampler_for(
     generator: str | Path, steps: int | None = None, guidance: float | None = None
 ) -> SamplerConfig:
-    """The sampler a generator folder recommends (``rewardkit_generator.json``, written by
-    ``rewardkit train generator``), else the reference pipeline's; flags override."""
-    card = Path(generator) / "rewardkit_generator.json"
-    rec = json.loads(card.read_text()).get("sampler", {}) if card.is_file() else {}
-    base = SamplerConfig(**rec)
+    """The sampler a generator folder recommends, else the reference pipeline's; flags
+    override. The recommendation is the ``"sampler"`` of its ``rewardkit_generator.json``
+    (``train generator`` writes one; ``finetune`` copies its base's), else its ``"base"``'s,
+    recursively: a fine-tuned model samples as its base, whatever steps the fine-tune ran."""
+    base = _recommended_sampler(Path(generator), ())
     return SamplerConfig(
         steps=steps or base.steps,
         guidance_scale=base.guidance_scale if guidance is None else guidance,
@@ -212,6 +212,20 @@ def sampler_for(
         blend=base.blend,
         negative_prompt=base.negative_prompt,
     )
+
+
+def _recommended_sampler(folder: Path, seen: tuple[Path, ...]) -> SamplerConfig:
+    card = folder / "rewardkit_generator.json"
+    info = json.loads(card.read_text()) if card.is_file() else {}
+    # Fine-tune cards written before "finetune_sampler" existed hold the fine-tune's own
+    # sampler under "sampler": their base's recommendation is the one to use.
+    legacy = "finetune" in info and "finetune_sampler" not in info
+    if "sampler" in info and not (legacy and info.get("base")):
+        return SamplerConfig(**info["sampler"])
+    base = info.get("base")
+    if base and folder.resolve() not in seen:
+        return _recommended_sampler(folder / base, (*seen, folder.resolve()))
+    return SamplerConfig()
 
 
 def generate_command(

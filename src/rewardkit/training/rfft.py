@@ -84,7 +84,12 @@ from rewardkit.generation.recurrent import (
     attempt_seed,
     products_on_white,
 )
-from rewardkit.io import write_folder_atomic, write_json_atomic, write_parquet_atomic
+from rewardkit.io import (
+    to_strict_json,
+    write_folder_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from rewardkit.training.generator import (
     DenoisingSet,
     GeneratorData,
@@ -566,8 +571,16 @@ def _write_curves(history: list[dict], out_dir: Path) -> None:
 
 
 def _save_model(
-    trainee: RFFTTrainee, base: Path, folder: Path, card: dict, sampler: SamplerConfig
+    trainee: RFFTTrainee,
+    base: Path,
+    folder: Path,
+    card: dict,
+    sampler: SamplerConfig,
+    run_sampler: SamplerConfig,
 ) -> Path:
+    """The fine-tuned component(s) and a ``rewardkit_generator.json`` naming ``base``. Its
+    ``"sampler"`` is the base generator's recommended one, so ``generate`` samples the model as
+    it would its base; the steps and guidance the fine-tune ran with are ``"finetune_sampler"``."""
     import shutil
 
     def write(tmp: Path) -> None:
@@ -576,8 +589,13 @@ def _save_model(
         if (base / "model_index.json").is_file():
             shutil.copy(base / "model_index.json", tmp / "model_index.json")
         rel = os.path.relpath(base.resolve(), folder.resolve())
-        info = {"base": rel, "sampler": asdict(sampler), "finetune": card}
-        (tmp / "rewardkit_generator.json").write_text(json.dumps(info, indent=2) + "\n")
+        info = {
+            "base": rel,
+            "sampler": asdict(sampler),
+            "finetune_sampler": asdict(run_sampler),
+            "finetune": card,
+        }
+        (tmp / "rewardkit_generator.json").write_text(to_strict_json(info, indent=2) + "\n")
 
     return write_folder_atomic(folder, write)
 
@@ -594,12 +612,16 @@ def finetune_generator(
     replay: GeneratorData | None = None,
 ) -> dict:
     """RFFT (module docstring). Returns the run summary (also ``train_summary.json``).
-    ``replay``: generated images the reward ranks highest (:func:`select_replay`), whose
-    denoising loss is added with ``config.replay_weight``."""
+    ``sampler``: the base generator's recommended sampler (``sampler_for(generator)``); the
+    run uses it with ``config.sample_steps`` / ``config.guidance_scale`` where given, and the
+    saved model recommends it unchanged. ``replay``: generated images the reward ranks
+    highest (:func:`select_replay`), whose denoising loss is added with
+    ``config.replay_weight``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = Path(generator)
     gen = AdGenerator.from_pretrained(base)
+    recommended = sampler  # the base's; the model card keeps it (not the run's steps)
     sampler = SamplerConfig(
         steps=config.sample_steps or sampler.steps,
         guidance_scale=(
@@ -692,7 +714,7 @@ def finetune_generator(
         out_dir,
         signature,
         evaluate=None,
-        save_model=lambda folder: _save_model(trainee, base, folder, card, sampler),
+        save_model=lambda folder: _save_model(trainee, base, folder, card, recommended, sampler),
         progress=progress,
         after_step=after_step,
     )
