@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from rewardkit.generation.product import PreparedProduct, paste_back, stack_products
-from rewardkit.io import write_folder_atomic, write_text_atomic
+from rewardkit.io import to_strict_json, write_folder_atomic, write_text_atomic
 
 __all__ = [
     "AdGenerator",
@@ -176,7 +176,7 @@ def combine_generator(
     card["base"] = _relative(base, folder)
     if controlnet is not None:
         card["controlnet"] = _relative(controlnet, folder)
-    write_text_atomic(folder / CARD, json.dumps(card, indent=2) + "\n")
+    write_text_atomic(folder / CARD, to_strict_json(card, indent=2) + "\n")
     component_folders(folder)
     return folder
 
