@@ -142,7 +142,7 @@ def cmd_train(data, test, out, epochs, lr, seed):
     print(f"train {len(X[3])}, test {0 if T is None else len(T[3])}; target sd {X[3].std():.3f}")
     model = SizeJudge()
     if os.environ.get("INIT"):
-        model.load_state_dict(torch.load(os.environ["INIT"]))
+        model.load_state_dict(torch.load(os.environ["INIT"], weights_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     n = len(X[3])
@@ -204,7 +204,7 @@ def finetune(judge_dir: str, weight: float, argv: list[str]) -> None:
 
     rfnet_w = float(os.environ.get("RFNET_W", "1"))
     judge = SizeJudge()
-    judge.load_state_dict(torch.load(os.path.join(judge_dir, "size_judge.pt")))
+    judge.load_state_dict(torch.load(os.path.join(judge_dir, "size_judge.pt"), weights_only=True))
     judge.eval().requires_grad_(False)
 
     class RFNetPlusSize(rfft.RFNetObjective):
@@ -257,7 +257,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.cmd == "test":
         m = SizeJudge()
-        m.load_state_dict(torch.load(os.path.join(a.out, "size_judge.pt")))
+        m.load_state_dict(torch.load(os.path.join(a.out, "size_judge.pt"), weights_only=True))
         print(evaluate(m, load_set([a.test]), a.test))
     elif a.cmd == "label":
         cmd_label(a.manifests, a.out)

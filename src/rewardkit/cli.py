@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+
+from rewardkit.io import to_strict_json
 
 
 def _positive(kind: type):
@@ -369,7 +370,7 @@ def _world_render(a: argparse.Namespace) -> int:
     counts = {}
     for lab in table.column("label").to_pylist():
         counts[lab] = counts.get(lab, 0) + 1
-    print(json.dumps({"out": a.out, "images": table.num_rows, "per_class": counts}))
+    print(to_strict_json({"out": a.out, "images": table.num_rows, "per_class": counts}))
     return 0
 
 
@@ -390,7 +391,7 @@ def _world_label(a: argparse.Namespace) -> int:
         ]
         if pairs:
             summary["agreement_with_label"] = sum(t == p for t, p in pairs) / len(pairs)
-    print(json.dumps(summary))
+    print(to_strict_json(summary))
     if errors:
         for e in table.column("error").to_pylist():
             if e:
@@ -403,7 +404,7 @@ def _world_community(a: argparse.Namespace) -> int:
 
     logs = simulate_pool(a.out, a.users, a.seed, a.prompts, a.images_per_prompt, a.size, a.events)
     summary = community_summary(logs, a.out)
-    print(json.dumps(summary))
+    print(to_strict_json(summary))
     return 0
 
 
@@ -422,7 +423,7 @@ def _score(a: argparse.Namespace) -> int:
         scorer, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
         progress=not a.no_progress,
     )  # fmt: skip
-    print(json.dumps(summary.to_dict()))
+    print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
         print(f"skipped: {s.path}: {s.reason}", file=sys.stderr)
     if len(summary.skipped) > 10:
@@ -453,7 +454,7 @@ def _curate(a: argparse.Namespace) -> int:
         print(f"rewardkit: note: {note}", file=sys.stderr)
     for warning in result.card["warnings"]:
         print(f"rewardkit: warning: {warning}", file=sys.stderr)
-    print(json.dumps(summary))
+    print(to_strict_json(summary))
     return 0
 
 
@@ -464,7 +465,7 @@ def _train(a: argparse.Namespace) -> int:
     config = _train_config(RewardTrainConfig, a)
     model = a.model or default_model_path("clip-score")
     result = train_reward(model, a.pairs, a.out, config)
-    print(json.dumps(_run_summary(result)))
+    print(to_strict_json(_run_summary(result)))
     return 0
 
 
@@ -481,7 +482,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         if not (model / "config.json").is_file():
             build_default_dual_encoder(model, seed=config.seed)
     result = pretrain_contrastive(model, a.manifest, a.out, config)
-    print(json.dumps(_run_summary(result)))
+    print(to_strict_json(_run_summary(result)))
     return 0
 
 
@@ -538,7 +539,7 @@ def _train_rfnet(a: argparse.Namespace) -> int:
     summary = train_rfnet_command(
         a.manifest, a.out, config, a.model_config, a.variant, a.ablation, a.maps, init=a.init
     )
-    print(json.dumps(summary))
+    print(to_strict_json(summary))
     return 0
 
 
@@ -555,7 +556,7 @@ def _train_generator(a: argparse.Namespace) -> int:
 
         model = export_checkpoint(a.out)
         _record_generator_keys(a.out, a.manifest, a.probe)
-        print(json.dumps({"model": str(model)}))
+        print(to_strict_json({"model": str(model)}))
         return 0
     summary = train_generator(
         a.manifest,
@@ -583,7 +584,7 @@ def _train_generator(a: argparse.Namespace) -> int:
         ),  # fmt: skip
     )
     _record_generator_keys(a.out, a.manifest, a.probe)
-    print(json.dumps({k: summary[k] for k in ("rows", "vae", "diffusion")}, default=float))
+    print(to_strict_json({k: summary[k] for k in ("rows", "vae", "diffusion")}))
     return 0
 
 
@@ -618,7 +619,7 @@ def _finetune(a: argparse.Namespace) -> int:
         a.generator or default_model_path("generator"), a.reward, a.products, a.out, config,
         probe=a.probe, limit=a.limit, progress=not a.no_progress, replay=a.replay,
     )  # fmt: skip
-    print(json.dumps(summary, default=float))
+    print(to_strict_json(summary))
     return 0
 
 
@@ -632,7 +633,7 @@ def _eval_generator(a: argparse.Namespace) -> int:
         diversity_products=a.diversity_products, recurrent_attempts=a.recurrent_attempts,
         batch_size=a.batch_size, seed=a.seed, allow_overlap=a.allow_overlap,
     )  # fmt: skip
-    print(json.dumps(result, default=float))
+    print(to_strict_json(result))
     return 0
 
 
@@ -648,7 +649,7 @@ def _generate(a: argparse.Namespace) -> int:
         sampler=sampler_for(generator, a.steps, a.guidance), seed=a.seed, limit=a.limit,
         progress=not a.no_progress,
     )  # fmt: skip
-    print(json.dumps(stats))
+    print(to_strict_json(stats))
     return 0
 
 
@@ -670,7 +671,7 @@ def _inspect(a: argparse.Namespace) -> int:
     rows = read_inspection_input(a.input, a.product, a.caption)
     inspector = Inspector.from_pretrained(a.model or default_model_path("rfnet"))
     summary = inspect_images(inspector, rows, a.out, batch_size=a.batch_size)
-    print(json.dumps(summary.to_dict()))
+    print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
         print(f"skipped: row {s['row']}: {s['path']}: {s['reason']}", file=sys.stderr)
     return 0
