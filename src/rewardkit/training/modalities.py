@@ -36,11 +36,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from rewardkit.io import read_image_rgb, write_json_atomic, write_parquet_atomic, write_png_atomic
+from rewardkit.io import (
+    read_image,
+    read_image_rgb,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_png_atomic,
+)
 from rewardkit.models.modalities import (
     DepthEstimator,
     SaliencyEstimator,
@@ -104,19 +109,19 @@ class MapTrainConfig(TrainConfigBase):
 
 
 def _load_maps(paths: Sequence[str], root: Path, shape: tuple[int, int], column: str):
-    """8-bit grey maps -> uint8 tensor (N, 1, H, W); each must have the images' size."""
+    """Grey maps (8- or 16-bit, scaled to 8) -> uint8 tensor (N, 1, H, W); each must have the
+    images' size."""
     arrays = []
     for i, rel in enumerate(paths):
         if not rel:
             raise ValueError(f"row {i}: empty {column}")
         path = Path(rel) if Path(rel).is_absolute() else root / rel
         try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L"))  # (H, W)
+            arr = read_image(path, "L")  # (H, W)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: map file not found (row {i}, {column})") from None
-        except Exception as err:  # PIL raises several types for corrupt files
-            raise ValueError(f"{path}: unreadable map ({type(err).__name__}: {err})") from None
+        except ValueError as err:  # names the file and what is wrong with it
+            raise ValueError(f"{err} (row {i}, {column})") from None
         if arr.shape != shape:
             raise ValueError(f"{path}: size {arr.shape} differs from its image's {shape}")
         arrays.append(arr)
