@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from rewardkit.io import (
     json_safe,
-    read_image_rgb,
+    probe_image,
+    read_image,
     to_strict_json,
     write_folder_atomic,
     write_json_atomic,
@@ -106,25 +107,50 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def load_images(paths: Sequence[str], root: Path, progress: bool = False) -> torch.Tensor:
-    """Decode images into a uint8 tensor (N, 3, H, W); every image must have the same size.
+MIXED_SIZE_MAX_SIDE = 512  # mixed sizes without a side meet at most here (>= CLIP inputs)
+
+
+def load_images(
+    paths: Sequence[str], root: Path, progress: bool = False, side: int | None = None
+) -> torch.Tensor:
+    """Decode images of any size into a uint8 tensor (N, 3, H, W) with the shared reader.
+
+    With ``side``, every image is brought to ``side`` x ``side`` as scoring does (shorter
+    edge to ``side``, antialiased bilinear, centre crop: ``images_to_pixel_values``), decoded
+    already reduced toward it, so memory follows ``side`` and not the files. Without it,
+    images of one size are kept as they are, and mixed sizes meet at the smallest shorter
+    edge among them (at most :data:`MIXED_SIZE_MAX_SIDE`).
 
     Raises:
-        FileNotFoundError / ValueError: naming the file that cannot be read, or the first
-            image whose size differs from the others.
+        FileNotFoundError / ValueError: naming the file that cannot be read.
     """
-    arrays, shape = [], None
-    for rel in tqdm(paths, desc="load", disable=not progress, unit="img"):
-        path = Path(rel) if Path(rel).is_absolute() else root / rel
-        arr = read_image_rgb(path)  # (H, W, 3)
-        if shape is None:
-            shape = arr.shape
-        elif arr.shape != shape:
-            raise ValueError(f"{path}: size {arr.shape[:2]} differs from {shape[:2]}")
-        arrays.append(arr)
-    if not arrays:
+    files = [Path(rel) if Path(rel).is_absolute() else root / rel for rel in paths]
+    if not files:
         raise ValueError(f"{root}: no images to load")
+    if side is None:  # headers only: are the sizes mixed?
+        sizes = {(p.width, p.height) for p in map(probe_image, files)}
+        if len(sizes) > 1:
+            side = min(MIXED_SIZE_MAX_SIDE, min(min(s) for s in sizes))
+    arrays = []
+    for path in tqdm(files, desc="load", disable=not progress, unit="img"):
+        arrays.append(read_image(path, "RGB", target_side=side))  # (H, W, 3)
+    if side is None and any(a.shape != arrays[0].shape for a in arrays):
+        side = min(MIXED_SIZE_MAX_SIDE, min(min(a.shape[:2]) for a in arrays))  # EXIF turns
+    if side is not None:
+        arrays = [_fit_square(a, side) for a in arrays]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+
+
+def _fit_square(image: np.ndarray, side: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (side, side, 3) uint8, resized and cropped as scorers do."""
+    from rewardkit.models.social_reward import images_to_pixel_values
+
+    if image.shape[:2] == (side, side):
+        return image
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div_(255.0)  # (1,3,H,W)
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    fitted = images_to_pixel_values(x, side, zero, one)[0]  # (3, side, side) in [0, 1]
+    return fitted.mul(255.0).round_().clamp_(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:
