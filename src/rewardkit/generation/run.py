@@ -38,13 +38,18 @@ from rewardkit.generation.recurrent import (
     RecurrentResult,
     recurrent_generate,
 )
-from rewardkit.io import write_json_atomic, write_parquet_atomic, write_png_atomic
+from rewardkit.io import (
+    IMAGE_SUFFIXES,
+    list_images,
+    write_json_atomic,
+    write_parquet_atomic,
+    write_png_atomic,
+)
 from rewardkit.world.placement import DEFAULT_FILL
 
 __all__ = ["load_jobs", "generate_command", "write_result"]
 
 _CM = re.compile(r"(\d+(?:\.\d+)?)\s*cm\b")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def _height(caption: str) -> float:
@@ -52,10 +57,17 @@ def _height(caption: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
+# Product photos are decoded reduced to a shorter side of 1024-2047 px when larger: enough
+# for placement at SD 1.5's 512 px, and a 12000 x 12000 photo is not held at full size.
+PHOTO_TARGET_SIDE = 512
+
+
 def _load_photo(path: Path):
+    """The product photo as RGBA, by the one product-photo loader (any format the reader
+    takes; a photo without alpha is cut out from its white background)."""
     from rewardkit.world.export import load_product_photo
 
-    return load_product_photo(path)
+    return load_product_photo(path, target_side=PHOTO_TARGET_SIDE)
 
 
 def load_jobs(
@@ -72,6 +84,7 @@ def load_jobs(
     if src.is_dir() and (src / "manifest.parquet").is_file():
         src = src / "manifest.parquet"
     rows: list[dict] = []
+    unusable: list[dict] = []  # a folder's entries that are not product photos, with why
     if src.is_file():
         table = pq.read_table(src)
         if "product_path" not in table.column_names:
@@ -89,9 +102,13 @@ def load_jobs(
                 }
             )
     elif src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files, others = list_images(src, recursive=False)
+        unusable = [{"row": None, "path": str(p), "reason": why} for p, why in others]
         if not files:
-            raise ValueError(f"{src}: no product photos ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(
+                f"{src}: no product photos ({', '.join(IMAGE_SUFFIXES)}; "
+                f"{len(others)} other entries skipped)"
+            )
         rows = [{"path": f, "prompt": None, "caption": "", "height": None, "fill": None,
                  "id": f.stem} for f in files]  # fmt: skip
     else:
@@ -104,7 +121,7 @@ def load_jobs(
         file_prompts = [p for p in file_prompts if p]
         if not file_prompts:
             raise ValueError(f"{prompts_file}: no prompts (one per line)")
-    jobs, skipped = [], []
+    jobs, skipped = [], unusable
     used: set[str] = set()
     for i, r in enumerate(rows):
         text = prompt or (file_prompts[i % len(file_prompts)] if file_prompts else r["prompt"])
