@@ -2,8 +2,12 @@
 
 Input is a manifest (Parquet: ``path``, ``product_path``, ``caption``; paths relative to the
 manifest's folder or absolute), or a folder of generated images of one product with the
-product photo and caption given once. Unreadable rows are skipped, counted and listed with
-the reason; the output is written atomically:
+product photo and caption given once. Images are read by the shared reader
+(``rewardkit.io``), reduced toward the inspector's resolution; product photos by the one
+product-photo loader, as RFNet was trained. Unreadable rows, and every entry of a folder that
+is not an image, are skipped, counted and listed with the reason. When the embedded default
+inspector meets images unlike AdWorld's, a ``DomainWarning`` says so once per run. The output
+is written atomically:
 
 ``verdicts.parquet``: path, product_path, caption, verdict, p_<class> per class,
 p_available, and the manifest's ``label`` when present.
@@ -19,12 +23,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from rewardkit.io import write_json_atomic, write_parquet_atomic
+from rewardkit.data.samples import load_product_rgb, resize_square
+from rewardkit.io import (
+    IMAGE_SUFFIXES,
+    decode_image,
+    list_images,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from rewardkit.models.inspector import Inspector
-from rewardkit.scoring import list_images
+from rewardkit.scoring import embedded_default_in_use, unlike_adworld, warn_unlike_adworld
+
+INSPECTOR_HINT = (
+    "pass an inspector trained on such images with --model DIR (an RFNet folder from "
+    "`rewardkit train rfnet`)"
+)
 
 __all__ = ["InspectionSummary", "inspect_images", "read_inspection_input"]
 
@@ -53,18 +68,27 @@ class InspectionSummary:
 def read_inspection_input(
     source: str | Path, product: str | Path | None = None, caption: str | None = None
 ) -> pa.Table:
-    """Rows (path, product_path, caption[, label]) with absolute paths, from a manifest or a
-    folder of one product's generated images (``product`` and ``caption`` required then)."""
+    """Rows (path, product_path, caption, error[, label]) with absolute paths, from a
+    manifest or a folder of one product's generated images (``product`` and ``caption``
+    required then). ``error`` is null, or why the row cannot be inspected: a folder's entries
+    that are not images (other files, hidden files, broken links) and manifest rows without
+    a path are rows with their reason, so the run lists them with the unreadable ones."""
     source = Path(source)
     if source.is_dir():
         if product is None or caption is None:
             raise ValueError(f"{source}: a folder needs --product FILE and --caption TEXT")
-        files = [str(p) for p in list_images(source)]
+        files, others = list_images(source)
         if not files:
-            raise ValueError(f"{source}: no images (.png, .jpg, .jpeg, .webp)")
-        n = len(files)
+            raise ValueError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        entries = sorted([(f, None) for f in files] + others, key=lambda e: str(e[0]))
+        n = len(entries)
         return pa.table(
-            {"path": files, "product_path": [str(Path(product))] * n, "caption": [caption] * n}
+            {
+                "path": [str(f) for f, _ in entries],
+                "product_path": [str(Path(product))] * n,
+                "caption": [caption] * n,
+                "error": pa.array([why for _, why in entries], pa.string()),
+            }
         )
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such manifest or folder")
@@ -73,28 +97,26 @@ def read_inspection_input(
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}; has {table.column_names}")
 
-    def absolute(column: str) -> list[str]:
+    def absolute(column: str) -> list[str | None]:
         return [
-            p if Path(p).is_absolute() else str(source.parent / p)
+            None if not p else p if Path(p).is_absolute() else str(source.parent / p)
             for p in table[column].to_pylist()
         ]
 
-    cols = {"path": absolute("path"), "product_path": absolute("product_path"),
-            "caption": [str(c) for c in table["caption"].to_pylist()]}  # fmt: skip
+    paths, products = absolute("path"), absolute("product_path")
+    errors = [
+        None if (p and q) else f"empty {'path' if not p else 'product_path'}"
+        for p, q in zip(paths, products, strict=True)
+    ]
+    cols = {
+        "path": pa.array(paths, pa.string()),
+        "product_path": pa.array(products, pa.string()),
+        "caption": ["" if c is None else str(c) for c in table["caption"].to_pylist()],
+        "error": pa.array(errors, pa.string()),
+    }
     if "label" in table.column_names:
         cols["label"] = table["label"].to_pylist()
     return pa.table(cols)
-
-
-def _read(path: str, size: int, on_white: bool) -> np.ndarray:
-    with Image.open(path) as im:
-        if on_white:
-            rgba = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im)
 
 
 def inspect_images(
@@ -104,9 +126,14 @@ def inspect_images(
     batch_size: int = 64,
     progress: bool = True,
 ) -> InspectionSummary:
-    """Inspect every row; write ``out`` (Parquet) and ``<stem>.skipped.json`` if any."""
+    """Inspect every row; write ``out`` (Parquet) and ``<stem>.skipped.json`` if any.
+
+    Rows with an ``error`` (see :func:`read_inspection_input`) and rows whose image or
+    product photo cannot be read are skipped with the reason."""
     out = Path(out)
     size = inspector.rfnet.config.resolution
+    check_domain = embedded_default_in_use(inspector)
+    products_seen: dict[str, np.ndarray] = {}  # a folder's one product photo is read once
     classes = inspector.classes
     start = time.perf_counter()
     kept: list[int] = []
@@ -114,17 +141,28 @@ def inspect_images(
     skipped: list[dict] = []
     paths, products = rows["path"].to_pylist(), rows["product_path"].to_pylist()
     captions = rows["caption"].to_pylist()
+    errors = rows["error"].to_pylist() if "error" in rows.column_names else [None] * len(paths)
     bar = tqdm(total=rows.num_rows, desc="inspect", disable=not progress, unit="img")
     for lo in range(0, rows.num_rows, batch_size):
         gen, prod, idx = [], [], []
         for i in range(lo, min(lo + batch_size, rows.num_rows)):
             try:
-                g_i = _read(paths[i], size, on_white=False)
-                p_i = _read(products[i], size, on_white=True)
-            except Exception as err:  # unreadable or missing: skip, count, report
-                reason = f"{type(err).__name__}: {err}"
-                skipped.append({"row": i, "path": paths[i], "reason": reason})
+                if errors[i] is not None:
+                    raise ValueError(errors[i])
+                decoded = decode_image(paths[i], "RGB", target_side=size)
+                g_i = resize_square(decoded.array, size)  # (S, S, 3)
+                if products[i] not in products_seen:
+                    if len(products_seen) >= 256:
+                        products_seen.clear()
+                    products_seen[products[i]] = load_product_rgb(products[i], size)
+                p_i = products_seen[products[i]]  # (S, S, 3) on white
+            except (OSError, ValueError) as err:  # unreadable or missing: skip, count, report
+                reason = str(err).removeprefix(f"{paths[i]}: ")
+                skipped.append({"row": i, "path": paths[i] or "", "reason": reason})
                 continue
+            if check_domain and (why := unlike_adworld(decoded)) is not None:
+                warn_unlike_adworld(f"{paths[i]}: {why}", INSPECTOR_HINT)
+                check_domain = False  # once per run
             gen.append(g_i)
             prod.append(p_i)
             idx.append(i)

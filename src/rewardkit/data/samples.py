@@ -51,6 +51,7 @@ __all__ = [
     "load_adworld_manifest",
     "load_product_rgb",
     "load_resized",
+    "resize_square",
     "load_rf1m",
     "product_keys",
     "split_by_product",
@@ -418,8 +419,13 @@ def load_product_rgb(path: str | Path, size: int) -> np.ndarray:
 def load_resized(path: str | Path, size: int, mode: str = "RGB") -> np.ndarray:
     """An image as (size, size, 3) (``"RGB"``) or (size, size) (``"L"``) uint8: read by
     :func:`rewardkit.io.read_image` (reduced toward ``size`` when much larger), then
-    resized (bilinear) to a square, as generated images and maps are fed to RFNet."""
-    return np.asarray(_resize(Image.fromarray(read_image(path, mode, target_side=size)), size))
+    resized to a square by :func:`resize_square`, as generated images and maps reach RFNet."""
+    return resize_square(read_image(path, mode, target_side=size), size)
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W[, C]) uint8 -> (size, size[, C]) uint8, bilinear (antialiased when shrinking)."""
+    return np.asarray(_resize(Image.fromarray(image), size))
 
 
 class SampleLoader:

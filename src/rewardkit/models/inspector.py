@@ -46,6 +46,7 @@ class Inspector(nn.Module):
         self.depth = depth if "depth" in mods else None
         self.saliency = saliency if "saliency" in mods else None
         self.caption = caption if "caption" in mods else None
+        self.name_or_path = ""  # the folder it was loaded from (set by from_pretrained)
         self.requires_grad_(False)
 
     @property
@@ -75,7 +76,9 @@ class Inspector(nn.Module):
             if pointer is not None and not Path(pointer).is_absolute():
                 pointer = str(folder / pointer)
             extractors[kind] = load_modality(kind, pointer)
-        return cls(rfnet, **extractors).to(device).eval()
+        inspector = cls(rfnet, **extractors)
+        inspector.name_or_path = str(folder)
+        return inspector.to(device).eval()
 
     def save_pointers(self, folder: str | Path, pointers: dict[str, str]) -> None:
         """Record which extractor folders this RFNet was trained with."""
