@@ -199,6 +199,7 @@ def evaluate(model, T, test_file):
 
 def finetune(judge_dir: str, weight: float, argv: list[str]) -> None:
     """``rewardkit finetune`` with the RFNet objective plus ``weight`` x the size loss."""
+    import rewardkit.commands.finetune as finetune_cmd
     import rewardkit.training.rfft as rfft
     from rewardkit.cli import main
 
@@ -231,14 +232,14 @@ def finetune(judge_dir: str, weight: float, argv: list[str]) -> None:
                 loss = loss + weight * extra
             return loss, p
 
-    load = rfft.load_objective
+    load = finetune_cmd.load_objective
 
     def load_objective(kind, folder, views=1):
         obj = load(kind, folder, views)
         obj.__class__ = RFNetPlusSize
         return obj
 
-    rfft.load_objective = load_objective
+    finetune_cmd.load_objective = load_objective
     sys.exit(main(argv))
 
 

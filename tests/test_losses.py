@@ -89,3 +89,16 @@ def test_weighted_mean_validates_shape():
     with pytest.raises(ValueError, match="weight"):
         weighted_mean(torch.ones(3), torch.ones(2))
     assert weighted_mean(torch.ones(2), torch.zeros(2)).item() == 0.0
+
+
+def test_consistent_condition_loss_compares_guidance_directions():
+    from rewardkit.losses import consistent_condition_loss, one_step_kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    u, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    # Same direction (even with another unconditional prediction): no penalty.
+    assert consistent_condition_loss(u, c, u + 1, c + 1, 0.5) == 0
+    # A direction off by d everywhere costs d^2 / (1 - a_t).
+    got = consistent_condition_loss(u, c + 0.1, u, c, 0.75)
+    assert torch.isclose(got, torch.tensor(0.01 / 0.25))
+    assert torch.isclose(one_step_kl_loss(u, u + 0.2), torch.tensor(0.04))

@@ -603,8 +603,9 @@ def _record_generator_keys(out: str, manifest: str, probe: str | None) -> None:
 
 
 def _finetune(a: argparse.Namespace) -> int:
+    from rewardkit.commands.finetune import finetune_command
     from rewardkit.models.defaults import default_model_path
-    from rewardkit.training.rfft import FinetuneConfig, finetune_command, parse_reward
+    from rewardkit.training.rfft import FinetuneConfig, parse_reward
 
     config = FinetuneConfig(
         lr=a.lr, batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed,

@@ -135,3 +135,36 @@ def contrastive_clip_loss(
     loss_i = F.cross_entropy(logits_per_image, labels)
     loss_t = F.cross_entropy(logits_per_image.t(), labels)
     return (loss_i + loss_t) / 2
+
+
+def consistent_condition_loss(
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    ref_uncond: torch.Tensor,
+    ref_cond: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+) -> torch.Tensor:
+    """L_CC (RFFT's Consistent Condition regulariser): the squared L2 distance between the
+    fine-tuned and the reference model's implicit-classifier gradients
+    ``grad log p(z | x_t, c) ~ -(eps(x_t, z, c) - eps(x_t, c)) / sqrt(1 - a_t)``, averaged
+    over latent elements.
+
+    Args:
+        eps_uncond, eps_cond: The fine-tuned model's noise predictions without and with the
+            prompt, shape (B, C, h, w).
+        ref_uncond, ref_cond: The frozen reference model's, same shape.
+        alpha_bar: ``a_t`` at the step (scalar); keep it fp32 (near 1 late in sampling).
+
+    Returns:
+        A scalar tensor.
+    """
+    _check_pair("eps_cond", eps_cond, "ref_cond", ref_cond)
+    return ((eps_cond - eps_uncond) - (ref_cond - ref_uncond)).pow(2).mean() / (1 - alpha_bar)
+
+
+def one_step_kl_loss(x0: torch.Tensor, ref_x0: torch.Tensor) -> torch.Tensor:
+    """The KL baseline of RFFT: between the two models' one-step predictions
+    ``p(x0_hat | x_t, z, c)``, Gaussians with a shared variance, i.e. up to that variance the
+    mean squared difference of the predictions (B, C, h, w) -> scalar."""
+    _check_pair("x0", x0, "ref_x0", ref_x0)
+    return (x0 - ref_x0).pow(2).mean()

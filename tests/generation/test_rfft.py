@@ -431,7 +431,7 @@ def test_finetune_cli_replay_keeps_the_rewards_best_share(tmp_path, tiny_generat
     def no_scoring(*a, **k):
         raise AssertionError("replay scored again on resume")
 
-    monkeypatch.setattr("rewardkit.training.rfft.score_generated", no_scoring)
+    monkeypatch.setattr("rewardkit.commands.finetune.score_generated", no_scoring)
     args[args.index("--max-steps") + 1] = "3"
     assert main(args) == 0
     again = json.loads((run / "finetune_summary.json").read_text())
