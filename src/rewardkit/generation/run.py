@@ -57,17 +57,13 @@ def _height(caption: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-# Product photos are decoded reduced to a shorter side of 1024-2047 px when larger: enough
-# for placement at SD 1.5's 512 px, and a 12000 x 12000 photo is not held at full size.
-PHOTO_TARGET_SIDE = 512
-
-
 def _load_photo(path: Path):
     """The product photo as RGBA, by the one product-photo loader (any format the reader
-    takes; a photo without alpha is cut out from its white background)."""
+    takes; cut out from a white background when it has no alpha; decoded reduced to a
+    shorter side of 1024-2047 px when larger, as the oracle and product keys read it)."""
     from rewardkit.world.export import load_product_photo
 
-    return load_product_photo(path, target_side=PHOTO_TARGET_SIDE)
+    return load_product_photo(path)
 
 
 def load_jobs(

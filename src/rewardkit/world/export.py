@@ -62,10 +62,13 @@ MANIFEST_COLUMNS = (
     "prompt_key",
 )
 LABEL_INPUT_COLUMNS = ("path", "product_path")  # plus product_height_cm or a caption with "N cm"
-# The oracle judges images and product photos of up to 2 x 512 px on the shorter side as they
-# are (every AdWorld render and cutout); larger files are decoded reduced to 1024-2047 px,
-# so a 12000 x 12000 image costs a 1091 px judgement instead of gigabytes of float arrays.
+# The oracle judges images of up to 2 x 512 px on the shorter side as they are (every AdWorld
+# render); larger files are decoded reduced to 1024-2047 px, so a 12000 x 12000 image costs a
+# 1091 px judgement instead of gigabytes of float arrays.
 ORACLE_TARGET_SIDE = 512
+# Product photos likewise, wherever they are read (generation, the oracle, product keys): the
+# same pixels everywhere, enough for placement at SD 1.5's 512 px; AdWorld cutouts are 192 px.
+PRODUCT_TARGET_SIDE = 512
 
 
 def item_row(item: Item, image_id: str, paths: dict[str, str], fill: float) -> dict:
@@ -190,7 +193,7 @@ def read_manifest(path: str | Path, required: Iterable[str] = LABEL_INPUT_COLUMN
 
 
 def load_product_photo(
-    path: str | Path, target_side: int | None = None, require_cutout: bool = True
+    path: str | Path, target_side: int | None = PRODUCT_TARGET_SIDE, require_cutout: bool = True
 ) -> np.ndarray:
     """A product photo as RGBA uint8 (H, W, 4): the one product-photo loader of every
     command (generation, the oracle, inspection and RFNet training).
@@ -201,7 +204,8 @@ def load_product_photo(
 
     Args:
         path: The photo.
-        target_side: The side the caller will scale the photo to (None: full size).
+        target_side: The side the caller will scale the photo to (None: full size). The
+            default is what generation, the oracle and product keys use, so they agree.
         require_cutout: Raise when the photo has neither alpha nor a white background
             (the generator and the oracle need the product's outline); False returns it
             opaque.
@@ -238,7 +242,7 @@ def judge_row(
     source = base / row["path"] if image is None else None
     if source is not None:
         image = read_image(source, "RGB", ORACLE_TARGET_SIDE)
-    cutout = load_product_photo(base / row["product_path"], ORACLE_TARGET_SIDE)
+    cutout = load_product_photo(base / row["product_path"])
     fill = float(row.get("fill") or DEFAULT_FILL)
     height = _height_cm(row, i, Path(manifest))
     try:
