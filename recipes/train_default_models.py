@@ -139,7 +139,7 @@ def main() -> None:
 
 def evaluate(work: Path) -> None:
     """Table 4 on the held-out prompts of the training community, written to work/eval.*"""
-    from rewardkit.compare import compare_scorers
+    from rewardkit.commands.eval_reward import compare_scorers
     from rewardkit.models.scorers import AestheticPredictor, DualEncoderScorer
 
     def dual(path: Path, name: str) -> DualEncoderScorer:

@@ -499,7 +499,7 @@ def _run_summary(result) -> dict:
 def _eval(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rewardkit.compare import compare_scorers
+    from rewardkit.commands.eval_reward import compare_scorers
     from rewardkit.io import write_json_atomic, write_text_atomic
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.scorers import create_scorer
@@ -532,7 +532,7 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _train_rfnet(a: argparse.Namespace) -> int:
-    from rewardkit.rfnet_runs import train_rfnet_command
+    from rewardkit.commands.rfnet import train_rfnet_command
     from rewardkit.training.rfnet import RFNetTrainConfig
 
     config = _train_config(RFNetTrainConfig, a)
@@ -655,7 +655,7 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _eval_rfnet(a: argparse.Namespace) -> int:
-    from rewardkit.rfnet_runs import eval_rfnet_command
+    from rewardkit.commands.rfnet import eval_rfnet_command
 
     text = eval_rfnet_command(
         a.manifest, a.model, a.runs, a.maps, a.seed, a.out, allow_overlap=a.allow_overlap

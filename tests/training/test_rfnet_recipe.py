@@ -181,7 +181,7 @@ def test_cli_train_rfnet_init_fine_tunes_a_saved_model(world, tmp_path, capsys):
 
 
 def test_oracle_labels_match_world_label_and_judge_given_pixels(world):
-    from rewardkit.rfnet_runs import agreement_with_oracle, oracle_labels
+    from rewardkit.commands.rfnet import agreement_with_oracle, oracle_labels
     from rewardkit.world.export import label_manifest
 
     manifest = world / "w" / "manifest.parquet"
@@ -206,7 +206,7 @@ def test_oracle_labels_match_world_label_and_judge_given_pixels(world):
 
 
 def test_load_samples_concatenates_manifests_and_splits_by_product_across_them(world, tmp_path):
-    from rewardkit.rfnet_runs import load_samples
+    from rewardkit.commands.rfnet import load_samples
 
     manifest = world / "w" / "manifest.parquet"
     one = load_samples(manifest)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rewardkit.compare import community_images, compare_scorers
+from rewardkit.commands.eval_reward import community_images, compare_scorers
 from rewardkit.data.curation import CurationConfig, card_rows, curate, pair_truth_accuracy
 from rewardkit.demo.run import held_out_note
 from rewardkit.io import read_image_rgb

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rewardkit.commands.rfnet import agreement_with_oracle, load_samples, oracle_verdicts
 from rewardkit.data.keys import check_held_out
 from rewardkit.demo.run import held_out_note
 from rewardkit.io import read_image_rgb
 from rewardkit.models.defaults import default_model_path
 from rewardkit.models.rfnet import RFNet
 from rewardkit.report.html import card, esc, figure_tag, table_html
-from rewardkit.rfnet_runs import agreement_with_oracle, load_samples, oracle_verdicts
 from rewardkit.training.rfnet import (
     VARIANTS,
     degrade_inspection_data,
