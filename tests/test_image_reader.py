@@ -16,7 +16,7 @@ from PIL import Image, ImageFile
 from rewardkit import io as rkio
 from rewardkit.cli import main
 from rewardkit.io import decode_image, list_images, probe_image, read_image
-from rewardkit.scoring import DomainWarning
+from rewardkit.scoring import DomainWarning, scorer_input
 from rewardkit.training.loop import load_images
 from tests.hostile import (
     BIG_SIDE,
@@ -239,13 +239,18 @@ def test_list_images_names_every_entry_it_does_not_use(tmp_path):
 def test_load_images_takes_mixed_sizes_as_scoring_does(tmp_path):
     rng = np.random.default_rng(2)
     sizes = [(40, 40), (48, 36), (300, 200)]
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    for i, (w, h) in enumerate(sizes):  # smooth pictures, as photos are
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        coarse.resize((w, h), Image.Resampling.BICUBIC).save(tmp_path / f"{i}.png")
     paths = [f"{i}.png" for i in range(3)]
     mixed = load_images(paths, tmp_path)
     assert mixed.shape == (3, 3, 36, 36) and mixed.dtype == torch.uint8
     fixed = load_images(paths, tmp_path, side=32)
     assert fixed.shape == (3, 3, 32, 32)
+    # The 300 x 200 image was decoded reduced; it matches the full decode brought to 32 px.
+    full = scorer_input(decode_image(tmp_path / "2.png"), 32).astype(np.float32)
+    assert decode_image(tmp_path / "2.png", target_side=32).reduction == 3
+    assert np.abs(fixed[2].permute(1, 2, 0).numpy() - full).mean() < 1
     same = load_images(["0.png", "0.png"], tmp_path)  # one size: kept as it is
     np.testing.assert_array_equal(same[0].permute(1, 2, 0).numpy(), read_image(tmp_path / "0.png"))
     with pytest.raises(FileNotFoundError, match="nope.png: image file not found"):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
-from rewardkit.io import png_bytes, read_image_rgb, write_parquet_atomic, write_png_atomic
+from rewardkit.io import (
+    png_bytes,
+    read_image,
+    read_image_rgb,
+    write_parquet_atomic,
+    write_png_atomic,
+)
 from rewardkit.models.scorers import Scorer, create_scorer
-from rewardkit.scoring import ScoreSummary, SkippedImage, list_images, score_images
+from rewardkit.models.social_reward import images_to_pixel_values
+from rewardkit.scoring import (
+    DomainWarning,
+    ScoreSummary,
+    SkippedImage,
+    embedded_default_in_use,
+    list_images,
+    score_images,
+)
 from tests.models.test_social_reward import make_tiny_vtde
 
 GOOD = [f"img{i}.png" for i in range(8)] + ["photo.jpg", "sub/tall.png"]  # sorted order
@@ -214,3 +229,90 @@ def test_input_errors_name_the_file(scorer, tmp_path):
     with pytest.raises(ValueError, match="batch_size"):
         score_images(scorer, tmp_path, tmp_path / "o.parquet", batch_size=0, progress=False)
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_folder_without_images_names_what_it_skipped(scorer, tmp_path):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.txt").write_text("x")
+    (tmp_path / "only" / "b.psd").write_text("x")
+    with pytest.raises(ValueError, match=r"no images found .*skipped a.txt: not an image file "
+                       r"type \('.txt'.* and 1 more"):  # fmt: skip
+        score_images(scorer, tmp_path / "only", tmp_path / "o.parquet", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [pa.large_string(), pa.string_view(), pa.dictionary(pa.int32(), pa.string())],
+    ids=["large_string", "string_view", "dictionary"],
+)
+def test_manifest_path_and_prompt_columns_of_any_string_type(scorer, folder, tmp_path, kind):
+    paths = [str(folder / p) for p in GOOD[:3]]
+    prompts = ["a red shoe", "blue bag", "a red shoe"]
+    plain = tmp_path / "plain.parquet"
+    write_parquet_atomic(plain, pa.table({"path": paths, "prompt": prompts}))
+    typed = tmp_path / "typed.parquet"
+    columns = {"path": pa.array(paths).cast(kind), "prompt": pa.array(prompts).cast(kind)}
+    write_parquet_atomic(typed, pa.table(columns))
+    assert pq.read_schema(typed).field("path").type == kind
+    a = score_images(scorer, plain, tmp_path / "a.parquet", progress=False)
+    b = score_images(scorer, typed, tmp_path / "b.parquet", progress=False)
+    assert a.scored == b.scored == 3 and not b.skipped
+    ta, tb = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
+    assert tb["path"].to_pylist() == paths and tb["prompt"].to_pylist() == prompts
+    np.testing.assert_allclose(ta["score"].to_numpy(), tb["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
+class InputRecorder(Scorer):
+    """A scorer with a 32 px input that keeps what it sees, resized as CLIP resizes."""
+
+    image_size = 32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, images: torch.Tensor, prompts: list[str], **context) -> torch.Tensor:
+        zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+        self.seen.append(images_to_pixel_values(images, 32, zero, one))  # (B, 3, 32, 32)
+        return torch.zeros(images.shape[0])
+
+
+def test_large_images_are_decoded_reduced_and_reach_the_scorer_as_full_decodes(tmp_path):
+    rng = np.random.default_rng(3)
+    for i, (w, h) in enumerate([(1200, 900), (2400, 1600), (700, 700)]):
+        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+        big = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+        big.save(tmp_path / f"big{i}.jpg", quality=95)
+    files = sorted(tmp_path.glob("*.jpg"))
+    recorder = InputRecorder()
+    summary = score_images(recorder, tmp_path, tmp_path / "s.parquet", progress=False)
+    assert summary.scored == 3
+    seen = torch.cat(recorder.seen)  # (3, 3, 32, 32), in folder order (one prompt)
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    for k, f in enumerate(files):
+        full = torch.from_numpy(read_image(f).copy()).permute(2, 0, 1)[None].float() / 255
+        reference = images_to_pixel_values(full, 32, zero, one)[0]
+        difference = (seen[k] - reference).abs()  # rounding to uint8 alone gives 0.25 / 255
+        assert difference.mean() < 1 / 255 and difference.max() < 6 / 255, f.name
+    reduced = read_image(files[1], target_side=32)  # what the loader gave the scorer
+    assert 64 <= min(reduced.shape[:2]) < 128  # 1600 px: 1/8 by the DCT, then by 3
+
+
+def test_domain_warning_only_for_the_embedded_model_on_large_images(scorer, folder, tmp_path):
+    from rewardkit.models.defaults import default_model_path
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((300, 400, 3), 90 + i, np.uint8)).save(big / f"{i}.png")
+    embedded = create_scorer("social-reward", default_model_path("social-reward"))
+    assert embedded_default_in_use(embedded) and not embedded_default_in_use(scorer)
+    with pytest.warns(DomainWarning) as seen:
+        score_images(embedded, big, tmp_path / "e.parquet", batch_size=1, progress=False)
+    messages = [str(w.message) for w in seen if issubclass(w.category, DomainWarning)]
+    assert len(messages) == 1 and "0.png: 400 x 300 px" in messages[0]
+    assert "--model DIR" in messages[0] and "CLIP ViT-L/14" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DomainWarning)
+        score_images(scorer, big, tmp_path / "t.parquet", progress=False)  # a user's model
+        score_images(embedded, folder, tmp_path / "f.parquet", progress=False)  # 40 px images

@@ -220,11 +220,15 @@ class DecodedImage:
         array: (H, W, 3|4) or (H, W) uint8, upright, possibly reduced (see ``target_side``).
         width: The file's width in pixels, upright (after EXIF orientation), before reduction.
         height: The file's height, likewise.
+        reduction: File pixels per array pixel along each side (1: full size). Array pixel
+            ``k`` covers file pixels ``[k * reduction, (k + 1) * reduction)``; the last one
+            may cover fewer.
     """
 
     array: np.ndarray
     width: int
     height: int
+    reduction: int = 1
 
 
 @dataclass(frozen=True)
@@ -297,12 +301,14 @@ def decode_image(
             _check_pixels(path, width, height)
             lock = _LARGE_DECODE if width * height > LARGE_IMAGE_PIXELS else nullcontext()
             with lock:
+                draft = 1
                 if target_side is not None and im.format == "JPEG":
-                    _draft(im, 2 * target_side)
+                    draft = _draft(im, 2 * target_side)
                 im.load()
                 orientation = _orientation(im)
                 factor = 1 if target_side is None else min(im.size) // (2 * target_side)
-                out = _shrink(im, max(1, factor))
+                factor = max(1, factor)
+                out = _shrink(im, factor)
     except Image.DecompressionBombError as e:
         raise ValueError(_too_large(path, e)) from None
     except UnidentifiedImageError:
@@ -320,7 +326,7 @@ def decode_image(
         out = out.transpose(_TRANSPOSE[orientation])
         if orientation >= 5:  # the quarter turns swap width and height
             width, height = height, width
-    return DecodedImage(np.asarray(_to_mode(out, mode)), width, height)
+    return DecodedImage(np.asarray(_to_mode(out, mode)), width, height, draft * factor)
 
 
 def probe_image(path: str | os.PathLike) -> ImageProbe:
@@ -445,13 +451,17 @@ def _too_large(path: str | os.PathLike, error: Exception) -> str:
     return f"{path}: image too large ({error}; limit {MAX_IMAGE_PIXELS} pixels)"
 
 
-def _draft(im: Image.Image, min_side: int) -> None:
-    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays >= min_side."""
+def _draft(im: Image.Image, min_side: int) -> int:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays >= min_side;
+    returns the scale's denominator (1: full size)."""
     w, h = im.size
     for scale in (8, 4, 2):
         if min(w, h) // scale >= min_side:
             im.draft(None, (w // scale, h // scale))
-            return
+            # PIL picks this very scale (the largest power of two <= w // (w // scale));
+            # a JPEG it cannot scale (several tiles) keeps its size.
+            return scale if im.size == (-(-w // scale), -(-h // scale)) else 1
+    return 1
 
 
 def _orientation(im: Image.Image, header_only: bool = False) -> int:

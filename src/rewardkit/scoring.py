@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
@@ -69,6 +70,7 @@ __all__ = [
     "embedded_default_in_use",
     "list_images",
     "score_images",
+    "scorer_input",
     "unlike_adworld",
 ]
 CHECKPOINT_EVERY = 20  # batches between checkpoints: at most 20 batches are ever re-scored
@@ -362,11 +364,38 @@ def _load_batch(
         except (OSError, ValueError) as e:
             bad[i] = str(e).removeprefix(f"{path}: ")
             continue
-        arrays.append(decoded.array)
+        # A reduced decode gets the scorer's crop now, with the full image's geometry.
+        arrays.append(decoded.array if decoded.reduction == 1 else scorer_input(decoded, side))
         index.append(i)
         if check_domain and unlike is None and (why := unlike_adworld(decoded)) is not None:
             unlike = f"{path}: {why}"
     return index, _stack(arrays, side) if arrays else None, bad, unlike
+
+
+def scorer_input(image: DecodedImage, side: int) -> np.ndarray:
+    """The (side, side, 3) uint8 image a scorer with square input ``side`` sees of a file:
+    shorter edge to ``side``, antialiased bilinear, centre crop (``images_to_pixel_values``).
+
+    The crop is placed by the file's full size, so an image decoded reduced
+    (``image.reduction > 1``) gives the pixels the full decode would: the crop's region is
+    resampled from the reduced pixels (PIL, antialiased bilinear, fractional box). A
+    full-size decode goes through ``images_to_pixel_values`` itself.
+    """
+    array = image.array
+    if image.reduction == 1:
+        x = torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float().div_(255.0)
+        zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+        fitted = images_to_pixel_values(x, side, zero, one)[0]  # (3, side, side) in [0, 1]
+        return fitted.mul(255.0).round_().clamp_(0, 255).byte().permute(1, 2, 0).numpy()
+    w, h = image.width, image.height
+    scale = side / min(w, h)
+    new_w, new_h = max(side, round(w * scale)), max(side, round(h * scale))
+    left, top = (new_w - side) // 2, (new_h - side) // 2
+    # The crop in file pixels, then in decoded pixels (each covers `reduction` file pixels).
+    fx, fy = w / new_w / image.reduction, h / new_h / image.reduction
+    box = (left * fx, top * fy, (left + side) * fx, (top + side) * fy)
+    resized = Image.fromarray(array).resize((side, side), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized)
 
 
 def _stack(arrays: Sequence[np.ndarray], side: int | None) -> torch.Tensor:

@@ -25,9 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from rewardkit.io import (
+    decode_image,
     json_safe,
     probe_image,
-    read_image,
     to_strict_json,
     write_folder_atomic,
     write_json_atomic,
@@ -124,6 +124,8 @@ def load_images(
     Raises:
         FileNotFoundError / ValueError: naming the file that cannot be read.
     """
+    from rewardkit.scoring import scorer_input  # imported on use: it loads transformers
+
     files = [Path(rel) if Path(rel).is_absolute() else root / rel for rel in paths]
     if not files:
         raise ValueError(f"{root}: no images to load")
@@ -131,26 +133,18 @@ def load_images(
         sizes = {(p.width, p.height) for p in map(probe_image, files)}
         if len(sizes) > 1:
             side = min(MIXED_SIZE_MAX_SIDE, min(min(s) for s in sizes))
-    arrays = []
-    for path in tqdm(files, desc="load", disable=not progress, unit="img"):
-        arrays.append(read_image(path, "RGB", target_side=side))  # (H, W, 3)
-    if side is None and any(a.shape != arrays[0].shape for a in arrays):
-        side = min(MIXED_SIZE_MAX_SIDE, min(min(a.shape[:2]) for a in arrays))  # EXIF turns
+    bar = tqdm(files, desc="load", disable=not progress, unit="img")
     if side is not None:
-        arrays = [_fit_square(a, side) for a in arrays]
+        return _as_tensor([scorer_input(decode_image(p, "RGB", side), side) for p in bar])
+    decoded = [decode_image(p, "RGB") for p in bar]
+    if any(d.array.shape != decoded[0].array.shape for d in decoded):  # EXIF turns
+        side = min(MIXED_SIZE_MAX_SIDE, min(min(d.array.shape[:2]) for d in decoded))
+        return _as_tensor([scorer_input(d, side) for d in decoded])
+    return _as_tensor([d.array for d in decoded])
+
+
+def _as_tensor(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-
-
-def _fit_square(image: np.ndarray, side: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (side, side, 3) uint8, resized and cropped as scorers do."""
-    from rewardkit.models.social_reward import images_to_pixel_values
-
-    if image.shape[:2] == (side, side):
-        return image
-    x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div_(255.0)  # (1,3,H,W)
-    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
-    fitted = images_to_pixel_values(x, side, zero, one)[0]  # (3, side, side) in [0, 1]
-    return fitted.mul(255.0).round_().clamp_(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:
