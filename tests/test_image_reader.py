@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 
 from rewardkit import io as rkio
 from rewardkit.cli import main
+from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.io import decode_image, list_images, probe_image, read_image
 from rewardkit.scoring import DomainWarning, scorer_input
 from rewardkit.training.loop import load_images
@@ -361,3 +362,17 @@ def test_generate_on_the_hostile_corpus(corpus, tmp_path, capsys):
     assert len(set(manifest["product_id"].to_pylist())) == len(corpus.good)  # photo.tif/.bmp/.gif
     for rel in manifest["path"].to_pylist():
         assert read_image(out / rel).shape == (64, 64, 3)
+
+
+def test_rfnet_inputs_of_large_files_match_the_full_decode(tmp_path):
+    rng = np.random.default_rng(4)
+    coarse = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8))
+    coarse.resize((1200, 900), Image.Resampling.BICUBIC).save(tmp_path / "g.png")
+    assert decode_image(tmp_path / "g.png", target_side=64).reduction == 7
+    with Image.open(tmp_path / "g.png") as im:
+        reference = np.asarray(im.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
+    got = load_resized(tmp_path / "g.png", 64)
+    assert got.shape == (64, 64, 3)
+    assert np.abs(got.astype(int) - reference).mean() < 0.5
+    product = load_product_rgb(tmp_path / "g.png", 64)  # opaque photo: kept, padded square
+    assert product.shape == (64, 64, 3) and (product[:4] == 255).all()  # white bands above

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from rewardkit.data.samples import load_product_rgb, resize_square
+from rewardkit.data.samples import fit_square, load_product_rgb
 from rewardkit.io import (
     IMAGE_SUFFIXES,
     decode_image,
@@ -150,7 +150,7 @@ def inspect_images(
                 if errors[i] is not None:
                     raise ValueError(errors[i])
                 decoded = decode_image(paths[i], "RGB", target_side=size)
-                g_i = resize_square(decoded.array, size)  # (S, S, 3)
+                g_i = fit_square(decoded, size)  # (S, S, 3)
                 if products[i] not in products_seen:
                     if len(products_seen) >= 256:
                         products_seen.clear()

@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 
 from rewardkit.data.keys import height_from_row, product_keys_of_paths
-from rewardkit.io import IMAGE_SUFFIXES, probe_image, read_image
+from rewardkit.io import IMAGE_SUFFIXES, DecodedImage, decode_image, probe_image
 from rewardkit.world.export import load_product_photo
 from rewardkit.world.scene import CLASSES
 
@@ -50,8 +50,8 @@ __all__ = [
     "SampleLoader",
     "load_adworld_manifest",
     "load_product_rgb",
+    "fit_square",
     "load_resized",
-    "resize_square",
     "load_rf1m",
     "product_keys",
     "split_by_product",
@@ -417,15 +417,21 @@ def load_product_rgb(path: str | Path, size: int) -> np.ndarray:
 
 
 def load_resized(path: str | Path, size: int, mode: str = "RGB") -> np.ndarray:
-    """An image as (size, size, 3) (``"RGB"``) or (size, size) (``"L"``) uint8: read by
-    :func:`rewardkit.io.read_image` (reduced toward ``size`` when much larger), then
-    resized to a square by :func:`resize_square`, as generated images and maps reach RFNet."""
-    return resize_square(read_image(path, mode, target_side=size), size)
+    """An image as (size, size, 3) (``"RGB"``) or (size, size) (``"L"``) uint8: decoded by
+    :func:`rewardkit.io.decode_image` (reduced toward ``size`` when much larger), then
+    brought to a square by :func:`fit_square`, as generated images and maps reach RFNet."""
+    return fit_square(decode_image(path, mode, target_side=size), size)
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W[, C]) uint8 -> (size, size[, C]) uint8, bilinear (antialiased when shrinking)."""
-    return np.asarray(_resize(Image.fromarray(image), size))
+def fit_square(image: DecodedImage, size: int) -> np.ndarray:
+    """A decoded image as (size, size[, C]) uint8: the whole file resized (bilinear,
+    antialiased when shrinking) to a square. A reduced decode is resampled over the file's
+    exact area, so its rounded-up last row and column do not shift the result."""
+    if image.reduction == 1:
+        return np.asarray(_resize(Image.fromarray(image.array), size))
+    box = (0.0, 0.0, image.width / image.reduction, image.height / image.reduction)
+    resized = Image.fromarray(image.array).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(resized)
 
 
 class SampleLoader:
