@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewardkit.data.keys import OverlapError, check_held_out
 from rewardkit.generation.default import GeneratorArch, build_generator, count_parameters
 
 
@@ -103,7 +104,9 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(float(np.corrcoef(a, b)[0, 1]), 3) if len(a) > 2 else None
 
 
-def prop_sizes(generator: str, products: str, n: int, batch_size: int = 16) -> dict:
+def prop_sizes(
+    generator: str, products: str, n: int, batch_size: int = 16, allow_overlap: bool = False
+) -> dict:
     import pyarrow.parquet as pq
 
     from rewardkit.generation.evaluate import generate_images
@@ -128,6 +131,10 @@ def prop_sizes(generator: str, products: str, n: int, batch_size: int = 16) -> d
               for p, c, h in zip(paths, cats, heights, strict=True)}  # fmt: skip
     size = generator_resolution(generator)
     jobs, _ = load_jobs(manifest, size, limit=n)
+    held_out = check_held_out(
+        {"generator": generator}, [j.product_key for j in jobs], [j.prompt for j in jobs],
+        allow_overlap=allow_overlap, where=str(manifest),
+    )  # fmt: skip
     gen = AdGenerator.from_pretrained(generator)
     images = generate_images(gen, [j.prepared for j in jobs], [j.prompt for j in jobs],
                              [attempt_seed(0, i, 1) for i in range(len(jobs))],
@@ -165,6 +172,7 @@ def prop_sizes(generator: str, products: str, n: int, batch_size: int = 16) -> d
         **{k: round(float(f()), 3) if len(e) else None for k, f in stats.items()},
         "corr_needed_vs_painted_height": _corr(need_a, need_a + e),
         "corr_error_vs_height_within_category": _corr(rel_a, e),
+        "held_out": held_out.to_dict(),
     }
 
 
@@ -178,6 +186,8 @@ def main() -> None:
     ap.add_argument("--generator", default=None, help="props: pipeline folder")
     ap.add_argument("--products", default=None, help="props: product manifest or folder")
     ap.add_argument("--balance", default=None, help='render class weights, e.g. "Available=1"')
+    ap.add_argument("--allow-overlap", action="store_true", help="props: report on products "
+                    "the generator trained or was chosen on")  # fmt: skip
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.what == "vae":
@@ -188,7 +198,11 @@ def main() -> None:
     if a.what == "props":
         if not (a.generator and a.products):
             ap.error("props needs --generator DIR and --products DIR")
-        print(json.dumps(prop_sizes(a.generator, a.products, a.n), indent=2))
+        try:
+            result = prop_sizes(a.generator, a.products, a.n, allow_overlap=a.allow_overlap)
+        except OverlapError as e:
+            raise SystemExit(f"bench_generator: error: {e}") from None
+        print(json.dumps(result, indent=2))
         return
     archs = {
         "default 32-64-128, cross-attention at 8 px": GeneratorArch(),

@@ -7,7 +7,8 @@ Both runs make the same attempts with the same seeds (a seed is a function of pr
 attempt only), so they return the same images; only the batching differs: the refill loop
 keeps every batch full with new products and retries, the naive loop generates one product
 at a time until it passes. The figure is accepted images per second.
-Products: held-out AdWorld renders of the Available class (seed 404), their prompts.
+Products: AdWorld renders of the Available class (seed 4242: none of the shipped models
+trained or was chosen on them; checked by product keys and printed as ``held_out``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rewardkit.data.keys import check_held_out
 from rewardkit.generation.pipeline import AdGenerator
 from rewardkit.generation.recurrent import InspectorJudge, OracleJudge, recurrent_generate
 from rewardkit.generation.run import load_jobs, sampler_for
@@ -49,9 +51,13 @@ def main() -> None:
         judge = InspectorJudge(Inspector.from_pretrained(default_model_path("rfnet")))
     with tempfile.TemporaryDirectory() as tmp:
         world = Path(tmp) / "w"
-        render_world(world, a.n, seed=404, size=gen.resolution, balance="Available=1",
+        render_world(world, a.n, seed=4242, size=gen.resolution, balance="Available=1",
                      progress=False)  # fmt: skip
         jobs, _ = load_jobs(world, gen.resolution)
+        held_out = check_held_out(
+            {"generator": folder, "rfnet": default_model_path("rfnet")},
+            [j.product_key for j in jobs], [j.prompt for j in jobs], allow_overlap=True,
+        )  # fmt: skip
         runs = {}
         for name, refill in (("refill", True), ("per_product", False)):
             r = recurrent_generate(gen, jobs, judge, sampler, a.max_attempts, a.batch_size,
@@ -77,6 +83,7 @@ def main() -> None:
                     2,
                 ),
                 "same_results": same,
+                "held_out": held_out.to_dict(),
                 "refill": runs["refill"],
                 "per_product": runs["per_product"],
             },
