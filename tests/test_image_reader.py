@@ -376,3 +376,20 @@ def test_rfnet_inputs_of_large_files_match_the_full_decode(tmp_path):
     assert np.abs(got.astype(int) - reference).mean() < 0.5
     product = load_product_rgb(tmp_path / "g.png", 64)  # opaque photo: kept, padded square
     assert product.shape == (64, 64, 3) and (product[:4] == 255).all()  # white bands above
+
+
+def test_list_images_reports_a_folder_it_cannot_read(tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    scandir = os.scandir
+
+    def refusing(path):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(rkio.os, "scandir", refusing)
+    files, skipped = list_images(tmp_path)
+    assert [p.name for p in files] == ["a.png"]
+    assert skipped == [(tmp_path / "locked", "folder cannot be read (PermissionError: "
+                        "Permission denied)")]  # fmt: skip

@@ -383,7 +383,12 @@ def list_images(
     pending = [root]
     while pending:
         current = pending.pop()
-        for entry in os.scandir(current):
+        try:
+            entries = list(os.scandir(current))
+        except OSError as e:  # a subfolder without read permission, or gone meanwhile
+            skipped.append((current, f"folder cannot be read ({type(e).__name__}: {e.strerror})"))
+            continue
+        for entry in entries:
             path = Path(entry.path)
             if entry.name.startswith("."):
                 kind = "folder, not searched" if entry.is_dir() else "file"
