@@ -393,3 +393,18 @@ def test_list_images_reports_a_folder_it_cannot_read(tmp_path, monkeypatch):
     assert [p.name for p in files] == ["a.png"]
     assert skipped == [(tmp_path / "locked", "folder cannot be read (PermissionError: "
                         "Permission denied)")]  # fmt: skip
+
+
+def test_float_images_are_scaled_as_a_whole_also_when_reduced(tmp_path, monkeypatch):
+    ramp = np.linspace(0, 1, 300 * 400, dtype=np.float32).reshape(300, 400)
+    Image.fromarray(ramp).save(tmp_path / "unit.tif")  # F, values in [0, 1]
+    wide = np.where(ramp < 0.5, ramp, ramp * 400 - 200)  # top half in [0, 0.5], then to 200
+    Image.fromarray(wide.astype(np.float32)).save(tmp_path / "wide.tif")
+    monkeypatch.setattr(rkio, "_STRIP_PIXELS", 4000)  # strips would each see part of it
+    for name, top in (("unit.tif", 255), ("wide.tif", 200)):
+        full = read_image(tmp_path / name, "L")
+        assert full[0, 0] == 0 and full[-1, -1] == top
+        reduced = read_image(tmp_path / name, "L", target_side=20)  # 300 // 40 = 7
+        assert reduced.shape == (43, 58)
+        expected = np.asarray(Image.fromarray(full).reduce(7), dtype=int)
+        assert np.abs(reduced.astype(int) - expected).max() <= 1

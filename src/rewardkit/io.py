@@ -519,8 +519,9 @@ def _scale_16_to_8(values: np.ndarray) -> np.ndarray:
 def _shrink(im: Image.Image, factor: int) -> Image.Image:
     """The image in a working mode, box-reduced by ``factor``; a large image is converted
     and reduced strip by strip, so only the decoded file and small strips are in memory."""
-    if factor == 1:
-        return _working(im)
+    if factor == 1 or im.mode == "F":  # a float image's scale is decided on the whole
+        im = _working(im)
+        return im if factor == 1 else im.reduce(factor)
     rows = max(factor, _STRIP_PIXELS // max(1, im.width) // factor * factor)
     out: Image.Image | None = None
     for top in range(0, im.height, rows):
