@@ -309,6 +309,11 @@ def decode_image(
                 factor = 1 if target_side is None else min(im.size) // (2 * target_side)
                 factor = max(1, factor)
                 out = _shrink(im, factor)
+                if orientation in _TRANSPOSE:
+                    out = out.transpose(_TRANSPOSE[orientation])
+                    if orientation >= 5:  # the quarter turns swap width and height
+                        width, height = height, width
+                array = np.asarray(_to_mode(out, mode))
     except Image.DecompressionBombError as e:
         raise ValueError(_too_large(path, e)) from None
     except UnidentifiedImageError:
@@ -322,11 +327,7 @@ def decode_image(
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
     except Exception as e:  # PIL raises several types for truncated or corrupt files
         raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-    if orientation in _TRANSPOSE:
-        out = out.transpose(_TRANSPOSE[orientation])
-        if orientation >= 5:  # the quarter turns swap width and height
-            width, height = height, width
-    return DecodedImage(np.asarray(_to_mode(out, mode)), width, height, draft * factor)
+    return DecodedImage(array, width, height, draft * factor)
 
 
 def probe_image(path: str | os.PathLike) -> ImageProbe:
