@@ -408,3 +408,20 @@ def test_float_images_are_scaled_as_a_whole_also_when_reduced(tmp_path, monkeypa
         assert reduced.shape == (43, 58)
         expected = np.asarray(Image.fromarray(full).reduce(7), dtype=int)
         assert np.abs(reduced.astype(int) - expected).max() <= 1
+
+
+def test_contrastive_training_takes_images_of_any_size_and_format(tmp_path, small_corpus):
+    from rewardkit.training.reward import PretrainConfig, pretrain_contrastive
+    from tests.models.test_social_reward import make_tiny_clip
+
+    model = make_tiny_clip(tmp_path / "clip")
+    rel = os.path.relpath(small_corpus.folder, tmp_path)
+    names = small_corpus.good * 3  # 64-96 px, 16-bit, CMYK, palette, EXIF, TIFF/BMP/GIF
+    rows = [{"path": f"{rel}/{n}", "prompt": ["a red cat", "a blue cat"][i % 2]}
+            for i, n in enumerate(names)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "manifest.parquet")
+    config = PretrainConfig(preset="all", batch_size=8, epochs=1, max_steps=2, lr=1e-3)
+    result = pretrain_contrastive(
+        model, tmp_path / "manifest.parquet", tmp_path / "run", config, progress=False
+    )
+    assert result.steps == 2 and (tmp_path / "run" / "model").is_dir()
