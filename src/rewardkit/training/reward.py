@@ -136,13 +136,15 @@ def pretrain_contrastive(
     manifest, out_dir = Path(manifest), Path(out_dir)
     table = read_table(manifest, ["path", config.text_column])
     texts = [str(t) for t in table.column(config.text_column).to_pylist()]
-    images = load_images(table.column("path").to_pylist(), manifest.parent, progress)
     n_val = min(512, len(texts) // 10)
     n_train = len(texts) - n_val
     if n_train < config.batch_size:
         raise ValueError(f"{manifest}: {n_train} training rows < batch_size {config.batch_size}")
 
     reward = SocialReward.from_pretrained(model_dir)
+    # Decoded at the model's input size, as scoring does: memory follows the model.
+    paths = table.column("path").to_pylist()
+    images = load_images(paths, manifest.parent, progress, side=reward.image_size)
     apply_preset(reward, config.preset)
     embed_text_rows = _text_embedder(reward, texts)
 
@@ -219,7 +221,6 @@ def train_reward(
     neg_paths = table.column("neg_path").to_pylist()
     unique = sorted(set(pos_paths) | set(neg_paths))
     index = {p: i for i, p in enumerate(unique)}
-    images = load_images(unique, pairs.parent, progress)  # (U, 3, H, W) uint8
     pos = torch.tensor([index[p] for p in pos_paths])
     neg = torch.tensor([index[p] for p in neg_paths])
     weights = torch.ones(len(prompts))
@@ -238,6 +239,7 @@ def train_reward(
         )
 
     reward = SocialReward.from_pretrained(model_dir)
+    images = load_images(unique, pairs.parent, progress, side=reward.image_size)  # (U, 3, S, S)
     apply_preset(reward, config.preset)
     embed_text_rows = _text_embedder(reward, prompts)
 
