@@ -35,6 +35,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_oracle_agreement.py
 	$(BIN)/python benchmarks/bench_community.py
 	$(BIN)/python benchmarks/bench_recurrent.py --n 32
+	$(BIN)/python benchmarks/bench_hostile_images.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

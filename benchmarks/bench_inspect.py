@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from rewardkit.inspection import inspect_images, read_inspection_input
+from rewardkit.commands.inspect import inspect_images, read_inspection_input
 from rewardkit.models.defaults import default_model_path
 from rewardkit.models.inspector import Inspector
 from rewardkit.models.modalities import load_modality

@@ -639,7 +639,8 @@ def _eval_generator(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from rewardkit.generation.run import generate_command, sampler_for
+    from rewardkit.commands.generate import generate_command
+    from rewardkit.generation.run import sampler_for
     from rewardkit.models.defaults import default_model_path
 
     generator = a.generator or default_model_path("generator")
@@ -665,7 +666,7 @@ def _eval_rfnet(a: argparse.Namespace) -> int:
 
 
 def _inspect(a: argparse.Namespace) -> int:
-    from rewardkit.inspection import inspect_images, read_inspection_input
+    from rewardkit.commands.inspect import inspect_images, read_inspection_input
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.inspector import Inspector
 

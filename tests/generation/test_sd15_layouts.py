@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rewardkit.commands.generate import generate_command
 from rewardkit.generation.default import build_generator
 from rewardkit.generation.pipeline import (
     AdGenerator,
@@ -23,7 +24,6 @@ from rewardkit.generation.pipeline import (
     generate_images,
 )
 from rewardkit.generation.product import prepare_product
-from rewardkit.generation.run import generate_command
 from rewardkit.io import write_png_atomic
 
 from .conftest import TINY, product_photo, sd15_scheduler

@@ -301,7 +301,8 @@ def eval_rfnet_command(
     else:
         folders = {"full": Path(model) if model else default_model_path("rfnet")}
     overlap = check_held_out(
-        {f"{name} ({folder})": folder for name, folder in folders.items()}, product_keys=samples["product_key"].to_pylist(),
+        {f"{name} ({folder})": folder for name, folder in folders.items()},
+        product_keys=samples["product_key"].to_pylist(),
         prompts=samples["prompt"].to_pylist() if "prompt" in samples.column_names else None,
         allow_overlap=allow_overlap, where=str(manifest),
     )  # fmt: skip

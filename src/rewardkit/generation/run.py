@@ -1,4 +1,4 @@
-"""``rewardkit generate``: products in, ad images out, optionally until accepted.
+"""Generation jobs and outputs: products in (``load_jobs``), images and manifests out.
 
 Inputs: ``--products`` is a folder of product photos (RGBA, or on white), or an AdWorld
 world folder / manifest (its ``product_path``, ``prompt``, ``caption``, ``product_height_cm``
@@ -21,22 +21,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from rewardkit.data.keys import prompt_key
-from rewardkit.generation.pipeline import AdGenerator, SamplerConfig
+from rewardkit.generation.pipeline import SamplerConfig
 from rewardkit.generation.product import prepare_product
 from rewardkit.generation.recurrent import (
-    InspectorJudge,
-    OracleJudge,
     ProductJob,
     RecurrentResult,
-    recurrent_generate,
 )
 from rewardkit.io import (
     IMAGE_SUFFIXES,
@@ -47,7 +42,7 @@ from rewardkit.io import (
 )
 from rewardkit.world.placement import DEFAULT_FILL
 
-__all__ = ["load_jobs", "generate_command", "write_result"]
+__all__ = ["load_jobs", "sampler_for", "write_result"]
 
 _CM = re.compile(r"(\d+(?:\.\d+)?)\s*cm\b")
 
@@ -201,15 +196,6 @@ def _row(j: ProductJob, a, rel: str, judged: bool) -> dict:
     }
 
 
-class _AcceptAll:
-    name = "none"
-
-    def __call__(self, images, prompts, **context):
-        import torch
-
-        return ["Available"] * images.shape[0], torch.ones(images.shape[0])
-
-
 def sampler_for(
     generator: str | Path, steps: int | None = None, guidance: float | None = None
 ) -> SamplerConfig:
@@ -239,55 +225,3 @@ def _recommended_sampler(folder: Path, seen: tuple[Path, ...]) -> SamplerConfig:
     if base and folder.resolve() not in seen:
         return _recommended_sampler(folder / base, (*seen, folder.resolve()))
     return SamplerConfig()
-
-
-def generate_command(
-    generator: str | Path,
-    products: str | Path,
-    out: str | Path,
-    prompt: str | None = None,
-    prompts_file: str | Path | None = None,
-    until_accepted: bool = False,
-    judge: str = "inspector",
-    inspector: str | Path | None = None,
-    max_attempts: int = 8,
-    batch_size: int = 16,
-    sampler: SamplerConfig | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    progress: bool = True,
-) -> dict:
-    sampler = sampler if sampler is not None else SamplerConfig()
-    gen = AdGenerator.from_pretrained(generator)
-    jobs, skipped = load_jobs(products, gen.resolution, prompt, prompts_file, limit=limit)
-    if until_accepted:
-        if judge == "oracle":
-            if any(j.height_cm != j.height_cm for j in jobs):  # NaN: no size known
-                raise ValueError("--judge oracle needs each product's height (manifest or caption)")
-            accept = OracleJudge()
-        elif judge == "inspector":
-            from rewardkit.models.defaults import default_model_path
-            from rewardkit.models.inspector import Inspector
-
-            accept = InspectorJudge(
-                Inspector.from_pretrained(inspector or default_model_path("rfnet"))
-            )
-        else:
-            raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
-    else:
-        accept = _AcceptAll()
-    bar = tqdm(total=len(jobs), desc="generate", unit="product", disable=not progress)
-
-    def tick(done: int, total: int) -> None:
-        bar.update(done - bar.n)
-
-    result = recurrent_generate(
-        gen, jobs, accept, sampler, max_attempts if until_accepted else 1, batch_size, seed,
-        progress=tick,
-    )  # fmt: skip
-    bar.close()
-    out = Path(out)
-    stats = write_result(out, jobs, result, judged=until_accepted)
-    stats.update({"judge": accept.name, "skipped": skipped, "sampler": asdict(sampler)})
-    write_json_atomic(out / "stats.json", stats)
-    return stats
