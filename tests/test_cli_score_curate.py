@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -11,9 +10,8 @@ import pytest
 from rewardkit.cli import main
 from rewardkit.data.curation import SPLITS
 from rewardkit.io import write_parquet_atomic
-from rewardkit.world.appearance import FEATURE_NAMES
-from rewardkit.world.community import CommunityConfig, simulate_community
 from rewardkit.world.community_io import write_community
+from tests.data.small_community import small_community
 from tests.models.test_social_reward import make_tiny_vtde
 from tests.test_scoring import BAD, GOOD, make_folder
 
@@ -31,17 +29,7 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory) -> Path:
     """A small simulated community: 20 prompts x 8 images, 1500 users."""
-    rng = np.random.default_rng(0)
-    prompt_id = np.repeat(np.arange(20), 8)
-    images = pa.table({
-        "image_id": np.arange(160, dtype=np.int64),
-        "prompt_id": prompt_id,
-        "prompt": [f"prompt {p}" for p in prompt_id],
-        "path": [f"images/{i}.png" for i in range(160)],
-    })  # fmt: skip
-    feats = np.tanh(rng.normal(0, 0.6, (160, len(FEATURE_NAMES)))).astype(np.float32)
-    community = simulate_community(images, feats, CommunityConfig(n_users=1500, seed=0))
-    return write_community(community, tmp_path_factory.mktemp("logs"))
+    return write_community(small_community(), tmp_path_factory.mktemp("logs"))
 
 
 def test_score_folder_prints_a_json_summary(model, folder, tmp_path, capsys):
@@ -51,9 +39,11 @@ def test_score_folder_prints_a_json_summary(model, folder, tmp_path, capsys):
     assert main(argv) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
-    assert summary["scored"] == len(GOOD) and summary["skipped"] == len(BAD)
+    # Every entry that cannot be used is listed: the two bad images and notes.txt.
+    assert summary["scored"] == len(GOOD) and summary["skipped"] == len(BAD) + 1
     assert summary["out"] == str(out) and summary["seconds"] >= 0
-    assert "skipped: broken.png" in captured.err and "skipped: fake.jpg" in captured.err
+    for name in (*BAD, "notes.txt"):
+        assert f"skipped: {name}" in captured.err
     table = pq.read_table(out)
     assert table.num_rows == len(GOOD) and set(table["prompt"].to_pylist()) == {"a red shoe"}
 

@@ -16,9 +16,8 @@ from rewardkit.data.curation import (
     pair_truth_accuracy,
 )
 from rewardkit.io import write_parquet_atomic, write_text_atomic
-from rewardkit.world.appearance import FEATURE_NAMES
-from rewardkit.world.community import CommunityConfig, simulate_community
 from rewardkit.world.community_io import write_community
+from tests.data.small_community import small_community
 
 TS = pa.timestamp("us", tz="UTC")
 T0 = 1_704_067_200  # 2024-01-01, seconds
@@ -225,16 +224,7 @@ def test_shipped_configs():
 
 @pytest.fixture(scope="module")
 def community(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    prompt_id = np.repeat(np.arange(50), 10)
-    images = pa.table({
-        "image_id": np.arange(500, dtype=np.int64) + 100,
-        "prompt_id": prompt_id,
-        "prompt": [f"prompt {p}" for p in prompt_id],
-        "path": [f"images/{i}.png" for i in range(500)],
-    })  # fmt: skip
-    feats = np.tanh(rng.normal(0, 0.6, (500, len(FEATURE_NAMES)))).astype(np.float32)
-    logs = simulate_community(images, feats, CommunityConfig(n_users=4000, seed=0))
+    logs = small_community(prompts=50, per_prompt=10, users=4000, first_id=100)
     return write_community(logs, tmp_path_factory.mktemp("community")), logs
 
 

@@ -5,7 +5,6 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,9 +20,8 @@ from rewardkit.data.log_schema import (
     text_id_to_int64,
 )
 from rewardkit.io import write_parquet_atomic
-from rewardkit.world.appearance import FEATURE_NAMES
-from rewardkit.world.community import CommunityConfig, simulate_community
 from rewardkit.world.community_io import schema_markdown
+from tests.data.small_community import small_community
 
 Tables = tuple[pa.Table, pa.Table, pa.Table]  # users, images, events
 T2024 = 1_704_067_200  # 2024-01-01T00:00Z in seconds
@@ -36,16 +34,7 @@ CONFIG = CurationConfig(creator_signal=dataclasses.replace(CurationConfig().crea
 def canonical() -> Tables:
     """A small simulated community (20 prompts x 8 images), times floored to whole seconds so
     that epoch seconds and milliseconds spell it exactly."""
-    rng = np.random.default_rng(0)
-    prompt_id = np.repeat(np.arange(20), 8)
-    images = pa.table({
-        "image_id": np.arange(160, dtype=np.int64),
-        "prompt_id": prompt_id,
-        "prompt": [f"prompt {p}" for p in prompt_id],
-        "path": [f"images/{i}.png" for i in range(160)],
-    })  # fmt: skip
-    feats = np.tanh(rng.normal(0, 0.6, (160, len(FEATURE_NAMES)))).astype(np.float32)
-    logs = simulate_community(images, feats, CommunityConfig(n_users=1500, seed=0))
+    logs = small_community()
     images = _set(logs.images, "posted_at", pc.floor_temporal(logs.images["posted_at"],
                                                               unit="second"))  # fmt: skip
     events = _set(logs.events, "ts", pc.floor_temporal(logs.events["ts"], unit="second"))

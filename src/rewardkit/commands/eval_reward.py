@@ -12,35 +12,24 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from rewardkit.data.keys import check_held_out
 from rewardkit.evaluation import EvalTable, evaluate_scores
 from rewardkit.models.scorers import Scorer
-from rewardkit.training.loop import load_images
+from rewardkit.training.loop import load_images, read_table
 
 __all__ = ["compare_scorers", "community_images", "score_images_in_memory"]
-
-
-def _read(path: Path, columns: list[str]) -> pa.Table:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    table = pq.read_table(path)
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; has {table.column_names}")
-    return table
 
 
 def community_images(community: str | Path) -> pa.Table:
     """The image table of a community folder: image_id, prompt_id, prompt, path (relative to
     the folder), from ``images.parquet`` (or ``pool.parquet`` when it lacks paths)."""
     root = Path(community)
-    table = _read(root / "images.parquet", ["image_id", "prompt_id", "prompt"])
+    table = read_table(root / "images.parquet", ["image_id", "prompt_id", "prompt"])
     if "path" not in table.column_names:
-        pool = _read(root / "pool.parquet", ["image_id", "path"])
+        pool = read_table(root / "pool.parquet", ["image_id", "path"])
         table = table.join(pool.select(["image_id", "path"]), "image_id")
     return table.select(["image_id", "prompt_id", "prompt", "path"])
 
@@ -90,10 +79,12 @@ def compare_scorers(
     root = Path(community)
     images = community_images(root)
     truth_path = root / "truth" / "images.parquet"
-    truth = _read(truth_path, ["image_id", "prompt_id", "appeal"]) if truth_path.is_file() else None
+    truth = None
+    if truth_path.is_file():
+        truth = read_table(truth_path, ["image_id", "prompt_id", "appeal"])
     pair_table = None
     if pairs is not None:
-        pair_table = _read(Path(pairs), ["pos_image_id", "neg_image_id", "prompt_id"])
+        pair_table = read_table(Path(pairs), ["pos_image_id", "neg_image_id", "prompt_id"])
         held = pair_table
         if split is not None:
             if "split" not in pair_table.column_names:
