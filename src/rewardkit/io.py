@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -68,14 +69,25 @@ def default_permissions(path: str | os.PathLike) -> None:
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing any existing ``dst`` (old copy removed last)."""
-    backup = None
-    if dst.exists():
-        backup = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        dst.rename(backup)
-    src.rename(dst)
-    if backup is not None:
+    """Move folder ``src`` to ``dst``, replacing any existing ``dst`` (old copy removed last).
+
+    The old copy's name is unique to this call (process id and a random part), so two writers
+    replacing the same folder never move or delete each other's backup."""
+    backups = []
+    for attempt in range(8):
+        if dst.exists():
+            backups.append(dst.with_name(f".{dst.name}.old-{os.getpid()}-{uuid.uuid4().hex}"))
+            try:
+                dst.rename(backups[-1])
+            except FileNotFoundError:  # another writer moved it first
+                backups.pop()
+        try:
+            src.rename(dst)
+            break
+        except OSError:  # another writer's folder landed in between: move it aside too
+            if attempt == 7 or not dst.exists():
+                raise
+    for backup in backups:
         shutil.rmtree(backup, ignore_errors=True)
 
 

@@ -1,17 +1,30 @@
 """The training loop every recipe shares, its configs' base, checkpoints and data helpers.
 
-Recipes (``training/reward.py``, ``training/rfnet.py``) are plain functions that prepare
+Recipes (``training/reward.py``, ``training/rfnet.py``, ...) are plain functions that prepare
 data and a ``step_loss(rows) -> loss`` closure and hand them to :func:`run_training`, which
 owns the optimiser, accelerate, checkpoints (safetensors for weights) and exact resume.
+
+Several processes (``accelerate launch --num_processes N``, ``torchrun``): the step function
+runs as the forward of a DDP-wrapped module, each process takes an equal, disjoint share of
+every step's rows (``batch_size`` is the global batch; ``grad_accum`` splits it further into
+micro-steps), BatchNorm statistics are those of the whole batch (:class:`GlobalBatchNorm`),
+random draws inside a step are keyed by (seed, step, row) (:func:`keyed_generator`) so they do
+not depend on the split, and only the main process writes. Dropout draws from the global RNG
+and so does depend on the split; each process's RNG state is checkpointed, so resume at the
+same number of processes is exact.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +35,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from rewardkit.io import (
@@ -34,16 +48,25 @@ from rewardkit.io import (
 )
 
 __all__ = [
+    "GlobalBatchNorm",
+    "MicroBatch",
     "TrainConfigBase",
     "TrainResult",
     "as_float",
+    "gather_rows",
+    "is_main_process",
+    "keyed_generator",
+    "keyed_seed",
     "load_checkpoint",
     "load_images",
+    "mean_over_processes",
+    "on_main",
     "permutation",
     "read_table",
     "resumable",
     "run_training",
     "save_checkpoint",
+    "shared_accelerator",
     "summarize_names",
 ]
 
@@ -61,11 +84,12 @@ class TrainConfigBase:
     seed: int = 0
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
+    grad_accum: int = 1  # micro-steps per optimiser step (batch_size stays the global batch)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"lr: must be positive; got {self.lr}")
-        for name in ("batch_size", "epochs", "checkpoint_every"):
+        for name in ("batch_size", "epochs", "checkpoint_every", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1; got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -175,11 +199,16 @@ def resumable(config: TrainConfigBase) -> dict:
     keep = asdict(config)
     for budget in ("max_steps", "checkpoint_every"):
         keep.pop(budget)
+    if keep.get("grad_accum") == 1:  # the default: checkpoints from before the field resume
+        keep.pop("grad_accum")
     return keep
 
 
-def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> None:
-    """Trainable weights (safetensors), optimiser state and counters, written atomically."""
+def save_checkpoint(
+    folder: Path, model: nn.Module, optimizer, state: dict, rng: list[dict] | None = None
+) -> None:
+    """Trainable weights (safetensors), optimiser state and counters, and with ``rng`` each
+    process's RNG states (``rng_rank<i>.safetensors``), written atomically."""
     trainable = {
         n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
     }
@@ -194,6 +223,8 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer, state: dict) -> N
         # torch's restricted unpickler that refuses code; weights are safetensors.
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(to_strict_json(state, indent=2) + "\n")
+        if rng is not None:
+            _write_rng(tmp, rng)
 
     write_folder_atomic(folder, write)
 
@@ -253,10 +284,269 @@ def summarize_names(names: list[str], first: int = 5) -> str:
     return f"{len(names)} ({', '.join(names[:first])}{more})"
 
 
+# ---------------------------------------------------------------------------------------
+# Processes: one Accelerator per process, micro-batches, draws keyed by (step, row).
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """One process's share of one optimiser step: its rows and where they sit in the step.
+
+    A plain dataclass (not a tensor, tuple or dict), so DDP hands it to the step function
+    without moving ``rows`` to the GPU (the recipes index CPU tensors with them)."""
+
+    rows: torch.Tensor  # (b,) row indices in [0, n_rows)
+    step: int  # the optimiser step being taken, 0-based
+    index: int  # this part among the step's: micro_step * world_size + rank
+    count: int  # parts per step: grad_accum * world_size
+
+
+_ACCELERATOR: Any = None
+
+
+def shared_accelerator(mixed_precision: str = "no"):
+    """The process's one ``Accelerator``, made on first use. accelerate's state is a
+    per-process singleton (a second Accelerator with another precision raises), so a run with
+    another precision resets the Accelerator's part of it and keeps the process group.
+
+    Under a multi-process launch on a machine without a GPU (``torchrun``, ``accelerate
+    launch --multi_gpu``) the processes train on the CPU over gloo: accelerate would otherwise
+    see no GPU and run each process alone."""
+    global _ACCELERATOR
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if _ACCELERATOR is not None and _ACCELERATOR.mixed_precision == mixed_precision:
+        return _ACCELERATOR
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
+        launched and not torch.cuda.is_available()
+    )
+    # Unused trainable parameters (logit_scale under the triplet loss, adapters a branch
+    # skips) are allowed; buffers are not broadcast: BatchNorm statistics are global (see
+    # GlobalBatchNorm) and EMA buffers follow the synchronised weights on every process.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+    _ACCELERATOR = Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[ddp])
+    return _ACCELERATOR
+
+
+def is_main_process() -> bool:
+    """True in the process that writes (rank 0), and when not launched on several."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (b, ...) of every process concatenated in rank order (W*b, ...), with gradients
+    flowing back to each process's own rows; ``x`` itself in a single process. For losses
+    over the whole batch (InfoNCE's in-batch negatives)."""
+    world, _ = _world()
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in the main process only, its result broadcast to every process (probes,
+    validation: computed once, logged the same everywhere)."""
+    world, rank = _world()
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box = [fn() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the processes (every process passes the same keys)."""
+    world, _ = _world()
+    if world == 1 or not values:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def keyed_seed(*key: int) -> int:
+    """A 63-bit seed from integers (run seed, step, row, ...): the same in every process,
+    whatever the split of rows across them."""
+    words = [int(k) % (1 << 64) for k in key]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`keyed_seed` of ``key``."""
+    return torch.Generator().manual_seed(keyed_seed(*key))
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the batch of all processes (what one
+    process would compute on the whole batch), on any device: torch's SyncBatchNorm refuses
+    the CPU. Same parameters and buffers as the BatchNorm it replaces (:func:`_globalize`).
+    The statistics travel through autograd-aware all-reduces, so gradients are exact too."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        world, _ = _world()
+        if not (self.training and world > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n = all_reduce(torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device))
+        mean = all_reduce(x.sum(dims)) / n  # (C,)
+        var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / n  # (C,), biased
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum
+                if m is None:  # cumulative average, as nn.BatchNorm
+                    m = 1.0 / float(self.num_batches_tracked)
+                unbiased = var * (n / (n - 1).clamp_min(1))
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), m)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def _globalize(model: nn.Module) -> list[tuple[nn.Module, type]]:
+    """Turn every BatchNorm of ``model`` into a :class:`GlobalBatchNorm` in place (names,
+    parameters and buffers kept); returns what to turn back."""
+    swapped = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and not isinstance(m, (GlobalBatchNorm, nn.SyncBatchNorm)):
+            swapped.append((m, type(m)))
+            m.__class__ = GlobalBatchNorm
+    return swapped
+
+
+class _StepModule(nn.Module):
+    """The trained model and the recipe's step function as one module whose forward is the
+    step's loss: DDP wraps this, so the forward runs under DDP and its hooks see the
+    gradients of the model's parameters (the step function uses them)."""
+
+    def __init__(self, model: nn.Module, step_loss: Callable, takes_micro: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.step_loss = step_loss
+        self.takes_micro = takes_micro
+
+    def forward(self, micro: MicroBatch) -> torch.Tensor:
+        if self.takes_micro:
+            return self.step_loss(micro.rows, micro)
+        return self.step_loss(micro.rows)
+
+
+def _takes_micro(step_loss: Callable) -> bool:
+    params = inspect.signature(step_loss).parameters.values()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2
+
+
+# RNG state per process, in the checkpoint folder (safetensors with a JSON header).
+RNG_META = "rewardkit_rng"
+
+
+def _rng_state() -> dict:
+    """This process's torch (CPU and CUDA), numpy and Python RNG states as tensors + JSON."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy_key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+        "python": torch.tensor(internal, dtype=torch.int64),
+    }
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    meta = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                  "gauss": float(gauss)},
+        "python": {"version": version, "gauss_next": gauss_next},
+    }  # fmt: skip
+    return {"tensors": tensors, "meta": meta}
+
+
+def _set_rng_state(state: dict) -> None:
+    """Undo :func:`_rng_state`: every RNG it holds back to that state."""
+    tensors, meta = state["tensors"], state["meta"]
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda")), key=lambda k: int(k[4:]))
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    n, p = meta["numpy"], meta["python"]
+    key = tensors["numpy_key"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], key, n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(tensors["python"].tolist()), p["gauss_next"]))
+
+
+def _write_rng(folder: Path, states: list[dict]) -> None:
+    for rank, s in enumerate(states):
+        meta = {RNG_META: to_strict_json(s["meta"])}
+        save_file(s["tensors"], str(folder / f"rng_rank{rank}.safetensors"), metadata=meta)
+
+
+def _restore_rng(folder: Path, rank: int) -> bool:
+    """Restore this process's RNG states from ``folder``; False when it holds none for it
+    (a checkpoint of a run on fewer processes: the draws the recipes make are keyed by step
+    and row, so only global-RNG users such as dropout then differ)."""
+    from safetensors import safe_open
+
+    path = folder / f"rng_rank{rank}.safetensors"
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})[RNG_META])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    _set_rng_state({"tensors": tensors, "meta": meta})
+    return True
+
+
+@contextmanager
+def _own_rng(seed: int):
+    """Within: the global torch (CPU, CUDA), numpy and Python RNGs seeded with ``seed``;
+    afterwards the caller's states are back (a library function does not reseed them)."""
+    saved = _rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+        np.random.seed(seed % (1 << 32))
+        random.seed(seed)
+        yield
+    finally:
+        _set_rng_state(saved)
+
+
 def run_training(
     model: nn.Module,
     n_rows: int,
-    step_loss: Callable[[torch.Tensor], torch.Tensor],
+    step_loss: Callable[..., torch.Tensor],
     config: TrainConfigBase,
     out_dir: Path,
     signature: dict,
@@ -265,29 +555,71 @@ def run_training(
     progress: bool,
     lr_factor: Callable[[int, int], float] | None = None,
     after_step: Callable[[int], dict | None] | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> TrainResult:
-    """The loop every recipe shares: seeded epoch permutations of ``n_rows`` row indices,
-    ``step_loss(rows)`` per step, AdamW on the parameters that require grad, checkpoints
-    (trainable weights in safetensors, optimiser, counters) every ``checkpoint_every`` steps
-    and at each epoch end, exact resume from them, ``evaluate()`` after each epoch, and
-    ``save_model(out_dir / "model")`` at the end.
+    """The loop every recipe shares, in one process or several (``accelerate launch``,
+    ``torchrun``): seeded epoch permutations of ``n_rows`` row indices, ``config.batch_size``
+    rows per optimiser step (the global batch), split into ``config.grad_accum`` micro-steps
+    and across the processes (equal, disjoint shares of the same permutation); AdamW on the
+    parameters that require grad, the forward under DDP; checkpoints (trainable weights in
+    safetensors, optimiser, counters, each process's RNG state) every ``checkpoint_every``
+    steps and at each epoch end, exact resume from them, ``evaluate()`` after each epoch, and
+    ``save_model(out_dir / "model")`` at the end. Only the main process writes; validation
+    runs there and its figures are shared.
 
     Args:
+        step_loss: ``step_loss(rows)`` or ``step_loss(rows, micro)`` (a :class:`MicroBatch`:
+            the step, for draws keyed by step and row with :func:`keyed_generator`): the loss
+            of a micro-batch, the mean over its rows, so that the average over micro-steps
+            and processes is the global batch's mean. A loss over the whole batch gathers
+            with :func:`gather_rows` and returns the same value in every process.
         lr_factor: ``(step, total_steps) -> multiplier`` of ``config.lr`` (a schedule);
             None keeps the rate constant.
-        after_step: called with the step count after every optimiser step (EMA updates,
-            periodic probes); a dict it returns is logged to the history with the step.
-    """
-    from accelerate import Accelerator
+        after_step: called in every process with the step count after every optimiser step
+            (EMA updates, periodic probes); a dict it returns is logged to the history.
+        row_weight: Weights (n_rows,) of a loss that is a weighted mean over its rows
+            (``sum(w * l) / sum(w)``): each part's loss is scaled by its share of the step's
+            weight, so that the parts average to the global batch's weighted mean.
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=None)
-    torch.manual_seed(config.seed)
+    Raises:
+        ValueError: when ``batch_size`` is not divisible by processes x ``grad_accum``.
+    """
+    accelerator = shared_accelerator(config.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    parts = world * config.grad_accum
+    if config.batch_size % parts:
+        raise ValueError(
+            f"--batch-size {config.batch_size} (the global batch) is not divisible by "
+            f"{world} process(es) x --grad-accum {config.grad_accum}"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
+    main = accelerator.is_main_process
+    seed = config.seed if rank == 0 else keyed_seed(config.seed, rank)
+    swapped = _globalize(model) if world > 1 else []
+    try:
+        with _own_rng(seed):
+            return _train(
+                accelerator, model, n_rows, step_loss, config, out_dir, signature, evaluate,
+                save_model, progress and main, lr_factor, after_step, row_weight, params,
+            )  # fmt: skip
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+        accelerator.free_memory()
+
+
+def _train(
+    accelerator, model, n_rows, step_loss, config, out_dir, signature, evaluate, save_model,
+    progress, lr_factor, after_step, row_weight, params,
+) -> TrainResult:  # fmt: skip
+    world, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    accum = config.grad_accum
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
-    model = accelerator.unwrap_model(prepared)
+    stepper = _StepModule(model, step_loss, _takes_micro(step_loss))
+    prepared, optimizer = accelerator.prepare(stepper, optimizer)
 
     steps_per_epoch = max(1, n_rows // config.batch_size)  # drop the ragged last batch
     total = steps_per_epoch * config.epochs
@@ -298,27 +630,38 @@ def run_training(
     if (ckpt / "state.json").is_file():
         state = load_checkpoint(ckpt, model, optimizer, signature)
         step, history = int(state["step"]), list(state["history"])
+        _restore_rng(ckpt, rank)
     resumed_from = step
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, unit="step")
     running: list[float] = []
+    evaluated_at: tuple[int, dict] | None = None
     while step < total:
         epoch, within = divmod(step, steps_per_epoch)
         order = permutation(n_rows, config.seed, epoch)
         rows = order[within * config.batch_size : (within + 1) * config.batch_size]
+        shares = rows.view(accum, world, -1)  # (micro-steps, processes, rows each)
         if lr_factor is not None:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, total)
-        model.train()
-        with accelerator.autocast():
-            loss = step_loss(rows)
+        prepared.train()
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        step_loss_value = 0.0
+        for m in range(accum):
+            micro = MicroBatch(shares[m, rank], step, m * world + rank, accum * world)
+            weight = _part_weight(row_weight, shares[m, rank], rows, accum * world)
+            sync = m == accum - 1  # DDP all-reduces the accumulated gradients once
+            with nullcontext() if sync else accelerator.no_sync(prepared):
+                loss = prepared(micro)
+                if weight != 1.0:
+                    loss = loss * weight
+                accelerator.backward(loss / accum if accum > 1 else loss)
+            step_loss_value += float(loss.detach()) / accum
         if config.grad_clip is not None:
             accelerator.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         step += 1
-        running.append(float(loss.detach()))
+        running.append(mean_over_processes({"loss": step_loss_value})["loss"])
         if after_step is not None:
             logged = after_step(step)
             if logged:
@@ -335,17 +678,26 @@ def run_training(
             running = []
             if evaluate is not None:
                 model.eval()
-                entry.update(evaluate())
+                figures = on_main(evaluate)
+                entry.update(figures)
+                evaluated_at = (step, figures)
             history.append(entry)
             if progress:  # epoch lines on stderr: stdout carries the CLI's JSON summary
                 bar.write(json.dumps(entry), file=sys.stderr)
         if step % config.checkpoint_every == 0 or end_of_epoch:
             state = {"step": step, "history": history, "signature": signature}
-            save_checkpoint(ckpt, model, optimizer, state)
+            rng = _gather_objects(_rng_state(), world)
+            if main:
+                save_checkpoint(ckpt, model, optimizer, state, rng=rng)
+            accelerator.wait_for_everyone()
     bar.close()
     model.eval()
-    metrics = evaluate() if evaluate is not None else {}
-    save_model(out_dir / "model")
+    if evaluated_at is not None and evaluated_at[0] == step:
+        metrics = evaluated_at[1]  # the last epoch's validation: not run twice
+    else:
+        metrics = on_main(evaluate) if evaluate is not None else {}
+    if main:
+        save_model(out_dir / "model")
     result = TrainResult(
         out_dir=out_dir,
         steps=step,
@@ -354,6 +706,30 @@ def run_training(
         history=history,
         metrics=metrics,
     )
-    summary = {**asdict(result), "out_dir": str(out_dir), "config": asdict(config)}
-    write_json_atomic(out_dir / "train_summary.json", summary)
+    if main:
+        summary = {**asdict(result), "out_dir": str(out_dir), "config": asdict(config)}
+        summary["processes"] = world
+        write_json_atomic(out_dir / "train_summary.json", summary)
+    accelerator.wait_for_everyone()
     return result
+
+
+def _part_weight(
+    row_weight: torch.Tensor | None, part: torch.Tensor, rows: torch.Tensor, count: int
+) -> float:
+    """The factor that makes a part's weighted mean count by its share of the step's
+    weight (1 for plain means, and in a single process with one micro-step)."""
+    if row_weight is None or count == 1:
+        return 1.0
+    total = float(row_weight[rows].sum())
+    return float(row_weight[part].sum()) * count / total if total > 0 else 0.0
+
+
+def _gather_objects(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

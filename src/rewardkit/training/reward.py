@@ -1,9 +1,8 @@
 """Recipes for dual encoders: contrastive pre-training and reward tuning on preference pairs.
 
-Both are plain functions over a model folder and a Parquet file, run with ``accelerate``
-(device placement and mixed precision; one process for now: the step functions call the
-model's embedding methods, which a DDP wrapper would not see) and checkpointed in
-safetensors so a killed run resumes where it stopped:
+Both are plain functions over a model folder and a Parquet file, run by the shared loop
+(``training/loop.py``: accelerate, one process or several, ``batch_size`` global) and
+checkpointed in safetensors so a killed run resumes where it stopped:
 
 - :func:`pretrain_contrastive`: CLIP's symmetric InfoNCE on (image, caption) rows of a
   manifest; the embedded default's stand-in for "pretrained CLIP".
@@ -31,6 +30,7 @@ from rewardkit.training.loop import (
     TrainConfigBase,
     TrainResult,
     as_float,
+    gather_rows,
     load_images,
     read_table,
     resumable,
@@ -75,7 +75,10 @@ class RewardTrainConfig(_DualEncoderConfig):
 
 @dataclass
 class PretrainConfig(_DualEncoderConfig):
-    """Contrastive pre-training on image-caption pairs (CLIP's objective)."""
+    """Contrastive pre-training on image-caption pairs (CLIP's objective). The in-batch
+    negatives are the rows of a micro-step across every process: ``batch_size`` of them with
+    ``grad_accum`` 1, ``batch_size / grad_accum`` otherwise (accumulation then trades
+    negatives for memory)."""
 
     preset: str = "vision"  # a new vision tower against the pre-trained text tower
     lr: float = 5e-4  # a randomly initialised small tower learns fast
@@ -149,8 +152,10 @@ def pretrain_contrastive(
     embed_text_rows = _text_embedder(reward, texts)
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        img = reward.embed_images(as_float(images[rows]))  # (B, D)
-        txt = embed_text_rows(rows)  # (B, D)
+        # InfoNCE needs the whole batch: every process gathers every process's embeddings
+        # (gradients flow back to their owners) and computes the same loss.
+        img = gather_rows(reward.embed_images(as_float(images[rows])))  # (B, D)
+        txt = gather_rows(embed_text_rows(rows))  # (B, D)
         scale = reward.model.logit_scale.exp().clamp(max=100.0)
         return contrastive_clip_loss(img, txt, scale)
 
@@ -224,7 +229,8 @@ def train_reward(
     pos = torch.tensor([index[p] for p in pos_paths])
     neg = torch.tensor([index[p] for p in neg_paths])
     weights = torch.ones(len(prompts))
-    if config.use_weights and "weight" in table.column_names:
+    weighted = config.use_weights and "weight" in table.column_names
+    if weighted:
         weights = torch.tensor(table.column("weight").to_pylist(), dtype=torch.float32)
     all_rows = torch.arange(len(prompts))
     if split is None:
@@ -278,6 +284,9 @@ def train_reward(
         write_training_keys(path, seen)
 
     signature = {"recipe": "reward", "config": resumable(config), "pairs": len(prompts)}
+    # Weighted means over a micro-batch count by their share of the batch's weight.
+    row_weight = weights[train_rows] if weighted else None
     return run_training(
-        reward, len(train_rows), step_loss, config, out_dir, signature, evaluate, save, progress
-    )
+        reward, len(train_rows), step_loss, config, out_dir, signature, evaluate, save, progress,
+        row_weight=row_weight,
+    )  # fmt: skip

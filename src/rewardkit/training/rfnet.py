@@ -27,7 +27,14 @@ from tqdm import tqdm
 
 from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig
-from rewardkit.training.loop import TrainConfigBase, TrainResult, resumable, run_training
+from rewardkit.training.loop import (
+    MicroBatch,
+    TrainConfigBase,
+    TrainResult,
+    keyed_generator,
+    resumable,
+    run_training,
+)
 
 __all__ = [
     "InspectionData",
@@ -230,19 +237,27 @@ def _encode_captions(encoder, captions: list[str], batch_size: int = 256):
     return toks[index], masks[index]  # (N, T, H), (N, T)
 
 
-def _degrade(images: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
-    """Blur and noise a random share of float images (B, 3, R, R), as generators produce."""
+def _degrade(images: torch.Tensor, share: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Blur and noise a random share of float images (B, 3, R, R), as generators produce.
+    Row i's draws (picked?, blur mix, noise) come from ``generators[i]`` alone, so a row is
+    degraded the same whatever batch or process it lands in."""
     if share <= 0:
         return images
-    pick = torch.rand(images.shape[0], generator=generator) < share  # (B,)
+    draws = [
+        (torch.rand((), generator=g), torch.rand((), generator=g),
+         torch.randn(images.shape[1:], generator=g))
+        for g in generators
+    ]  # fmt: skip
+    pick = torch.stack([d[0] for d in draws]) < share  # (B,)
     if not pick.any():
         return images
     x = images[pick]
     kernel = torch.tensor([1.0, 2.0, 1.0]) / 4.0
     k2 = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3).to(x)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
-    mix = torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x)
-    noise = torch.randn(x.shape, generator=generator).to(x) * 0.02
+    chosen = [d for d, p in zip(draws, pick.tolist(), strict=True) if p]
+    mix = torch.stack([d[1] for d in chosen]).view(-1, 1, 1, 1).to(x)
+    noise = torch.stack([d[2] for d in chosen]).to(x) * 0.02
     out = images.clone()
     out[pick] = (mix * blurred + (1 - mix) * x + noise).clamp(0, 1)
     return out
@@ -271,12 +286,13 @@ def train_rfnet(
     """
     config = config or RFNetTrainConfig()
     out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
-    model = (
-        RFNet.from_pretrained(init)
-        if init is not None
-        else RFNet(model_config or RFNetConfig.small())
-    )
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's RNG kept
+        torch.default_generator.manual_seed(config.seed)
+        model = (
+            RFNet.from_pretrained(init)
+            if init is not None
+            else RFNet(model_config or RFNetConfig.small())
+        )
     if tuple(model.config.classes) != data.classes:
         raise ValueError(f"model classes {model.config.classes} != data classes {data.classes}")
     train_rows, val_rows = data.rows("train"), data.rows("val")
@@ -286,22 +302,25 @@ def train_rfnet(
     weight = None
     if config.class_weighting:
         weight = counts.sum() / (len(counts) * counts.clamp_min(1.0))  # (C,)
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
 
     if degraded is not None and len(degraded) != len(data):
         raise ValueError(f"degraded copy has {len(degraded)} samples, data {len(data)}")
     changed = tuple(m for m in model.config.modalities if m in DEGRADED_INPUTS)
 
-    def step_loss(batch: torch.Tensor) -> torch.Tensor:
+    def step_loss(batch: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
         rows = train_rows[batch]
         inputs = data.batch(rows, model.config.modalities)
+        # Degradation draws are keyed by (seed, step, row): the same in one process or many.
+        # (Dropout inside RFNet draws from each process's RNG: it depends on the split.)
+        gens = [keyed_generator(config.seed, micro.step, int(i)) for i in batch]
         if degraded is not None and config.degrade > 0:
-            pick = torch.rand(len(rows), generator=noise_gen) < config.degrade  # (B,)
+            draws = torch.stack([torch.rand((), generator=g) for g in gens])
+            pick = draws < config.degrade  # (B,)
             other = degraded.batch(rows, changed)
             for key in changed:
                 inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])
         elif inputs["generated"] is not None:
-            inputs["generated"] = _degrade(inputs["generated"], config.degrade, noise_gen)
+            inputs["generated"] = _degrade(inputs["generated"], config.degrade, gens)
         logits = model(**inputs)  # (B, C)
         w = None if weight is None else weight.to(logits.device)
         return F.cross_entropy(logits, data.labels[rows].to(logits.device), weight=w)
@@ -322,9 +341,11 @@ def train_rfnet(
         "model": model.config.to_dict(),
         "samples": len(data),
     }
+    # The class-weighted cross-entropy is a weighted mean over its rows.
+    row_weight = None if weight is None else weight[data.labels[train_rows]]
     return run_training(
         model, len(train_rows), step_loss, config, out_dir, signature, evaluate,
-        model.save_pretrained, progress, lr_factor,
+        model.save_pretrained, progress, lr_factor, row_weight=row_weight,
     )  # fmt: skip
 
 
