@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the reward loss (0 with --regularizer none: the replay loss alone)",
     )  # fmt: skip
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument(
+        "--grad-accum", type=_positive(int), default=1,
+        help="micro-steps per optimiser step; --batch-size stays the global batch",
+    )  # fmt: skip
     ft.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="evaluate models: reward (scorers side by side), rfnet")
@@ -347,6 +351,11 @@ def _train_overrides(p: argparse.ArgumentParser, losses: bool, presets: bool = T
     p.add_argument("--lr", type=_positive(float), default=None)
     p.add_argument("--batch-size", type=_positive(int), default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--grad-accum", type=_positive(int), default=None,
+        help="micro-steps per optimiser step; --batch-size stays the global batch "
+        "(divisible by processes x N)",
+    )  # fmt: skip
     if losses:
         p.add_argument("--loss", default=None, help="triplet (paper) or bradley-terry")
 
@@ -355,7 +364,7 @@ def _train_config(cls, a: argparse.Namespace):
     import dataclasses
 
     config = cls.from_yaml(a.config) if a.config else cls()
-    fields = ("preset", "epochs", "max_steps", "lr", "batch_size", "seed", "loss")
+    fields = ("preset", "epochs", "max_steps", "lr", "batch_size", "seed", "loss", "grad_accum")
     changes = {f: getattr(a, f) for f in fields if getattr(a, f, None) is not None}
     return dataclasses.replace(config, **changes)
 
@@ -615,6 +624,7 @@ def _finetune(a: argparse.Namespace) -> int:
         grad_checkpoint=not a.no_grad_checkpoint, probe_every=a.probe_every,
         probe_size=a.probe_size, reward_views=a.reward_views, reward_weight=a.reward_weight,
         replay_weight=a.replay_weight, replay_batch=a.replay_batch, replay_top=a.replay_top,
+        grad_accum=a.grad_accum,
     )  # fmt: skip
     summary = finetune_command(
         a.generator or default_model_path("generator"), a.reward, a.products, a.out, config,

@@ -47,10 +47,15 @@ from rewardkit.generation.pipeline import (
 from rewardkit.generation.product import PreparedProduct, prepare_product
 from rewardkit.io import atomic_path, read_image_rgb, to_strict_json, write_json_atomic
 from rewardkit.training.loop import (
+    MicroBatch,
     TrainConfigBase,
+    is_main_process,
+    keyed_generator,
+    on_main,
     read_table,
     resumable,
     run_training,
+    shared_accelerator,
     summarize_names,
 )
 from rewardkit.world.export import load_product_photo
@@ -240,7 +245,8 @@ def prepare_generator_data(
             "inpaint": data.inpaint,
             "product": data.product,
         }
-        write_cache(cache, tensors, fingerprint, prompts=data.prompts)
+        if is_main_process():
+            write_cache(cache, tensors, fingerprint, prompts=data.prompts)
     return data
 
 
@@ -289,7 +295,8 @@ def train_vae(
     with torch.no_grad():
         std = float(vae.encode(data.images[:512].float() / 127.5 - 1).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    vae.save_pretrained(out_dir / "model")
+    if is_main_process():
+        vae.save_pretrained(out_dir / "model")
     return {"steps": result.steps, "psnr_db": _psnr(gen, data), "latent_std": std}
 
 
@@ -493,19 +500,32 @@ def denoising_loss(
     gen: AdGenerator,
     dset: DenoisingSet,
     rows: torch.Tensor,
-    rng: torch.Generator,
+    rng: torch.Generator | list[torch.Generator],
     prompt_dropout: float = 0.1,
 ) -> torch.Tensor:
     """The diffusion training loss on ``rows`` of ``dset``: a random timestep, the noised
     latent, the prompt (dropped to "" with ``prompt_dropout``), the product's Canny image, the
     paint mask and masked-image latent -> MSE to the target of the scheduler's prediction
-    type. Gradients reach whatever of ``gen``'s UNet, ControlNet and text encoder train."""
+    type. Gradients reach whatever of ``gen``'s UNet, ControlNet and text encoder train.
+    ``rng``: one generator for the batch, or one per row (row i's noise, timestep and
+    dropout then do not depend on the batch it is in: training on several processes)."""
     b = len(rows)
     acp = gen.scheduler.alphas_cumprod.float()
     n_train = gen.scheduler.config.num_train_timesteps
     z0 = dset.latents[rows]
-    noise = torch.randn(z0.shape, generator=rng)
-    t = torch.randint(0, n_train, (b,), generator=rng)
+    if isinstance(rng, torch.Generator):
+        noise = torch.randn(z0.shape, generator=rng)
+        t = torch.randint(0, n_train, (b,), generator=rng)
+        drop = torch.rand(b, generator=rng) < prompt_dropout
+    else:
+        draws = [
+            (torch.randn(z0.shape[1:], generator=g), torch.randint(0, n_train, (), generator=g),
+             torch.rand((), generator=g))
+            for g in rng
+        ]  # fmt: skip
+        noise = torch.stack([d[0] for d in draws])
+        t = torch.stack([d[1] for d in draws])
+        drop = torch.stack([d[2] for d in draws]) < prompt_dropout
     a = acp[t].view(b, 1, 1, 1)
     x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
     target = {
@@ -513,7 +533,6 @@ def denoising_loss(
         "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
         "sample": z0,
     }[gen.prediction_type]
-    drop = torch.rand(b, generator=rng) < prompt_dropout
     batch_ids = torch.where(drop[:, None], dset.empty[None], dset.ids[rows])
     text = gen.text_encoder(batch_ids)[0]
     control = dset.control[rows].float().div(255).expand(-1, 3, -1, -1)
@@ -555,16 +574,19 @@ def train_diffusion(
     else:
         latents = _latents(gen, data.images)
         masked_lat = _latents(gen, data.product, paint=data.inpaint)
-        write_cache(cache, {"latents": latents, "masked": masked_lat}, key)
+        if is_main_process():
+            write_cache(cache, {"latents": latents, "masked": masked_lat}, key)
     _remove_legacy_caches(out_dir)
     dset = DenoisingSet.build(gen, data, latents, masked_lat)
     trainee = DiffusionTrainee(gen)
     for m in trainee.live():
         m.requires_grad_(True)
-    rng = torch.Generator().manual_seed(config.seed + 1)
 
-    def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        return denoising_loss(gen, dset, rows, rng, config.prompt_dropout)
+    def step_loss(rows: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+        # Noise, timestep and prompt dropout keyed by (seed, step, row): one process or many
+        # draw the same, and a resumed run draws what the uninterrupted one did.
+        gens = [keyed_generator(config.seed + 1, micro.step, int(i)) for i in rows]
+        return denoising_loss(gen, dset, rows, gens, config.prompt_dropout)
 
     def with_ema(fn):
         """Run ``fn`` with the EMA weights swapped into ``gen`` (restored afterwards)."""
@@ -586,8 +608,8 @@ def train_diffusion(
         if probe is None or config.probe_every <= 0 or step % config.probe_every:
             return None
         start = time.perf_counter()
-        with torch.no_grad():
-            figures = with_ema(lambda: probe.judge(gen, sampler))
+        with torch.no_grad():  # in the main process; its figures are logged everywhere
+            figures = on_main(lambda: with_ema(lambda: probe.judge(gen, sampler)))
         figures["probe_seconds"] = round(time.perf_counter() - start, 1)
         return figures
 
@@ -641,6 +663,7 @@ def train_generator(
     from diffusers import AutoencoderKL
 
     out = Path(out)
+    shared_accelerator(vae_config.mixed_precision)  # under a launcher: join the process group
     gen = build_generator(arch, seed=vae_config.seed)
     data = prepare_generator_data(manifest, arch.resolution, out / "data.safetensors", progress)
     _remove_legacy_caches(out)
@@ -651,7 +674,8 @@ def train_generator(
         summary["vae"] = json.loads((vae_dir / "vae.json").read_text())
     else:
         summary["vae"] = train_vae(gen, data, vae_dir, vae_config, progress)
-        write_json_atomic(vae_dir / "vae.json", summary["vae"])
+        if is_main_process():
+            write_json_atomic(vae_dir / "vae.json", summary["vae"])
     gen.vae.requires_grad_(False).eval()
     probe = (
         Probe.from_manifest(probe_manifest, arch.resolution, probe_size) if probe_manifest else None
@@ -665,9 +689,10 @@ def train_generator(
         )
     summary["vae_config"] = asdict(vae_config)
     summary["diffusion_config"] = asdict(diffusion_config)
-    gen.save_pretrained(out / "model")
-    write_json_atomic(out / "model" / "rewardkit_generator.json", _card(summary))
-    write_json_atomic(out / "train_generator.json", summary)
+    if is_main_process():
+        gen.save_pretrained(out / "model")
+        write_json_atomic(out / "model" / "rewardkit_generator.json", _card(summary))
+        write_json_atomic(out / "train_generator.json", summary)
     return summary
 
 

@@ -304,27 +304,31 @@ class MicroBatch:
 _ACCELERATOR: Any = None
 
 
-def shared_accelerator(mixed_precision: str = "no"):
+def shared_accelerator(mixed_precision: str = "no", device: str | None = None):
     """The process's one ``Accelerator``, made on first use. accelerate's state is a
     per-process singleton (a second Accelerator with another precision raises), so a run with
     another precision resets the Accelerator's part of it and keeps the process group.
 
     Under a multi-process launch on a machine without a GPU (``torchrun``, ``accelerate
     launch --multi_gpu``) the processes train on the CPU over gloo: accelerate would otherwise
-    see no GPU and run each process alone."""
+    see no GPU and run each process alone. ``device`` ``"cpu"`` keeps a GPU machine's
+    processes on the CPU (a config's ``device`` field, where it has one)."""
     global _ACCELERATOR
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    if _ACCELERATOR is not None and _ACCELERATOR.mixed_precision == mixed_precision:
-        return _ACCELERATOR
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = (
+        device == "cpu"
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or (launched and not torch.cuda.is_available())
+    )
+    acc = _ACCELERATOR
+    if acc is not None and acc.mixed_precision == mixed_precision and acc.state._cpu == cpu:
+        return acc
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
-        launched and not torch.cuda.is_available()
-    )
     # Unused trainable parameters (logit_scale under the triplet loss, adapters a branch
     # skips) are allowed; buffers are not broadcast: BatchNorm statistics are global (see
     # GlobalBatchNorm) and EMA buffers follow the synchronised weights on every process.
@@ -584,7 +588,7 @@ def run_training(
     Raises:
         ValueError: when ``batch_size`` is not divisible by processes x ``grad_accum``.
     """
-    accelerator = shared_accelerator(config.mixed_precision)
+    accelerator = shared_accelerator(config.mixed_precision, getattr(config, "device", None))
     world, rank = accelerator.num_processes, accelerator.process_index
     parts = world * config.grad_accum
     if config.batch_size % parts:

@@ -36,7 +36,18 @@ from rewardkit.training.generator import (
     _resolve,
     denoising_loss,
 )
-from rewardkit.training.loop import TrainConfigBase, resumable, run_training
+from rewardkit.training.loop import (
+    MicroBatch,
+    TrainConfigBase,
+    is_main_process,
+    keyed_generator,
+    keyed_seed,
+    mean_over_processes,
+    on_main,
+    resumable,
+    run_training,
+    shared_accelerator,
+)
 from rewardkit.training.rfft.objectives import REWARDS, RFNetObjective
 from rewardkit.training.rfft.regularizers import REGULARIZERS
 from rewardkit.training.rfft.step import TRAINABLE, RFFTTrainee, rfft_loss
@@ -241,8 +252,10 @@ def finetune_generator(
     use_reward = config.reward_weight > 0 or config.regularizer != "none"
     if not use_reward and replay is None:
         raise ValueError("reward_weight 0 without a regulariser trains only on a replay set")
-    torch.manual_seed(config.seed)
-    trainee = RFFTTrainee(gen, config.trainable, config.lora_rank)
+    shared_accelerator(config.mixed_precision)  # under a launcher: join the process group
+    with torch.random.fork_rng(devices=[]):  # seeded LoRA init; the caller's RNG kept
+        torch.default_generator.manual_seed(config.seed)
+        trainee = RFFTTrainee(gen, config.trainable, config.lora_rank)
     signature = {
         "config": resumable(config),
         "generator": str(base.resolve()),
@@ -263,16 +276,18 @@ def finetune_generator(
         res["probe_seconds"] = round(time.perf_counter() - t0, 1)
         return res
 
-    last: dict = {}
+    parts: list[dict] = []  # the logged values of this step's micro-batches
 
-    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+    def step_loss(rows: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
         idx = rows.tolist()
         jobs = [train_jobs[i] for i in idx]
-        # Seeds and the step t are functions of the rows (and the run's seed): resume-exact.
-        key = int(np.random.SeedSequence([config.seed, *idx]).generate_state(1)[0])
-        rng = np.random.default_rng(key)
-        seeds = [attempt_seed(config.seed, i, int(rng.integers(1 << 30))) for i in idx]
-        step_index = sampler.steps - 1 - int(rng.integers(config.grad_window))
+        # The step t is drawn per step and each product's seed per (step, product): the same
+        # in one process or several (each process generates its own products), and a resumed
+        # run draws what the uninterrupted one did.
+        step_key = keyed_seed(config.seed, micro.step)
+        seeds = [attempt_seed(config.seed, i, keyed_seed(step_key, i) % (1 << 30)) for i in idx]
+        step_index = sampler.steps - 1 - keyed_seed(step_key, -1) % config.grad_window
+        key = keyed_seed(step_key, -2, micro.index)  # jittered reward views: per part
         loss, logs = torch.zeros(()), {}
         if use_reward:
             batch = prepare_batch(
@@ -282,22 +297,33 @@ def finetune_generator(
             loss, logs = rfft_loss(
                 gen, trainee, batch, jobs, objective, sampler, step_index,
                 config.regularizer, config.beta, config.grad_checkpoint,
-                torch.Generator().manual_seed(key), config.reward_weight,
+                keyed_generator(key), config.reward_weight,
             )  # fmt: skip
         if dset is not None:
-            g = torch.Generator().manual_seed(key + 1)
+            # replay_batch picks per step, shared out among the step's parts; a part's mean
+            # counts by its share of them, so the parts average to the mean over all picks.
+            g = keyed_generator(step_key, -3)
             picks = torch.randint(len(dset), (config.replay_batch,), generator=g)
-            replay_loss = denoising_loss(gen, dset, picks, g)
-            loss = loss + config.replay_weight * replay_loss
-            logs["replay_loss"] = float(replay_loss.detach())
-        last.clear()
-        last.update(logs)
+            mine = torch.arange(config.replay_batch)[micro.index :: micro.count]
+            if len(mine):
+                gens = [keyed_generator(step_key, -4, int(j)) for j in mine]
+                replay_loss = denoising_loss(gen, dset, picks[mine], gens)
+                share = len(mine) * micro.count / config.replay_batch
+                loss = loss + config.replay_weight * share * replay_loss
+                logs["replay_loss"] = float(replay_loss.detach())
+        parts.append(logs)
         return loss
 
     def after_step(step: int) -> dict:
-        entry = dict(last)
+        # This process's micro-batches averaged, then averaged over the processes.
+        keys = sorted({k for p in parts for k in p if k != "t"})
+        entry = {k: float(np.mean([p[k] for p in parts if k in p])) for k in keys}
+        entry = mean_over_processes(entry)
+        if parts and "t" in parts[0]:
+            entry["t"] = parts[0]["t"]  # drawn per step: the same everywhere
+        parts.clear()
         if config.probe_every and step % config.probe_every == 0:
-            entry.update(probe(step))
+            entry.update(on_main(lambda: probe(step)))
         return entry
 
     # Probe the base model once (step 0), unless resuming a run that already did.
@@ -305,8 +331,9 @@ def finetune_generator(
     if state_file.is_file():
         base_probe = json.loads(state_file.read_text())
     else:
-        base_probe = probe(0)
-        write_json_atomic(state_file, base_probe)
+        base_probe = on_main(lambda: probe(0))
+        if is_main_process():
+            write_json_atomic(state_file, base_probe)
 
     card = {k: v for k, v in asdict(config).items()}
     result = run_training(
@@ -324,9 +351,10 @@ def finetune_generator(
     history = [{"step": 0, **base_probe}, *result.history]
     final = history[-1]
     if not any(k.startswith("probe_") for k in final):
-        final_probe = probe(result.steps)
+        final_probe = on_main(lambda: probe(result.steps))
         history.append({"step": result.steps, **final_probe})
-    _write_curves(history, out_dir)
+    if is_main_process():
+        _write_curves(history, out_dir)
     probes = [h for h in history if any(k.startswith("probe_") for k in h)]
     summary = {
         "out_dir": str(out_dir),
@@ -341,14 +369,17 @@ def finetune_generator(
         "probe_after": probes[-1],
         "curves": str(out_dir / "curves.csv"),
     }
-    write_json_atomic(out_dir / "finetune_summary.json", summary)
+    if is_main_process():
+        write_json_atomic(out_dir / "finetune_summary.json", summary)
     return summary
 
 
 def record_keys(model_dir: Path, jobs, probe_jobs, replay_file: Path | None) -> None:
     """Beside the fine-tuned model: the products and prompts it trained on (and the replay
     set's), and the probe products it was watched on (selection). The base generator's keys
-    are inherited through the ``base`` the model names."""
+    are inherited through the ``base`` the model names. The main process alone writes."""
+    if not is_main_process():
+        return
     from rewardkit.data.keys import (
         TrainingKeys,
         height_from_row,
