@@ -1,0 +1,284 @@
+"""Training on several processes: the same weights as one process, one writer, exact resume,
+gradient accumulation, one Accelerator per process, validation once at the end.
+
+The multi-process runs launch ``rewardkit`` under ``accelerate launch --multi_gpu
+--num_processes 2`` on the CPU (gloo). ``accelerate launch --cpu --num_processes 2`` starts a
+single process unless mpirun is installed, so the launcher's GPU path is used: without a GPU
+the loop joins the processes on the CPU (``training.loop.shared_accelerator``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rewardkit.io import write_folder_atomic
+from rewardkit.training.loop import TrainConfigBase, run_training
+from rewardkit.training.reward import RewardTrainConfig, train_reward
+from tests.models.test_social_reward import make_tiny_clip
+from tests.training.test_reward_recipes import _pairs_dataset
+
+BIN = Path(sys.executable).parent
+
+# Logs every rename into the run folder with the process id: the check that one process
+# wrote (atomic writes end in a rename, so a second writer shows up here).
+SITECUSTOMIZE = """
+import os
+_root, _log = os.environ["RK_WRITE_ROOT"], os.environ["RK_WRITE_LOG"]
+_rename, _replace = os.rename, os.replace
+def _note(dst):
+    dst = os.path.abspath(os.fspath(dst))
+    if dst.startswith(_root):
+        with open(_log, "a") as f:
+            f.write(f"{os.getpid()} {os.path.relpath(dst, _root)}\\n")
+def rename(src, dst, *a, **k):
+    _note(dst)
+    return _rename(src, dst, *a, **k)
+def replace(src, dst, *a, **k):
+    _note(dst)
+    return _replace(src, dst, *a, **k)
+os.rename, os.replace = rename, replace
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    return make_tiny_clip(root / "clip"), _pairs_dataset(root / "data")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rewardkit(args: list[str], processes: int, tmp: Path, out: Path) -> list[str]:
+    """Run ``rewardkit args`` in ``processes`` processes; returns the renames into ``out``
+    as ``"pid relative/path"`` lines."""
+    hook = tmp / f"hook-{out.name}"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    log = tmp / f"writes-{out.name}-{len(list(tmp.glob('writes-*')))}.log"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "RK_WRITE_ROOT": str(out.resolve()),
+        "RK_WRITE_LOG": str(log),
+    }
+    cmd = [str(BIN / "rewardkit"), *args]
+    if processes > 1:
+        cmd = [
+            str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *cmd,
+        ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return log.read_text().splitlines() if log.is_file() else []
+
+
+# Attention key biases get a zero gradient in exact arithmetic (softmax ignores a shift
+# shared by every key): AdamW turns the float noise of their sums (~1e-12) into updates of
+# up to ~lr * noise / eps, whatever order the sums are taken in. They are left out.
+SHIFT_INVARIANT = "k_proj.bias"
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys()
+    keys = [k for k in wa if not k.endswith(SHIFT_INVARIANT)]
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in keys)
+
+
+def _one_writer(writes: list[str], out: Path) -> None:
+    """Every write into the run folder came from one process; the summary and the model
+    folder were each put in place once; no temp or backup folders are left."""
+    assert len({w.split()[0] for w in writes}) == 1, writes
+    targets = [w.split(maxsplit=1)[1] for w in writes]
+    assert targets.count("train_summary.json") == 1 and targets.count("model") == 1, targets
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+REWARD = ["--preset", "all", "--lr", "3e-3", "--batch-size", "8", "--seed", "0"]
+
+
+@pytest.mark.slow
+def test_reward_two_processes_match_one_and_one_process_writes(tiny, tmp_path):
+    model, pairs = tiny
+    common = ["train", "reward", "--pairs", str(pairs), "--model", str(model), *REWARD]
+    o1, o2 = tmp_path / "o1", tmp_path / "o2"
+    _rewardkit([*common, "--out", str(o1), "--max-steps", "6"], 1, tmp_path, o1)
+    writes = _rewardkit([*common, "--out", str(o2), "--max-steps", "6"], 2, tmp_path, o2)
+    weights = "model/model.safetensors"
+    # Float sums in another order (gradients all-reduced): 1e-5 is ~100x the observed gap
+    # and ~100x below how far the weights moved.
+    assert _max_diff(o1 / weights, o2 / weights) <= 1e-5
+    assert _max_diff(o1 / weights, model / "model.safetensors") > 1e-3
+    _one_writer(writes, o2)
+    summary = json.loads((o2 / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6
+    # Resume on two processes: 3 steps, then the full budget, ends where 6 straight steps do.
+    o3 = tmp_path / "o3"
+    _rewardkit([*common, "--out", str(o3), "--max-steps", "3"], 2, tmp_path, o3)
+    assert sorted(p.name for p in (o3 / "checkpoint").glob("rng_rank*")) == [
+        "rng_rank0.safetensors", "rng_rank1.safetensors",
+    ]  # fmt: skip
+    _rewardkit([*common, "--out", str(o3), "--max-steps", "6"], 2, tmp_path, o3)
+    assert json.loads((o3 / "train_summary.json").read_text())["resumed_from"] == 3
+    assert _max_diff(o2 / weights, o3 / weights) == 0.0
+
+
+TINY_RFNET = dict(width=32, heads=2, n_fusion=1, resolution=32, dropout=0.0,
+                  backbone={"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
+                            "layer_type": "basic"})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_rfnet_two_processes_match_one(tmp_path):
+    """RFNet: class-weighted cross-entropy, degraded rows drawn per (step, row), BatchNorm over
+    the whole batch. Dropout is 0 here: its masks come from each process's RNG, so with
+    dropout two processes agree with one in distribution only."""
+    from rewardkit.world.export import render_world
+
+    render_world(tmp_path / "w", 40, seed=3, size=32, progress=False)
+    cfg = tmp_path / "rfnet.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_RFNET))
+    train = tmp_path / "train.yaml"
+    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.5}))
+    common = ["train", "rfnet", "--manifest", str(tmp_path / "w" / "manifest.parquet"),
+              "--model-config", str(cfg), "--config", str(train), "--maps", "truth",
+              "--max-steps", "4", "--batch-size", "8", "--lr", "3e-3"]  # fmt: skip
+    o1, o2 = tmp_path / "o1", tmp_path / "o2"
+    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
+    writes = _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
+    weights = "model/model.safetensors"
+    # BatchNorm statistics are all-reduced in float32 in another order than one process's
+    # batch_norm: 1e-4 (the weights move by > 1e-2; running statistics included).
+    assert _max_diff(o1 / weights, o2 / weights) <= 1e-4
+    assert {w.split()[0] for w in writes} and len({w.split()[0] for w in writes}) == 1
+
+
+@pytest.mark.slow
+def test_finetune_two_processes_match_one(tmp_path):
+    """RFFT with the embedded RFNet reward on a tiny generator: each process generates its
+    own products (seeds per product and step), t is drawn per step."""
+    from rewardkit.generation.default import build_generator
+    from rewardkit.world.export import render_world
+    from tests.generation.conftest import TINY
+
+    base = tmp_path / "base"
+    build_generator(TINY, seed=0).save_pretrained(base)
+    (base / "rewardkit_generator.json").write_text(
+        json.dumps({"sampler": {"steps": 3, "guidance_scale": 2.0}})
+    )
+    render_world(tmp_path / "w", n=10, seed=1, size=32, progress=False)
+    common = ["finetune", "--generator", str(base), "--products", str(tmp_path / "w"),
+              "--max-steps", "2", "--batch-size", "4", "--probe-size", "2",
+              "--probe-every", "0", "--grad-window", "2", "--lr", "1e-3",
+              "--no-progress"]  # fmt: skip
+    o1, o2 = tmp_path / "o1", tmp_path / "o2"
+    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
+    _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
+    weights = "model/controlnet/diffusion_pytorch_model.safetensors"
+    # The loss goes through a DDIM run, a VAE decode and RFNet: 1e-5 allows float sums
+    # in another order; the ControlNet moves by > 1e-4.
+    assert _max_diff(o1 / weights, o2 / weights) <= 1e-5
+    assert _max_diff(o1 / weights, base / "controlnet" / weights.split("/", 2)[2]) > 1e-4
+    s1 = json.loads((o1 / "finetune_summary.json").read_text())
+    s2 = json.loads((o2 / "finetune_summary.json").read_text())
+    assert s1["probe_after"] == s2["probe_after"]  # probes in the main process only
+
+
+# ---------------------------------------------------------------------------------------
+# One process (the default run).
+
+
+def test_grad_accum_gives_the_weights_of_one_step_over_the_whole_batch(tiny, tmp_path):
+    model, pairs = tiny
+    base = dict(preset="all", lr=3e-3, batch_size=16, epochs=1, max_steps=3)
+    out = {}
+    for n in (1, 2, 4):
+        cfg = RewardTrainConfig(**base, grad_accum=n)
+        train_reward(model, pairs, tmp_path / f"a{n}", cfg, progress=False)
+        out[n] = tmp_path / f"a{n}" / "model" / "model.safetensors"
+    assert _max_diff(out[1], out[2]) <= 1e-5 and _max_diff(out[1], out[4]) <= 1e-5
+    assert _max_diff(out[1], model / "model.safetensors") > 1e-3
+
+
+def test_batch_not_divisible_by_grad_accum_is_refused(tiny, tmp_path):
+    model, pairs = tiny
+    cfg = RewardTrainConfig(batch_size=16, epochs=1, grad_accum=3)
+    with pytest.raises(ValueError, match=r"--batch-size 16 .* 1 process\(es\) x --grad-accum 3"):
+        train_reward(model, pairs, tmp_path / "run", cfg, progress=False)
+    with pytest.raises(ValueError, match="grad_accum"):
+        RewardTrainConfig(grad_accum=0)
+
+
+def test_two_runs_with_other_precisions_in_one_process(tiny, tmp_path):
+    model, pairs = tiny
+    for precision in ("no", "bf16", "no"):
+        cfg = RewardTrainConfig(batch_size=16, epochs=1, max_steps=1, mixed_precision=precision)
+        result = train_reward(model, pairs, tmp_path / precision, cfg, progress=False)
+        assert result.steps == 1
+
+
+class _Line(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_validation_runs_once_per_epoch_and_the_global_rng_is_left_alone(tmp_path):
+    model, x = _Line(), torch.linspace(-1, 1, 8)
+    calls = []
+
+    def evaluate() -> dict[str, float]:
+        calls.append(1)
+        return {"val": float(model.w.detach())}
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        return ((model.w - x[rows]) ** 2).mean()
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    config = TrainConfigBase(lr=0.1, batch_size=4, epochs=2)
+    result = run_training(model, 8, step_loss, config, tmp_path, {"k": 1}, evaluate,
+                          lambda p: None, False)  # fmt: skip
+    assert len(calls) == 2 and result.metrics == {"val": result.history[-1]["val"]}
+    assert torch.equal(torch.get_rng_state(), before)  # not reseeded by the library
+    ckpt = tmp_path / "checkpoint"
+    assert (ckpt / "rng_rank0.safetensors").is_file()
+    assert not list(ckpt.glob("*.pkl"))
+
+
+def test_replace_dir_under_concurrent_writers_leaves_one_folder(tmp_path):
+    dst, errors = tmp_path / "model", []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(20):
+                text = f"{k} {i}"
+                write_folder_atomic(dst, lambda t, text=text: (t / "who").write_text(text))
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert (dst / "who").read_text().endswith("19")
