@@ -88,7 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--batch-size", type=_positive(int), default=32)
     s.add_argument("--prompt", default="", help="prompt for a folder, or rows without one")
-    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     cu = sub.add_parser("curate", help="curate community event logs into preference pairs")
@@ -154,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     tg.add_argument("--batch-size", type=_positive(int), default=32)
     tg.add_argument("--lr", type=float, default=5e-4)
     tg.add_argument("--seed", type=int, default=0)
+    tg.add_argument(
+        "--grad-accum", type=_positive(int), default=1,
+        help="micro-steps per optimiser step of every stage (batch sizes stay global)",
+    )  # fmt: skip
     tg.add_argument(
         "--export-checkpoint", action="store_true",
         help="write model/ from the run's latest checkpoint (EMA weights) and stop",
@@ -339,7 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="report figures even when the data holds products/prompts the models trained "
         "or were chosen on (default: refuse, exit 2)",
     )  # fmt: skip
+    for p in (s, t, pt, rf, tg, g, ft, e, er, eg, ins, d):  # every command that runs a model
+        _device_flags(p)
     return parser
+
+
+def _device_flags(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--mixed-precision``: one model for every command
+    (``rewardkit.commands.devices``)."""
+    p.add_argument(
+        "--device", default=None,
+        help="torch device for every model and tensor: cpu, cuda, cuda:1, mps "
+        "(default: cuda when available, else cpu)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mixed-precision", default=None, choices=("no", "fp16", "bf16"),
+        help="compute precision: training autocasts (fp32 weights), inference casts the "
+        "generator and autocasts the rest; schedule arithmetic stays fp32 (default: no, or "
+        "the training config's)",
+    )  # fmt: skip
 
 
 def _train_overrides(p: argparse.ArgumentParser, losses: bool, presets: bool = True) -> None:
@@ -418,6 +439,7 @@ def _world_community(a: argparse.Namespace) -> int:
 
 
 def _score(a: argparse.Namespace) -> int:
+    from rewardkit.commands.devices import autocast
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.scorers import available_scorers, create_scorer
     from rewardkit.scoring import score_images
@@ -428,10 +450,11 @@ def _score(a: argparse.Namespace) -> int:
         )
     model = a.model if a.model is not None else default_model_path(a.scorer)
     scorer = create_scorer(a.scorer, model, device=a.device)
-    summary = score_images(
-        scorer, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
-        progress=not a.no_progress,
-    )  # fmt: skip
+    with autocast(a.device, a.mixed_precision):
+        summary = score_images(
+            scorer, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
+            progress=not a.no_progress,
+        )  # fmt: skip
     print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
         print(f"skipped: {s.path}: {s.reason}", file=sys.stderr)
@@ -468,10 +491,11 @@ def _curate(a: argparse.Namespace) -> int:
 
 
 def _train(a: argparse.Namespace) -> int:
+    from rewardkit.commands.devices import for_training
     from rewardkit.models.defaults import default_model_path
     from rewardkit.training.reward import RewardTrainConfig, train_reward
 
-    config = _train_config(RewardTrainConfig, a)
+    config = for_training(_train_config(RewardTrainConfig, a), a.device, a.mixed_precision)
     model = a.model or default_model_path("clip-score")
     result = train_reward(model, a.pairs, a.out, config)
     print(to_strict_json(_run_summary(result)))
@@ -481,10 +505,11 @@ def _train(a: argparse.Namespace) -> int:
 def _pretrain(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rewardkit.commands.devices import for_training
     from rewardkit.models.social_reward import build_default_dual_encoder
     from rewardkit.training.reward import PretrainConfig, pretrain_contrastive
 
-    config = _train_config(PretrainConfig, a)
+    config = for_training(_train_config(PretrainConfig, a), a.device, a.mixed_precision)
     model = a.model
     if model is None:
         model = Path(a.out) / "base"
@@ -508,6 +533,7 @@ def _run_summary(result) -> dict:
 def _eval(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rewardkit.commands.devices import autocast
     from rewardkit.commands.eval_reward import compare_scorers
     from rewardkit.io import write_json_atomic, write_text_atomic
     from rewardkit.models.defaults import default_model_path
@@ -523,11 +549,12 @@ def _eval(a: argparse.Namespace) -> int:
         if label in scorers:
             raise ValueError(f"--scorer: {label!r} given twice")
         folders[label] = folder or default_model_path(name)
-        scorers[label] = create_scorer(name, folders[label])
-    table, _ = compare_scorers(
-        scorers, a.community, a.pairs, split=a.split if a.pairs else None, k=a.k,
-        batch_size=a.batch_size, models=folders, allow_overlap=a.allow_overlap,
-    )  # fmt: skip
+        scorers[label] = create_scorer(name, folders[label], device=a.device)
+    with autocast(a.device, a.mixed_precision):
+        table, _ = compare_scorers(
+            scorers, a.community, a.pairs, split=a.split if a.pairs else None, k=a.k,
+            batch_size=a.batch_size, models=folders, allow_overlap=a.allow_overlap,
+        )  # fmt: skip
     print(table.to_markdown())
     print(table.held_out.describe())
     if a.out:
@@ -541,10 +568,11 @@ def _eval(a: argparse.Namespace) -> int:
 
 
 def _train_rfnet(a: argparse.Namespace) -> int:
+    from rewardkit.commands.devices import for_training
     from rewardkit.commands.rfnet import train_rfnet_command
     from rewardkit.training.rfnet import RFNetTrainConfig
 
-    config = _train_config(RFNetTrainConfig, a)
+    config = for_training(_train_config(RFNetTrainConfig, a), a.device, a.mixed_precision)
     summary = train_rfnet_command(
         a.manifest, a.out, config, a.model_config, a.variant, a.ablation, a.maps, init=a.init
     )
@@ -553,12 +581,19 @@ def _train_rfnet(a: argparse.Namespace) -> int:
 
 
 def _train_generator(a: argparse.Namespace) -> int:
+    from rewardkit.commands.devices import for_training
     from rewardkit.generation.default import GeneratorArch
     from rewardkit.training.generator import (
         DiffusionTrainConfig,
         VAETrainConfig,
         train_generator,
     )
+
+    def placed(config):
+        import dataclasses
+
+        config = dataclasses.replace(config, grad_accum=a.grad_accum)
+        return for_training(config, a.device, a.mixed_precision)
 
     if a.export_checkpoint:
         from rewardkit.training.generator import export_checkpoint
@@ -571,22 +606,28 @@ def _train_generator(a: argparse.Namespace) -> int:
         a.manifest,
         a.out,
         GeneratorArch(),
-        VAETrainConfig(
-            max_steps=a.vae_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
+        placed(
+            VAETrainConfig(
+                max_steps=a.vae_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
+            )
         ),
-        DiffusionTrainConfig(
-            max_steps=a.max_steps,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            seed=a.seed,
-            probe_every=a.probe_every,
+        placed(
+            DiffusionTrainConfig(
+                max_steps=a.max_steps,
+                batch_size=a.batch_size,
+                lr=a.lr,
+                seed=a.seed,
+                probe_every=a.probe_every,
+            )
         ),
         probe_manifest=a.probe,
         probe_size=a.probe_size,
         progress=not a.no_progress,
         decoder_config=(
-            VAETrainConfig(
-                max_steps=a.decoder_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
+            placed(
+                VAETrainConfig(
+                    max_steps=a.decoder_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
+                )
             )
             if a.decoder_steps > 0
             else None
@@ -612,6 +653,7 @@ def _record_generator_keys(out: str, manifest: str, probe: str | None) -> None:
 
 
 def _finetune(a: argparse.Namespace) -> int:
+    from rewardkit.commands.devices import for_training
     from rewardkit.commands.finetune import finetune_command
     from rewardkit.models.defaults import default_model_path
     from rewardkit.training.rfft import FinetuneConfig, parse_reward
@@ -626,9 +668,11 @@ def _finetune(a: argparse.Namespace) -> int:
         replay_weight=a.replay_weight, replay_batch=a.replay_batch, replay_top=a.replay_top,
         grad_accum=a.grad_accum,
     )  # fmt: skip
+    config = for_training(config, a.device, a.mixed_precision)
     summary = finetune_command(
         a.generator or default_model_path("generator"), a.reward, a.products, a.out, config,
         probe=a.probe, limit=a.limit, progress=not a.no_progress, replay=a.replay,
+        device=a.device,
     )  # fmt: skip
     print(to_strict_json(summary))
     return 0
@@ -643,6 +687,7 @@ def _eval_generator(a: argparse.Namespace) -> int:
         inspector=a.inspector, social=a.social, limit=a.limit, seeds=a.seeds,
         diversity_products=a.diversity_products, recurrent_attempts=a.recurrent_attempts,
         batch_size=a.batch_size, seed=a.seed, allow_overlap=a.allow_overlap,
+        device=a.device, mixed_precision=a.mixed_precision or "no",
     )  # fmt: skip
     print(to_strict_json(result))
     return 0
@@ -659,7 +704,7 @@ def _generate(a: argparse.Namespace) -> int:
         until_accepted=a.until_accepted, judge=a.judge, inspector=a.inspector,
         max_attempts=a.max_attempts, batch_size=a.batch_size,
         sampler=sampler_for(generator, a.steps, a.guidance), seed=a.seed, limit=a.limit,
-        progress=not a.no_progress,
+        progress=not a.no_progress, device=a.device, mixed_precision=a.mixed_precision or "no",
     )  # fmt: skip
     print(to_strict_json(stats))
     return 0
@@ -669,8 +714,9 @@ def _eval_rfnet(a: argparse.Namespace) -> int:
     from rewardkit.commands.rfnet import eval_rfnet_command
 
     text = eval_rfnet_command(
-        a.manifest, a.model, a.runs, a.maps, a.seed, a.out, allow_overlap=a.allow_overlap
-    )
+        a.manifest, a.model, a.runs, a.maps, a.seed, a.out, allow_overlap=a.allow_overlap,
+        device=a.device, mixed_precision=a.mixed_precision or "no",
+    )  # fmt: skip
     print(text)
     return 0
 
@@ -681,8 +727,10 @@ def _inspect(a: argparse.Namespace) -> int:
     from rewardkit.models.inspector import Inspector
 
     rows = read_inspection_input(a.input, a.product, a.caption)
-    inspector = Inspector.from_pretrained(a.model or default_model_path("rfnet"))
-    summary = inspect_images(inspector, rows, a.out, batch_size=a.batch_size)
+    inspector = Inspector.from_pretrained(a.model or default_model_path("rfnet"), a.device)
+    summary = inspect_images(
+        inspector, rows, a.out, batch_size=a.batch_size, mixed_precision=a.mixed_precision or "no"
+    )
     print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
         print(f"skipped: row {s['row']}: {s['path']}: {s['reason']}", file=sys.stderr)
@@ -696,6 +744,7 @@ def _demo(a: argparse.Namespace) -> int:
         a.out, n=a.n, users=a.users, seed=a.seed, train_steps=a.train_steps, prompts=a.prompts,
         gen_products=a.gen_products, gen_attempts=a.gen_attempts, gen_steps=a.gen_steps,
         generator=a.generator, rfft_products=a.rfft_products, allow_overlap=a.allow_overlap,
+        device=a.device, mixed_precision=a.mixed_precision or "no",
     )  # fmt: skip
     print(f"report: {path}")
     return 0
@@ -724,6 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     key = (a.command, getattr(a, f"{a.command}_command", None))
     try:
+        if hasattr(a, "device") and a.device is None:
+            from rewardkit.commands.devices import default_device
+
+            a.device = default_device()
         _check_device(a)
         _check_out(a, key)
         return handlers[key](a)

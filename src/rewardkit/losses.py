@@ -153,13 +153,18 @@ def consistent_condition_loss(
         eps_uncond, eps_cond: The fine-tuned model's noise predictions without and with the
             prompt, shape (B, C, h, w).
         ref_uncond, ref_cond: The frozen reference model's, same shape.
-        alpha_bar: ``a_t`` at the step (scalar); keep it fp32 (near 1 late in sampling).
+        alpha_bar: ``a_t`` at the step (scalar), fp32 or a float: near 1 late in sampling,
+            where bf16 rounds it to 1 (and ``1 - a_t`` to 0).
 
     Returns:
-        A scalar tensor.
+        A scalar fp32 tensor: computed in fp32 whatever the predictions' dtype.
     """
     _check_pair("eps_cond", eps_cond, "ref_cond", ref_cond)
-    return ((eps_cond - eps_uncond) - (ref_cond - ref_uncond)).pow(2).mean() / (1 - alpha_bar)
+    direction = (eps_cond.float() - eps_uncond.float()) - (ref_cond.float() - ref_uncond.float())
+    a = torch.as_tensor(alpha_bar, device=direction.device)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"alpha_bar: pass it in fp32 (a {a.dtype} a_t near 1 rounds 1 - a_t to 0)")
+    return direction.pow(2).mean() / (1 - a.float())
 
 
 def one_step_kl_loss(x0: torch.Tensor, ref_x0: torch.Tensor) -> torch.Tensor:

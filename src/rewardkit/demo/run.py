@@ -215,13 +215,16 @@ def run_demo(
     generator: str | Path | None = None,
     rfft_products: int = 16,
     allow_overlap: bool = False,
+    device: str = "cpu",
+    mixed_precision: str = "no",
 ) -> Path:
     """Run every stage on the embedded default and write ``out_dir/report.html``.
 
     Every stage checks that its products and prompts are ones no shipped model trained or
     was chosen on (``rewardkit.data.keys``) and says so in the report; a seed whose data
     overlaps (e.g. 101, the pre-training renders) raises ``OverlapError`` unless
-    ``allow_overlap``."""
+    ``allow_overlap``. Every model runs (and the reward tuning trains) on ``device`` at
+    ``mixed_precision`` (``rewardkit.commands.devices``)."""
     from rewardkit.demo.generation import generation_section
     from rewardkit.demo.reward import reward_section
     from rewardkit.demo.rfft import rfft_section
@@ -232,18 +235,20 @@ def run_demo(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     world_body, world_stats = world_section(out, n, seed, timings)
-    rfnet_body, rfnet_stats = rfnet_section(out, timings, allow_overlap)
+    where = {"device": device, "mixed_precision": mixed_precision}
+    rfnet_body, rfnet_stats = rfnet_section(out, timings, allow_overlap, **where)
     comm_body, comm_stats = community_section(out, users, seed, timings, prompts)
     reward_body, reward_stats = reward_section(
-        out, out / "community", train_steps, timings, allow_overlap
+        out, out / "community", train_steps, timings, allow_overlap, **where
     )
     gen_body, gen_stats = generation_section(
         out, timings, gen_products, gen_attempts, gen_steps, generator=generator,
-        allow_overlap=allow_overlap,
+        allow_overlap=allow_overlap, **where,
     )  # fmt: skip
     rfft_body, rfft_stats = rfft_section(
-        out, timings, products=rfft_products, steps=gen_steps, allow_overlap=allow_overlap
-    )
+        out, timings, products=rfft_products, steps=gen_steps, allow_overlap=allow_overlap,
+        **where,
+    )  # fmt: skip
     timings["total"] = time.perf_counter() - t0
     html = page(
         "rewardkit demo",

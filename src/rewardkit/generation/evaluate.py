@@ -17,6 +17,10 @@ For every generator (``NAME=DIR``; the first is the base the others are compared
 Outputs in ``out``: ``generator_eval.json`` and ``generator_eval.md`` (the table),
 ``grids/<name>.png`` (products x seeds per generator) and ``compare.png`` (the same products
 and seeds, one row per generator).
+
+Every model runs on ``device``; with ``mixed_precision`` (``fp16``/``bf16``) the generators'
+weights are cast to it and the inspector and Social Reward run under autocast
+(``rewardkit.commands.devices``).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def _grid(images: np.ndarray) -> np.ndarray:
 def _social_scores(images: list[np.ndarray], jobs: list[ProductJob], model) -> np.ndarray:
     t = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        return model(t, [j.prompt for j in jobs]).float().numpy()
+        return model(t, [j.prompt for j in jobs]).float().cpu().numpy()
 
 
 def _measure(
@@ -136,11 +140,29 @@ def evaluate_generators(
     progress: bool = True,
     steps: int | None = None,
     allow_overlap: bool = False,
+    device: str | torch.device = "cpu",
+    mixed_precision: str = "no",
 ) -> dict:
     """The module docstring's table, grids and JSON (``steps``: DDIM steps, default each
     generator's own). Products that a generator, the inspector or the Social Reward model
     trained or was chosen on raise ``OverlapError`` unless ``allow_overlap``; the overlap is
-    reported in the JSON either way."""
+    reported in the JSON either way. ``device`` and ``mixed_precision``: where and in which
+    precision every model runs (module docstring)."""
+    from rewardkit.commands.devices import autocast, precision_dtype
+
+    with autocast(device, mixed_precision):
+        return _evaluate(
+            models, products, out, inspector, social, limit, seeds, diversity_products,
+            recurrent_attempts, grid_products, batch_size, seed, progress, steps,
+            allow_overlap, device, precision_dtype(mixed_precision),
+        )  # fmt: skip
+
+
+def _evaluate(
+    models, products, out, inspector, social, limit, seeds, diversity_products,
+    recurrent_attempts, grid_products, batch_size, seed, progress, steps, allow_overlap,
+    device, dtype,
+) -> dict:  # fmt: skip
     from rewardkit.generation.run import load_jobs, sampler_for
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.inspector import Inspector
@@ -150,8 +172,8 @@ def evaluate_generators(
         raise ValueError("limit, seeds and diversity_products must be >= 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    insp = Inspector.from_pretrained(inspector or default_model_path("rfnet"))
-    soc = SocialReward.from_pretrained(social or default_model_path("social-reward"))
+    insp = Inspector.from_pretrained(inspector or default_model_path("rfnet"), device=device)
+    soc = SocialReward.from_pretrained(social or default_model_path("social-reward"), device=device)
     jobs, skipped = load_jobs(products, generator_resolution(models[0][1]), limit=limit)
     if not all(np.isfinite(j.height_cm) for j in jobs):
         raise ValueError(f"{products}: the oracle needs product heights (an AdWorld manifest)")
@@ -166,7 +188,7 @@ def evaluate_generators(
     first_seeds = [attempt_seed(seed, i, 1) for i in range(len(jobs))]
     for name, folder in models:
         t0 = time.perf_counter()
-        gen = AdGenerator.from_pretrained(folder)
+        gen = AdGenerator.from_pretrained(folder, device, dtype)
         sampler = sampler_for(folder, steps)
         prepared = [j.prepared for j in jobs]
         prompts = [j.prompt for j in jobs]

@@ -32,6 +32,14 @@ Generation and reward fine-tuning (which only decides where gradients flow):
    d. product preservation (eq. 2): x_prev = (1 - M) x_prev + M x_o(prev), with x_o(prev)
       the product latent noised to level prev with the sample's own noise;
 3. decode the final latent with the VAE; the caller pastes the product pixels back.
+
+Devices and precision: every tensor a step creates lives on the module's device. The
+networks run in their own dtype (fp16/bf16 for ``--mixed-precision``); the schedule
+arithmetic does not: alpha-bar comes from the scheduler's fp32 ``alphas_cumprod``, network
+outputs are cast to fp32 before they are combined (x0_hat, eq. 1, eq. 2, guidance), the
+latent state is kept in fp32 and cast to the model's dtype only when fed to a network. In
+bf16, ``1 - a_t`` for t <= 1 would round to 0 and the last steps of a 40-step run would be
+off by several percent in fp16.
 """
 
 from __future__ import annotations
@@ -326,6 +334,7 @@ class AdGenerator:
         return [self.unet, self.controlnet, self.vae, self.text_encoder]
 
     def to(self, device, dtype=None) -> AdGenerator:
+        """Move every network to ``device`` (and cast its weights to ``dtype`` if given)."""
         for m in self.modules():
             m.to(device=device) if dtype is None else m.to(device=device, dtype=dtype)
         return self
@@ -373,19 +382,22 @@ class AdGenerator:
             truncation=True,
             return_tensors="pt",
         )
-        ids = tok.input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        ids = tok.input_ids.to(_device(self.text_encoder))
+        return self.text_encoder(ids)[0].to(self.device, self.dtype)
 
     def encode_images(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Images in [0, 1] (B, 3, H, W) -> scaled latents (the posterior mean by default)."""
-        dist = self.vae.encode(images.to(self.device, self.dtype) * 2 - 1).latent_dist
+        """Images in [0, 1] (B, 3, H, W) -> scaled latents (the posterior mean by default),
+        in the VAE's dtype."""
+        vae = self.vae
+        dist = vae.encode(images.to(_device(vae), _dtype(vae)) * 2 - 1).latent_dist
         z = dist.sample() if sample else dist.mean
-        return z * self.vae.config.scaling_factor
+        return z * vae.config.scaling_factor
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1]; differentiable when called with grad."""
-        x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((x + 1) / 2).clamp(0, 1)
+        """Scaled latents -> fp32 images in [0, 1]; differentiable when called with grad."""
+        z = latents / self.vae.config.scaling_factor
+        x = self.vae.decode(z.to(_device(self.vae), _dtype(self.vae))).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
 
     # -- noise-schedule helpers -----------------------------------------------------------
 
@@ -397,7 +409,9 @@ class AdGenerator:
         return [int(t) for t in self.scheduler.timesteps]
 
     def to_eps_x0(self, out: torch.Tensor, x_t: torch.Tensor, a_t: torch.Tensor):
-        """The network output (epsilon, v or sample prediction) -> (eps, x0_hat)."""
+        """The network output (epsilon, v or sample prediction) -> (eps, x0_hat), in fp32
+        whatever the network's dtype (``a_t`` from the fp32 ``alphas_cumprod``)."""
+        out, x_t, a_t = out.float(), x_t.float(), torch.as_tensor(a_t).float()
         sa, s1 = a_t.sqrt(), (1 - a_t).sqrt()
         kind = self.prediction_type
         if kind == "epsilon":
@@ -412,6 +426,14 @@ class AdGenerator:
 def _plain(value):
     """Config values as JSON gives them back (tuples as lists)."""
     return list(value) if isinstance(value, tuple | list) else value
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 @dataclass
@@ -433,21 +455,26 @@ class SamplerConfig:
 
 @dataclass
 class GenerationBatch:
-    """Conditioning of one batch, in latent space where it applies."""
+    """Conditioning of one batch, in latent space where it applies. What the networks read
+    is in the model's dtype; what eq. 2 and the paste-back combine is fp32."""
 
-    text: torch.Tensor  # (B, L, D) prompt states
-    uncond: torch.Tensor  # (B, L, D) negative-prompt states
-    control: torch.Tensor  # (B, 3, H, W) Canny image in [0, 1]
-    inpaint_lat: torch.Tensor  # (B, 1, h, w) 1 = paint (for a 9-channel UNet)
-    masked_lat: torch.Tensor  # (B, C, h, w) latent of the image with the painted region blanked
+    text: torch.Tensor  # (B, L, D) prompt states (model dtype)
+    uncond: torch.Tensor  # (B, L, D) negative-prompt states (model dtype)
+    control: torch.Tensor  # (B, 3, H, W) Canny image in [0, 1] (model dtype)
+    inpaint_lat: torch.Tensor  # (B, 1, h, w) 1 = paint, for a 9-channel UNet (model dtype)
+    masked_lat: torch.Tensor  # (B, C, h, w) latent of the image, painted region blanked (model)
     keep_lat: torch.Tensor  # (B, 1, h, w) M of eq. 2: latent cells wholly inside the product
-    product_lat: torch.Tensor  # (B, C, h, w) x_o of eq. 2
-    noise: torch.Tensor  # (B, C, h, w) x_T, one seed per sample
-    keep: torch.Tensor  # (B, 1, H, W) product alpha, for a differentiable paste-back
-    product: torch.Tensor  # (B, 3, H, W) product on grey in [0, 1]
+    product_lat: torch.Tensor  # (B, C, h, w) x_o of eq. 2 (fp32)
+    noise: torch.Tensor  # (B, C, h, w) x_T, one seed per sample (fp32)
+    keep: torch.Tensor  # (B, 1, H, W) product alpha, for a differentiable paste-back (fp32)
+    product: torch.Tensor  # (B, 3, H, W) product on grey in [0, 1] (fp32)
 
     def __len__(self) -> int:
         return self.noise.shape[0]
+
+    def to(self, device: str | torch.device) -> GenerationBatch:
+        """The batch with every tensor on ``device`` (dtypes kept)."""
+        return GenerationBatch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
@@ -476,7 +503,7 @@ def prepare_batch(
             f"{gen.resolution} px"
         )
     dev, dt = gen.device, gen.dtype
-    t = {k: v.to(dev, dt) for k, v in stack_products(list(products)).items()}
+    t = {k: v.to(dev, torch.float32) for k, v in stack_products(list(products)).items()}
     f = gen.vae_factor
     h = gen.resolution // f
     with torch.no_grad():
@@ -485,17 +512,17 @@ def prepare_batch(
         # SD inpainting conditioning: the image with the painted region blanked (0 in [-1, 1],
         # i.e. mid grey in [0, 1]), and the paint mask at latent size.
         masked = t["product"] * (1 - t["inpaint"]) + 0.5 * t["inpaint"]
-        masked_lat = gen.encode_images(masked)
-        product_lat = gen.encode_images(t["product"])
+        masked_lat = gen.encode_images(masked).to(dev, dt)
+        product_lat = gen.encode_images(t["product"]).to(dev, torch.float32)
     inpaint_lat = F.interpolate(t["inpaint"], size=(h, h), mode="nearest")
     # A latent cell is blended only if every pixel under it is product (min-pool of keep).
     keep_lat = -F.max_pool2d(-t["keep"], kernel_size=f, stride=f)
-    noise = seeded_noise(seeds, (gen.latent_channels, h, h), dev, dt)
+    noise = seeded_noise(seeds, (gen.latent_channels, h, h), dev, torch.float32)
     return GenerationBatch(
         text=text,
         uncond=uncond,
-        control=t["control"],
-        inpaint_lat=inpaint_lat,
+        control=t["control"].to(dt),
+        inpaint_lat=inpaint_lat.to(dt),
         masked_lat=masked_lat,
         keep_lat=keep_lat,
         product_lat=product_lat,
@@ -515,13 +542,15 @@ def predict(
     unet=None,
     controlnet=None,
 ) -> torch.Tensor:
-    """One network evaluation: ControlNet residuals, then the UNet; returns its raw output.
+    """One network evaluation: ControlNet residuals, then the UNet; returns its raw output
+    in fp32 (the networks run in their own dtype: ``x_t`` is cast to it here).
 
     ``unet``/``controlnet`` override the generator's (a fine-tuned copy vs the reference)."""
     unet = unet or gen.unet
     controlnet = controlnet or gen.controlnet
     n = x_t.shape[0] // batch.noise.shape[0]  # 2 under classifier-free guidance
     rep = (lambda v: v.repeat(n, *([1] * (v.dim() - 1)))) if n > 1 else (lambda v: v)
+    x_t = x_t.to(_dtype(unet))
     timestep = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
     down, mid = controlnet(
         x_t,
@@ -541,7 +570,7 @@ def predict(
         down_block_additional_residuals=down,
         mid_block_additional_residual=mid,
         return_dict=False,
-    )[0]
+    )[0].float()
 
 
 def guided_eps(
@@ -554,7 +583,7 @@ def guided_eps(
     unet=None,
     controlnet=None,
 ) -> torch.Tensor:
-    """Step 2a-b: eps under classifier-free guidance (one doubled batch)."""
+    """Step 2a-b: eps under classifier-free guidance (one doubled batch), in fp32."""
     if config.guidance_scale == 1.0:
         out = predict(gen, x_t, t, batch, batch.text, config.controlnet_scale, unet, controlnet)
         return gen.to_eps_x0(out, x_t, a_t)[0]
@@ -566,15 +595,20 @@ def guided_eps(
 
 
 def ddim_step(x_t, eps, a_t, a_prev):
-    """Eq. 1 (DDIM, eta = 0): returns (x_prev, x0_hat)."""
+    """Eq. 1 (DDIM, eta = 0), in fp32 whatever the inputs' dtype: returns (x_prev, x0_hat)."""
+    x_t, eps = x_t.float(), eps.float()
+    a_t, a_prev = torch.as_tensor(a_t).float(), torch.as_tensor(a_prev).float()
     x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
 
 
 def blend_product(x: torch.Tensor, batch: GenerationBatch, a: torch.Tensor) -> torch.Tensor:
-    """Eq. 2: keep the product cells on the product latent noised to the same level."""
-    noised = a.sqrt() * batch.product_lat + (1 - a).sqrt() * batch.noise
-    return (1 - batch.keep_lat) * x + batch.keep_lat * noised
+    """Eq. 2, in fp32: keep the product cells on the product latent noised to the same
+    level."""
+    a = torch.as_tensor(a).float()
+    noised = a.sqrt() * batch.product_lat.float() + (1 - a).sqrt() * batch.noise.float()
+    keep = batch.keep_lat.float()
+    return (1 - keep) * x.float() + keep * noised
 
 
 @dataclass
@@ -600,12 +634,15 @@ def denoise(
     their result is detached (truncated backprop). ``checkpoint`` recomputes each grad step in
     the backward pass instead of storing its activations. ``stop_at`` (a step index) ends the
     loop at that step and returns its one-step prediction x0_hat (RFFT's objective);
-    ``stop_before`` (a step index) returns the latents x_t that step would take as input."""
+    ``stop_before`` (a step index) returns the latents x_t that step would take as input.
+    Latents and the schedule are fp32 (module docstring), whatever the networks' dtype."""
     steps = gen.timesteps(config.steps)
-    acp = gen.alphas_cumprod()
-    final = torch.tensor(float(gen.scheduler.final_alpha_cumprod), device=acp.device)
+    acp = gen.alphas_cumprod()  # fp32
+    final = torch.tensor(
+        float(gen.scheduler.final_alpha_cumprod), device=acp.device, dtype=torch.float32
+    )
     stride = gen.scheduler.config.num_train_timesteps // config.steps
-    x = batch.noise.clone()
+    x = batch.noise.float().clone()
     if stop_at is not None and stop_before is not None:
         raise ValueError("give stop_at or stop_before, not both")
     last = len(steps) if stop_at is None else stop_at + 1
@@ -617,9 +654,9 @@ def denoise(
         last = stop_before
     x0 = None
     for i, t in enumerate(steps[:last]):
-        a_t = acp[t].to(x.dtype)
+        a_t = acp[t]
         prev = t - stride
-        a_prev = (acp[prev] if prev >= 0 else final).to(x.dtype)
+        a_prev = acp[prev] if prev >= 0 else final
         with_grad = i >= len(steps) - grad_last and torch.is_grad_enabled()
 
         def step(x_in, t=t, a_t=a_t, a_prev=a_prev):

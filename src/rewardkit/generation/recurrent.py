@@ -159,8 +159,9 @@ class InspectorJudge:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
         size = self.inspector.rfnet.config.resolution
-        p = products_on_white(context["photos"], size)
-        g = images.float()
+        device = self.inspector.device
+        p = products_on_white(context["photos"], size).to(device)
+        g = images.to(device).float()
         if g.shape[-1] != size:
             g = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear")
         with torch.no_grad():

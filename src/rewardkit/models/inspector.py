@@ -53,9 +53,15 @@ class Inspector(nn.Module):
     def classes(self) -> tuple[str, ...]:
         return tuple(self.rfnet.config.classes)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of RFNet's parameters (the extractors live beside it)."""
+        return next(self.rfnet.parameters()).device
+
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Inspector:
-        """Load an RFNet folder and its extractors (``inspector.json`` or the defaults)."""
+        """Load an RFNet folder and its extractors (``inspector.json`` or the defaults) onto
+        ``device``."""
         from rewardkit.models.modalities import load_modality
 
         folder = Path(path)
@@ -88,9 +94,11 @@ class Inspector(nn.Module):
         self, product: torch.Tensor, generated: torch.Tensor, captions: list[str]
     ) -> torch.Tensor:
         """Logits (B, C) for product photos (B, 3, H, W) composited on white, generated
-        images (B, 3, H, W) in [0, 1] and one caption per image."""
+        images (B, 3, H, W) in [0, 1] and one caption per image. Inputs on another device
+        are moved to the inspector's (differentiably)."""
         if len(captions) != generated.shape[0]:
             raise ValueError(f"got {generated.shape[0]} images but {len(captions)} captions")
+        product, generated = product.to(self.device), generated.to(self.device)
         inputs = {"product": product, "generated": generated}
         inputs["depth"] = self.depth(generated) if self.depth is not None else None
         inputs["saliency"] = self.saliency(generated) if self.saliency is not None else None

@@ -3,6 +3,8 @@
 ``rfnet``: F_AC, cross-entropy towards Available under one or more RFNet inspectors;
 ``social``: the negative Social Reward score. Both take the decoded one-step prediction
 (pasted back) and the batch's jobs, and return (loss per image, reward per image).
+``to(device)`` moves their frozen models (and cached product tensors) beside the generator;
+the RFFT step calls it with the trainee's device.
 """
 
 from __future__ import annotations
@@ -49,12 +51,25 @@ class RFNetObjective:
         self.size, classes = kinds.pop()
         self.classes = list(classes)
         self.views, self.shift, self.noise = views, shift, noise
-        self._products: dict[str, torch.Tensor] = {}
+        self._products: dict[str, torch.Tensor] = {}  # (3, S, S) on the inspectors' device
+
+    @property
+    def device(self) -> torch.device:
+        return self.inspectors[0].device
+
+    def to(self, device: str | torch.device) -> RFNetObjective:
+        """Move the inspectors and the cached product tensors to ``device``."""
+        device = torch.device(device)
+        if self.device != device:
+            self.inspectors = [i.to(device) for i in self.inspectors]
+            self._products = {k: v.to(device) for k, v in self._products.items()}
+        return self
 
     def _product(self, job: ProductJob) -> torch.Tensor:
         # keyed by content: two folders may both hold a 000000.png
         if job.product_key not in self._products:
-            self._products[job.product_key] = products_on_white([job.photo], self.size)[0]
+            photo = products_on_white([job.photo], self.size)[0]
+            self._products[job.product_key] = photo.to(self.device)
         return self._products[job.product_key]
 
     def _inputs(self, images: torch.Tensor, jobs: list[ProductJob]):
@@ -105,6 +120,12 @@ class SocialObjective:
 
     def __init__(self, model) -> None:
         self.model = model.eval().requires_grad_(False)
+
+    def to(self, device: str | torch.device) -> SocialObjective:
+        """Move the Social Reward model to ``device``."""
+        if self.model.device != torch.device(device):
+            self.model.to(device)
+        return self
 
     def __call__(self, images: torch.Tensor, jobs: list[ProductJob]):
         score = self.model(images, [j.prompt for j in jobs])

@@ -6,7 +6,8 @@
 - ``none``: nothing (ReFL-like; collapses onto what the reward likes).
 
 Both compare the two models at the same ``x_t`` and step; the reference's predictions are
-computed without gradients by the caller (``step.rfft_loss``).
+computed without gradients by the caller (``step.rfft_loss``). Both are computed in fp32
+whatever the networks' dtype (alpha-bar near 1 late in sampling).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def regularizer_loss(
         eps_uncond, eps_cond: The fine-tuned model's predictions at ``x_t``.
         x0: The fine-tuned model's guided one-step prediction.
     """
-    ref_u, ref_c = reference
+    ref_u, ref_c = (r.float() for r in reference)  # schedule arithmetic in fp32
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float32, device=ref_u.device)
     if kind == "cc":
         return consistent_condition_loss(eps_uncond, eps_cond, ref_u, ref_c, alpha_bar)
     if kind == "kl":
         ref_eps = ref_u + guidance * (ref_c - ref_u)
-        ref_x0 = (x_t - (1 - alpha_bar).sqrt() * ref_eps) / alpha_bar.sqrt()
-        return one_step_kl_loss(x0, ref_x0)
+        ref_x0 = (x_t.float() - (1 - alpha_bar).sqrt() * ref_eps) / alpha_bar.sqrt()
+        return one_step_kl_loss(x0.float(), ref_x0)
     raise ValueError(f"regularizer: one of {REGULARIZERS[:2]} here; got {kind!r}")

@@ -4,6 +4,12 @@ Steps 1-4 of the package docstring: a DDIM run without gradients up to ``t``, th
 fine-tuned model's guided prediction at ``t`` with gradients, the one-step ``x0_hat``
 decoded and judged by the objective, plus ``beta`` times the regulariser
 (``regularizers.py``) against the frozen reference.
+
+Devices: the training loop places the trainee (the trained modules) on its device; each step
+moves what else it touches beside it (the rest of the generator: UNet or ControlNet, VAE,
+text encoder; the frozen reference copies; the objective's models and cached products; the
+batch), so a CUDA run never mixes devices. Schedule arithmetic is fp32 (the one-step x0_hat,
+alpha-bar, the regularisers), whatever the precision the networks run in.
 """
 
 from __future__ import annotations
@@ -65,6 +71,22 @@ class RFFTTrainee(nn.Module):
             for name, p in [*gen.unet.named_parameters(), *gen.controlnet.named_parameters()]:
                 p.requires_grad_("lora_" in name)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trained modules are (the training loop put them there)."""
+        return next(self.parameters()).device
+
+    def place(self, gen: AdGenerator, device: torch.device) -> None:
+        """Move the generator's other modules and the frozen reference copies to ``device``
+        (a no-op when they are there)."""
+        references = [
+            *getattr(self, "reference_unet", []),
+            *getattr(self, "reference_controlnet", []),
+        ]
+        for m in [*gen.modules(), *references]:
+            if m is not None and next(m.parameters()).device != device:
+                m.to(device)
+
     @contextmanager
     def as_reference(self, gen: AdGenerator):
         """Within: the generator computes the frozen reference model."""
@@ -117,9 +139,39 @@ def rfft_loss(
     reward_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The module docstring's steps 1-4 for one batch: (F_total, logged values)."""
+    loss, terms = rfft_terms(
+        gen, trainee, batch, jobs, objective, sampler, step_index, regularizer, beta,
+        grad_checkpoint_step, rng, reward_weight,
+    )  # fmt: skip
+    logs = {k: v if isinstance(v, int) else float(v.detach()) for k, v in terms.items()}
+    return loss, logs
+
+
+def rfft_terms(
+    gen: AdGenerator,
+    trainee: RFFTTrainee,
+    batch: GenerationBatch,
+    jobs: list[ProductJob],
+    objective,
+    sampler: SamplerConfig,
+    step_index: int,
+    regularizer: str,
+    beta: float,
+    grad_checkpoint_step: bool = True,
+    rng: torch.Generator | None = None,
+    reward_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
+    """:func:`rfft_loss` without reading values back: (F_total, logged terms as tensors on
+    the trainee's device, and ``t``). Moves every frozen part the step uses, and the batch,
+    to the trainee's device first."""
+    device = trainee.device
+    trainee.place(gen, device)
+    if hasattr(objective, "to"):
+        objective.to(device)
+    batch = batch.to(device)
     steps = gen.timesteps(sampler.steps)
     t = steps[step_index]
-    a_t = gen.alphas_cumprod()[t].to(batch.noise.dtype)
+    a_t = gen.alphas_cumprod()[t]  # fp32, also under bf16/fp16 networks
     with torch.no_grad():
         x_t = denoise(gen, batch, sampler, stop_before=step_index).latents
     w = sampler.guidance_scale
@@ -132,25 +184,25 @@ def rfft_loss(
         eps_u, eps_c = grad_checkpoint(fine_tuned, x_t, use_reentrant=False)
     else:
         eps_u, eps_c = fine_tuned(x_t)
-    eps = eps_u + w * (eps_c - eps_u)
-    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    eps = eps_u + w * (eps_c - eps_u)  # fp32 (to_eps_x0)
+    x0 = (x_t.float() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     images = paste_back_tensor(gen.decode_latents(x0), batch)
     # Objectives that draw random views take the step's generator (resume-exact).
     if getattr(objective, "takes_rng", False):
         reward_loss, reward = objective(images, jobs, rng)
     else:
         reward_loss, reward = objective(images, jobs)
-    loss = reward_weight * reward_loss.mean()
-    reg = torch.zeros((), dtype=loss.dtype)
+    loss = reward_weight * reward_loss.float().mean()
+    reg = torch.zeros((), dtype=loss.dtype, device=loss.device)
     if regularizer != "none":
         with torch.no_grad(), trainee.as_reference(gen) as (unet_r, cn_r):
             reference = _eps_pair(gen, x_t, t, a_t, batch, sampler, unet_r, cn_r)
         reg = regularizer_loss(regularizer, reference, x_t, a_t, w, eps_u, eps_c, x0)
         loss = loss + beta * reg
-    logs = {
-        "reward_loss": float(reward_loss.mean().detach()),
-        "regularizer": float(reg.detach()),
-        "reward": float(reward.mean().detach()),
+    terms = {
+        "reward_loss": reward_loss.detach().float().mean(),
+        "regularizer": reg.detach(),
+        "reward": reward.detach().float().mean(),
         "t": int(t),
     }
-    return loss, logs
+    return loss, terms
