@@ -165,8 +165,15 @@ def test_rfnet_two_processes_match_one(tmp_path):
     writes = _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
     weights = "model/model.safetensors"
     # BatchNorm statistics are all-reduced in float32 in another order than one process's
-    # batch_norm: 1e-4 (the weights move by > 1e-2; running statistics included).
-    assert _max_diff(o1 / weights, o2 / weights) <= 1e-4
+    # batch_norm (running statistics included; measured 9e-5): 2e-4. The fusion's attention
+    # query/key projections are apart: near-uniform attention at init gives them gradients
+    # near zero, which AdamW turns from float noise into updates (measured 1.9e-3 after 4
+    # steps at lr 3e-3); they are held to 5e-3.
+    wa, wb = load_file(o1 / weights), load_file(o2 / weights)
+    gap = {k: float((wa[k].float() - wb[k].float()).abs().max()) for k in wa}
+    attention = {k: v for k, v in gap.items() if "self_attn.in_proj" in k}
+    assert max(v for k, v in gap.items() if k not in attention) <= 2e-4
+    assert max(attention.values()) <= 5e-3
     assert {w.split()[0] for w in writes} and len({w.split()[0] for w in writes}) == 1
 
 
