@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -640,11 +641,14 @@ def _train_generator(a: argparse.Namespace) -> int:
 
 def _record_generator_keys(out: str, manifest: str, probe: str | None) -> None:
     """Beside the trained generator: its training products and prompts, and the probe
-    products it was watched on (selection)."""
+    products it was watched on (selection). The main process alone writes."""
     from pathlib import Path
 
     from rewardkit.data.keys import TrainingKeys, write_training_keys
+    from rewardkit.training.distributed import is_main_process
 
+    if not is_main_process():
+        return
     seen = TrainingKeys()
     seen.add_manifest(manifest, "train")
     if probe:
@@ -753,6 +757,10 @@ def _demo(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under accelerate launch / torchrun every process runs the command; the main
+        # process alone prints the JSON summary (stderr, for errors and progress, stays).
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     handlers = {
         ("world", "render"): _world_render,
         ("world", "label"): _world_label,

@@ -13,6 +13,7 @@ from rewardkit.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from rewardkit.training.distributed import is_main_process, shared_accelerator
 from rewardkit.training.generator import prepare_generator_data
 from rewardkit.training.rfft.objectives import load_objective, parse_reward
 from rewardkit.training.rfft.recipe import FinetuneConfig, finetune_generator, record_keys
@@ -63,6 +64,9 @@ def finetune_command(
             )
         jobs, probe_jobs = jobs[: -config.probe_size], jobs[-config.probe_size :]
     objective = load_objective(kind, folder, views=config.reward_views).to(device)
+    # The processes' group exists from here (the loop reuses this Accelerator), so the main
+    # process alone can write the replay selection while the others wait for it.
+    accelerator = shared_accelerator(config.mixed_precision, device)
     replay_data, replay_info = None, None
     if replay is not None:
         kept_file = Path(out) / "replay.parquet"
@@ -83,8 +87,10 @@ def finetune_command(
                 "reward_mean_kept": float(np.mean(chosen.column("reward").to_numpy())),
             }
             chosen = chosen.replace_schema_metadata({"rewardkit_replay": json.dumps(replay_info)})
-            Path(out).mkdir(parents=True, exist_ok=True)
-            write_parquet_atomic(kept_file, chosen)
+            if is_main_process():
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_parquet_atomic(kept_file, chosen)
+            accelerator.wait_for_everyone()
         replay_data = prepare_generator_data(kept_file, gen_size, None, False)
     summary = finetune_generator(
         generator, jobs, probe_jobs, objective, config, out, sampler_for(generator), progress,
@@ -94,5 +100,6 @@ def finetune_command(
     record_keys(Path(out) / "model", jobs, probe_jobs, kept_file if replay else None)
     if replay_info is not None:
         summary["replay"] = replay_info
-        write_json_atomic(Path(out) / "finetune_summary.json", summary)
+        if is_main_process():
+            write_json_atomic(Path(out) / "finetune_summary.json", summary)
     return summary

@@ -24,6 +24,7 @@ from rewardkit.commands.devices import autocast
 from rewardkit.data.keys import TrainingKeys, check_held_out, write_training_keys
 from rewardkit.io import write_json_atomic, write_text_atomic
 from rewardkit.models.rfnet import RFNet, RFNetConfig
+from rewardkit.training.distributed import is_main_process
 from rewardkit.training.rfnet import (
     VARIANTS,
     InspectionData,
@@ -94,7 +95,10 @@ def _training_copy(data, config: RFNetTrainConfig, maps: str):
 
 def _record_keys(samples: pa.Table, model_dir: Path, init: str | Path | None) -> None:
     """Write the products (and prompts) the run trained and validated on beside its model;
-    the test split is held out by construction, so it is not recorded."""
+    the test split is held out by construction, so it is not recorded. The main process
+    alone writes (under ``accelerate launch`` every process runs this)."""
+    if not is_main_process():
+        return
     seen = TrainingKeys.starting_from(init)
     split = samples["split"].to_pylist()
     keys = samples["product_key"].to_pylist()
@@ -157,7 +161,7 @@ def train_rfnet_command(
         runs[name] = {"model": str(run_dir / "model"), "steps": result.steps,
                       "seconds": round(result.seconds, 1), "metrics": result.metrics}  # fmt: skip
     summary["runs"] = runs
-    if ablation:
+    if ablation and is_main_process():
         write_json_atomic(Path(out) / "runs.json", summary)
     return summary
 
