@@ -62,6 +62,8 @@ def shared_accelerator(mixed_precision: str = "no", device: str | None = None):
         or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         or (launched and not torch.cuda.is_available())
     )
+    if not cpu and device is not None and device.startswith("cuda:") and not launched:
+        torch.cuda.set_device(int(device.split(":", 1)[1]))  # one process on a chosen GPU
     acc = _ACCELERATOR
     if acc is not None and acc.mixed_precision == mixed_precision and acc.state._cpu == cpu:
         return acc

@@ -98,6 +98,7 @@ class TrainConfigBase:
     checkpoint_every: int = 200  # optimiser steps between checkpoints
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
     grad_accum: int = 1  # micro-steps per optimiser step (batch_size stays the global batch)
+    device: str | None = None  # None: accelerate's choice (cuda when present); "cpu", "cuda:1"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -212,6 +213,7 @@ def resumable(config: TrainConfigBase) -> dict:
     keep = asdict(config)
     for budget in ("max_steps", "checkpoint_every"):
         keep.pop(budget)
+    keep.pop("device", None)  # a run may resume on another device
     if keep.get("grad_accum") == 1:  # the default: checkpoints from before the field resume
         keep.pop("grad_accum")
     return keep
