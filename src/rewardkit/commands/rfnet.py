@@ -25,6 +25,7 @@ from rewardkit.data.keys import TrainingKeys, check_held_out, write_training_key
 from rewardkit.io import write_json_atomic, write_text_atomic
 from rewardkit.models.rfnet import RFNet, RFNetConfig
 from rewardkit.training.distributed import is_main_process
+from rewardkit.training.inspection_store import prepare_inspection_store
 from rewardkit.training.rfnet import (
     VARIANTS,
     InspectionData,
@@ -34,6 +35,8 @@ from rewardkit.training.rfnet import (
     prepare_inspection_data,
     train_rfnet,
 )
+
+DATA_CACHE = "data_cache"  # the prepared inputs, inside the run folder
 
 __all__ = [
     "agreement_with_oracle",
@@ -85,12 +88,41 @@ def _model_config(path: str | Path | None) -> RFNetConfig:
         raise ValueError(f"{path}: {err}") from None
 
 
-def _training_copy(data, config: RFNetTrainConfig, maps: str):
-    """The degraded copy training draws from (None when off); its seed differs from the
+def _degrade_seed(config: RFNetTrainConfig) -> int | None:
+    """The seed of the degraded copy training draws from (None when off); it differs from the
     evaluation's (``eval rfnet --seed``, default 0), so no degraded test image is reused."""
     if not config.degraded_copy or config.degrade <= 0:
         return None
-    return degrade_inspection_data(data, config.seed + 10_007, predict_maps=maps == "predicted")
+    return config.seed + 10_007
+
+
+def _training_copy(data, config: RFNetTrainConfig, maps: str):
+    """The in-memory degraded copy training draws from (None when off)."""
+    seed = _degrade_seed(config)
+    if seed is None:
+        return None
+    return degrade_inspection_data(data, seed, predict_maps=maps == "predicted")
+
+
+def _training_data(
+    samples: pa.Table,
+    model_config: RFNetConfig,
+    config: RFNetTrainConfig,
+    maps: str,
+    out: Path,
+    progress: bool,
+    in_memory: bool,
+) -> tuple:
+    """The inspection data and its degraded copy (or None): prepared once, in chunks, into
+    ``out/data_cache`` (reused by a resumed run, rebuilt when its content key changes); or,
+    with ``in_memory``, decoded whole into memory (small data, tests, the memory benchmark)."""
+    if in_memory:
+        data = prepare_inspection_data(samples, model_config, maps=maps, progress=progress)
+        return data, _training_copy(data, config, maps)
+    store = prepare_inspection_store(
+        samples, model_config, out / DATA_CACHE, maps, _degrade_seed(config), progress=progress
+    )
+    return store, store.degraded()
 
 
 def _record_keys(samples: pa.Table, model_dir: Path, init: str | Path | None) -> None:
@@ -122,16 +154,20 @@ def train_rfnet_command(
     maps: str = "predicted",
     progress: bool = True,
     init: str | Path | None = None,
+    in_memory: bool = False,
 ) -> dict:
     """Train one variant into ``out`` or, with ``ablation``, all into ``out/<variant>``;
-    ``init``: fine-tune that RFNet folder (one variant: its own architecture and inputs)."""
+    ``init``: fine-tune that RFNet folder (one variant: its own architecture and inputs).
+
+    The inputs are prepared once into ``out/data_cache`` and read row by row
+    (:mod:`rewardkit.training.inspection_store`); ``in_memory`` decodes them whole into
+    memory instead (today's small-data path, kept for tests and the memory benchmark)."""
     if init is not None and ablation:
         raise ValueError("--init fine-tunes one model; it cannot be combined with --ablation")
     if init is not None:
         base = RFNet.from_pretrained(init).config
         samples = load_samples(manifest)
-        data = prepare_inspection_data(samples, base, maps=maps, progress=progress)
-        degraded = _training_copy(data, config, maps)
+        data, degraded = _training_data(samples, base, config, maps, Path(out), progress, in_memory)
         result = train_rfnet(
             data, Path(out), base, config, init=init, progress=progress, degraded=degraded
         )
@@ -148,8 +184,7 @@ def train_rfnet_command(
     base = _model_config(model_config)
     samples = load_samples(manifest)
     full = dataclasses.replace(base, modalities=VARIANTS["full"])
-    data = prepare_inspection_data(samples, full, maps=maps, progress=progress)
-    degraded = _training_copy(data, config, maps)
+    data, degraded = _training_data(samples, full, config, maps, Path(out), progress, in_memory)
     names = list(VARIANTS) if ablation else [variant]
     summary = {"samples": len(data), "split": {s: data.split.count(s) for s in set(data.split)}}
     runs = {}

@@ -5,7 +5,9 @@
   model's resolution. Depth and saliency come from the modality extractors by default
   (``maps="predicted"``: what the inspector sees at inspection time) or from the table's
   ground-truth maps (``maps="truth"``). Caption token states are computed once (the caption
-  encoder is frozen).
+  encoder is frozen). Everything is held in memory; data larger than memory goes through
+  :func:`rewardkit.training.inspection_store.prepare_inspection_store` (the same arrays,
+  prepared in chunks into the run folder, rows read on demand), which ``train rfnet`` uses.
 - :func:`train_rfnet`: cross-entropy with inverse-frequency class weights, AdamW, lr 1e-4
   divided by 10 at half the steps, 10 epochs (the paper's schedule), optional degradation
   of the generated images (blur, noise, JPEG) so the inspector tolerates imperfect images;
@@ -27,6 +29,8 @@ from tqdm import tqdm
 
 from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig
+from rewardkit.training.inspection_store import InspectionStore
+from rewardkit.training.inspection_store import predict_maps as _predict_maps
 from rewardkit.training.loop import (
     MicroBatch,
     TrainConfigBase,
@@ -131,16 +135,6 @@ class InspectionData:
                 for key in keys:
                     out[key] = None
         return out
-
-
-@torch.no_grad()
-def _predict_maps(extractor, generated: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """uint8 images (N, 3, R, R) -> uint8 maps (N, 1, R, R) from an extractor in [0, 1]."""
-    out = []
-    for i in range(0, generated.shape[0], batch_size):
-        maps = extractor(generated[i : i + batch_size].float() / 255.0)  # (B, 1, R, R)
-        out.append((maps.clamp(0, 1) * 255).round().to(torch.uint8))
-    return torch.cat(out)
 
 
 def prepare_inspection_data(
@@ -264,20 +258,23 @@ def _degrade(images: torch.Tensor, share: float, generators: list[torch.Generato
 
 
 def train_rfnet(
-    data: InspectionData,
+    data: InspectionData | InspectionStore,
     out_dir: str | Path,
     model_config: RFNetConfig | None = None,
     config: RFNetTrainConfig | None = None,
     init: str | Path | None = None,
     progress: bool = True,
-    degraded: InspectionData | None = None,
+    degraded: InspectionData | InspectionStore | None = None,
 ) -> TrainResult:
     """Train RFNet on the ``train`` rows of ``data``; validation accuracy after each epoch.
 
     Args:
-        data: From :func:`prepare_inspection_data` with the same model config.
-        degraded: :func:`degrade_inspection_data` of ``data`` (``config.degraded_copy``):
-            each training sample is taken from it with probability ``config.degrade``.
+        data: From :func:`prepare_inspection_data` with the same model config, or the
+            disk-backed store (``inspection_store.prepare_inspection_store``)
+            (rows read on demand in each step).
+        degraded: :func:`degrade_inspection_data` of ``data`` (``config.degraded_copy``), or
+            the store's ``degraded()``: each training sample is taken from it with
+            probability ``config.degrade``.
         out_dir: Run folder: ``model/``, ``checkpoint/``, ``train_summary.json``.
         model_config: Architecture (default: :meth:`RFNetConfig.small`); ignored with ``init``.
         config: Schedule (the paper's by default).
@@ -351,7 +348,10 @@ def train_rfnet(
 
 @torch.no_grad()
 def predict_rfnet(
-    model: RFNet, data: InspectionData, rows: torch.Tensor | None = None, batch_size: int = 128
+    model: RFNet,
+    data: InspectionData | InspectionStore,
+    rows: torch.Tensor | None = None,
+    batch_size: int = 128,
 ) -> torch.Tensor:
     """Class probabilities (N, C) for ``rows`` of ``data`` (all rows when None)."""
     rows = torch.arange(len(data)) if rows is None else rows

@@ -1,0 +1,509 @@
+"""Disk-backed RFNet inspection data: prepared once, in chunks, into the run folder; rows read
+on demand, so memory follows the batch and not the manifest.
+
+:func:`prepare_inspection_store` makes one pass over a sample table, ``chunk_rows`` rows at a
+time: decode the generated image and the product photo (and the ground-truth maps), predict
+depth and saliency for the chunk, degrade the chunk (``world.perturb.degrade``, the maps
+predicted again from the degraded pixels) and append every array to its own ``.npy`` file
+(a NumPy header, then raw C-order rows: loads with ``allow_pickle=False``). Caption token
+states are stored once per unique caption, ``(U, T, H)`` with an ``(N,)`` index.
+
+The folder is keyed by content (:func:`store_key`): the rows' product keys, labels, splits and
+captions, a hash of every generated image's bytes (and of the ground-truth maps' bytes with
+``maps="truth"``), the extractors' weights and configs, the resolution, modalities, maps and
+degradation seed. A resumed run with the same key reuses it; any other key rebuilds it.
+
+:class:`InspectionStore` reads rows with explicit ``os.preadv`` calls (sorted rows, adjacent
+rows coalesced into one read), not through ``np.memmap``, whose touched pages would count in
+the process's resident memory. It has :class:`~rewardkit.training.rfnet.InspectionData`'s
+reading interface (``batch``, ``rows``, ``labels``, ``classes``, ``split``, ``paths``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rewardkit.data.samples import load_product_rgb, load_resized
+from rewardkit.io import write_json_atomic
+from rewardkit.models.rfnet import MODALITIES, RFNetConfig
+
+__all__ = [
+    "CHUNK_ROWS",
+    "InspectionStore",
+    "RowFile",
+    "predict_maps",
+    "prepare_inspection_store",
+    "store_key",
+]
+
+FORMAT_VERSION = 1
+# A multiple of the extractors' batch (128), so the maps are predicted over the same batches
+# as in memory; 512 rows at 384 px hold ~0.5 GB of decoded pixels at once.
+CHUNK_ROWS = 512
+META_FILE = "meta.json"
+DEGRADED_PREFIX = "degraded_"
+IMAGE_ARRAYS = ("product", "generated", "depth", "saliency")
+
+
+class RowFile:
+    """Rows of a C-order ``.npy`` file, read with ``os.preadv`` into a fresh array.
+
+    Safe to pickle into DataLoader workers: the file descriptor is reopened per process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            self.offset = f.tell()
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{self.path}: expected a C-order array of plain values")
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = dtype
+        self.row_bytes = int(dtype.itemsize * np.prod(shape[1:], dtype=np.int64))
+        expected = self.offset + self.row_bytes * self.shape[0]
+        if self.path.stat().st_size != expected:
+            raise ValueError(f"{self.path}: {self.path.stat().st_size} bytes, expected {expected}")
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read(self, rows: np.ndarray | torch.Tensor | list[int]) -> np.ndarray:
+        """The rows (in the order given, repeats allowed) as an array (len(rows), ...)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: rows outside 0..{self.shape[0] - 1}")
+        wanted = np.unique(rows)  # sorted: one read per run of adjacent rows
+        buf = np.empty((len(wanted), *self.shape[1:]), self.dtype)
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        fd = self._file()
+        runs = np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if wanted.size else []
+        at = 0
+        for run in runs:
+            size = len(run) * self.row_bytes
+            offset = self.offset + int(run[0]) * self.row_bytes
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[at + done : at + size]], offset + done)
+                if got == 0:
+                    raise OSError(f"{self.path}: file ended at byte {offset + done}")
+                done += got
+            at += size
+        if len(wanted) == len(rows) and np.array_equal(wanted, rows):
+            return buf
+        return buf[np.searchsorted(wanted, rows)]
+
+
+class _RowWriter:
+    """Appends rows to a new ``.npy`` file of known shape (header first, then raw bytes)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.file = open(path, "wb")  # noqa: SIM115 (closed in close())
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        np.lib.format.write_array_header_1_0(self.file, header)
+        self.rows = 0
+
+    def append(self, array: np.ndarray | torch.Tensor) -> None:
+        if isinstance(array, torch.Tensor):
+            array = array.numpy()
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path.name}: rows of shape {array.shape[1:]} != {self.shape}")
+        self.file.write(memoryview(array.reshape(-1).view(np.uint8)))
+        self.rows += array.shape[0]
+
+    def close(self) -> None:
+        self.file.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: wrote {self.rows} rows, expected {self.shape[0]}")
+
+
+class InspectionStore:
+    """A prepared store folder, read row by row (InspectionData's reading interface).
+
+    ``degraded()`` gives the same rows with the degraded generated image and its maps."""
+
+    def __init__(
+        self, folder: str | Path, paths: list[str] | None = None, prefix: str = ""
+    ) -> None:
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / META_FILE).read_text())
+        self.meta = meta
+        self.key: str = meta["key"]
+        self.classes: tuple[str, ...] = tuple(meta["classes"])
+        self.prefix = prefix
+        self.labels = torch.from_numpy(self._load("labels").astype(np.int64))  # (N,)
+        self._split_codes = self._load("split")  # (N,) int8 into meta["split_names"]
+        self._paths = paths
+        self.files: dict[str, RowFile] = {}
+        for name in IMAGE_ARRAYS:  # the degraded view: its own generated image (and maps)
+            own, clean = self.folder / f"{prefix}{name}.npy", self.folder / f"{name}.npy"
+            file = own if own.is_file() else clean
+            if file.is_file():
+                self.files[name] = RowFile(file)
+        self.caption_index: np.ndarray | None = None
+        if (self.folder / "caption_tokens.npy").is_file():
+            self.files["caption_tokens"] = RowFile(self.folder / "caption_tokens.npy")
+            self.files["caption_mask"] = RowFile(self.folder / "caption_mask.npy")
+            self.caption_index = self._load("caption_index")  # (N,) into the unique captions
+
+    def _load(self, name: str) -> np.ndarray:
+        return np.load(self.folder / f"{name}.npy", allow_pickle=False)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def split(self) -> list[str]:
+        names = self.meta["split_names"]
+        return [names[c] for c in self._split_codes.tolist()]
+
+    @property
+    def paths(self) -> list[str]:
+        if self._paths is None:
+            self._paths = json.loads((self.folder / "paths.json").read_text())
+        return self._paths
+
+    def rows(self, split: str) -> torch.Tensor:
+        """Row indices (long) of one split."""
+        names = self.meta["split_names"]
+        if split not in names:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.from_numpy(np.flatnonzero(self._split_codes == names.index(split)))
+
+    def degraded(self) -> InspectionStore | None:
+        """The degraded copy's view (None when the store was prepared without one)."""
+        if not (self.folder / f"{DEGRADED_PREFIX}generated.npy").is_file():
+            return None
+        return InspectionStore(self.folder, self._paths, DEGRADED_PREFIX)
+
+    def read(self, rows: torch.Tensor, modalities: tuple[str, ...] = MODALITIES) -> dict:
+        """The raw arrays of ``rows`` (uint8 images, float32 tokens, uint8 mask)."""
+        use = set(modalities)
+        out: dict[str, np.ndarray | None] = {}
+        r = np.asarray(rows, dtype=np.int64)
+        for name in IMAGE_ARRAYS:
+            out[name] = self.files[name].read(r) if name in use and name in self.files else None
+        out["caption_tokens"] = out["caption_mask"] = None
+        if "caption" in use and self.caption_index is not None:
+            index = self.caption_index[r]
+            out["caption_tokens"] = self.files["caption_tokens"].read(index)  # (B, T, H)
+            out["caption_mask"] = self.files["caption_mask"].read(index)  # (B, T)
+        return out
+
+    def batch(
+        self,
+        rows: torch.Tensor,
+        modalities: tuple[str, ...] = MODALITIES,
+        device: torch.device | str = "cpu",
+    ) -> dict:
+        """Model inputs for ``rows`` exactly as ``InspectionData.batch`` gives them."""
+        return to_model_inputs(self.read(rows, modalities), device)
+
+
+def to_model_inputs(arrays: dict, device: torch.device | str = "cpu") -> dict:
+    """Raw arrays (:meth:`InspectionStore.read`) -> float images in [0, 1], tokens, long mask."""
+    out: dict[str, torch.Tensor | None] = {}
+    for name in IMAGE_ARRAYS:
+        x = arrays[name]
+        out[name] = None if x is None else torch.as_tensor(x).to(device).float().div_(255.0)
+    tokens, mask = arrays["caption_tokens"], arrays["caption_mask"]
+    out["caption_tokens"] = None if tokens is None else torch.as_tensor(tokens).to(device)
+    out["caption_mask"] = None if mask is None else torch.as_tensor(mask).to(device).long()
+    return out
+
+
+def _module_digest(h, module) -> None:
+    """Hash a model's config and weights (names, dtypes, shapes, bytes)."""
+    config = getattr(module, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    h.update(type(module).__name__.encode())
+    h.update(json.dumps(to_dict() if callable(to_dict) else repr(config), sort_keys=True,
+                        default=str).encode())  # fmt: skip
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _file_digest(h, path: str | None) -> None:
+    if path is None:
+        h.update(b"\0none")
+        return
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(b"\0end")
+
+
+def store_key(
+    table: pa.Table,
+    config: RFNetConfig,
+    maps: str,
+    degrade_seed: int | None,
+    extractors: dict,
+    progress: bool = False,
+) -> str:
+    """sha256 of what the store's arrays are made from (see the module docstring)."""
+    h = hashlib.sha256()
+    cols = table.column_names
+    head = {
+        "version": FORMAT_VERSION,
+        "resolution": config.resolution,
+        "modalities": sorted(config.modalities),
+        "classes": list(config.classes),
+        "maps": maps,
+        "degrade_seed": degrade_seed,
+        "product_key": table["product_key"].to_pylist() if "product_key" in cols else None,
+        "product_path": None if "product_key" in cols else table["product_path"].to_pylist(),
+        "label": table["label"].to_pylist(),
+        "split": table["split"].to_pylist() if "split" in cols else None,
+        "caption": [str(c) for c in table["caption"].to_pylist()],
+    }
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for kind in sorted(extractors):
+        h.update(f"\0extractor:{kind}".encode())
+        _module_digest(h, extractors[kind])
+    truth = [
+        f"{k}_path" for k in ("depth", "saliency")
+        if maps == "truth" and k in config.modalities and f"{k}_path" in cols
+    ]  # fmt: skip
+    columns = {c: table[c].to_pylist() for c in ["path", *truth]}
+    for i in tqdm(range(table.num_rows), desc="hash", disable=not progress, unit="img"):
+        for values in columns.values():
+            _file_digest(h, values[i])
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def predict_maps(extractor, generated: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """uint8 images (n, 3, R, R) -> uint8 maps (n, 1, R, R) from an extractor in [0, 1]."""
+    out = []
+    for i in range(0, generated.shape[0], batch_size):
+        maps = extractor(generated[i : i + batch_size].float() / 255.0)  # (B, 1, R, R)
+        out.append((maps.clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _write_captions(folder: Path, encoder, captions: list[str], batch_size: int = 256) -> None:
+    """Token states (U, T, H) and mask (U, T) of the sorted unique captions, padded to the
+    longest; ``caption_index`` (N,). Encoded batch by batch into temporary files first (T is
+    known only at the end), so no more than one batch is held."""
+    unique = sorted(set(captions))
+    parts = []
+    for k, i in enumerate(range(0, len(unique), batch_size)):
+        t, m = encoder.encode(unique[i : i + batch_size])  # (b, t, H), (b, t)
+        tp, mp = folder / f"_tokens{k}.npy", folder / f"_mask{k}.npy"
+        np.save(tp, t.float().cpu().numpy())
+        np.save(mp, m.to(torch.uint8).cpu().numpy())
+        parts.append((tp, mp))
+    shapes = [np.load(tp, mmap_mode="r").shape for tp, _ in parts]
+    length, hidden = max(s[1] for s in shapes), shapes[0][2]
+    tokens = _RowWriter(folder / "caption_tokens.npy", (len(unique), length, hidden), np.float32)
+    mask = _RowWriter(folder / "caption_mask.npy", (len(unique), length), np.uint8)
+    for tp, mp in parts:
+        t = torch.from_numpy(np.load(tp, allow_pickle=False))
+        m = torch.from_numpy(np.load(mp, allow_pickle=False))
+        tokens.append(F.pad(t, (0, 0, 0, length - t.shape[1])))
+        mask.append(F.pad(m, (0, length - m.shape[1])))
+        tp.unlink()
+        mp.unlink()
+    tokens.close()
+    mask.close()
+    where = {c: k for k, c in enumerate(unique)}
+    np.save(folder / "caption_index.npy", np.array([where[c] for c in captions], np.int64))
+
+
+def _build(
+    folder: Path,
+    table: pa.Table,
+    config: RFNetConfig,
+    maps: str,
+    degrade_seed: int | None,
+    degrade_maps: bool,
+    extractors: dict,
+    chunk_rows: int,
+    progress: bool,
+) -> None:
+    from rewardkit.world.perturb import degrade
+
+    mods, size, n = set(config.modalities), config.resolution, table.num_rows
+    cols = table.column_names
+    paths = [str(p) for p in table["path"].to_pylist()]
+    product_paths = table["product_path"].to_pylist()
+    truth = {
+        kind: (table[f"{kind}_path"].to_pylist() if f"{kind}_path" in cols else [None] * n)
+        for kind in ("depth", "saliency")
+        if maps == "truth" and kind in mods
+    }
+    image = (n, 3, size, size)
+    single = (n, 1, size, size)
+    writers = {
+        "generated": _RowWriter(folder / "generated.npy", image, np.uint8),
+        "product": _RowWriter(folder / "product.npy", image, np.uint8),
+    }
+    for kind in ("depth", "saliency"):
+        if kind in mods:
+            writers[kind] = _RowWriter(folder / f"{kind}.npy", single, np.uint8)
+    if degrade_seed is not None:  # maps not predicted (ground truth) are kept as they are
+        for name in ("generated", *(("depth", "saliency") if degrade_maps else ())):
+            if name in writers:
+                shape = image if name == "generated" else single
+                writers[DEGRADED_PREFIX + name] = _RowWriter(
+                    folder / f"{DEGRADED_PREFIX}{name}.npy", shape, np.uint8
+                )
+    rng = np.random.default_rng(degrade_seed) if degrade_seed is not None else None
+    bar = tqdm(total=n, desc="prepare", disable=not progress, unit="img")
+    for start in range(0, n, chunk_rows):
+        rows = range(start, min(n, start + chunk_rows))
+        gen = np.stack([load_resized(paths[i], size, "RGB") for i in rows])  # (b, S, S, 3)
+        prod = np.stack([load_product_rgb(product_paths[i], size) for i in rows])
+        generated = torch.from_numpy(gen).permute(0, 3, 1, 2).contiguous()  # (b, 3, S, S)
+        writers["generated"].append(generated)
+        writers["product"].append(torch.from_numpy(prod).permute(0, 3, 1, 2))
+        for kind in ("depth", "saliency"):
+            if kind not in writers:
+                continue
+            if maps == "truth":
+                for i in rows:
+                    if not truth[kind][i]:
+                        raise ValueError(f"row {i}: no {kind}_path for maps='truth'")
+                maps_np = np.stack([load_resized(truth[kind][i], size, "L") for i in rows])
+                writers[kind].append(maps_np[:, None])
+            else:
+                writers[kind].append(predict_maps(extractors[kind], generated))
+        if rng is not None:
+            bad = np.stack([degrade(np.ascontiguousarray(im), rng) for im in gen])
+            bad_t = torch.from_numpy(bad).permute(0, 3, 1, 2).contiguous()
+            writers[DEGRADED_PREFIX + "generated"].append(bad_t)
+            for kind in ("depth", "saliency"):
+                if DEGRADED_PREFIX + kind in writers:
+                    writers[DEGRADED_PREFIX + kind].append(predict_maps(extractors[kind], bad_t))
+        bar.update(len(rows))
+    bar.close()
+    for w in writers.values():
+        w.close()
+    if "caption" in mods:
+        captions = [str(c) for c in table["caption"].to_pylist()]
+        _write_captions(folder, extractors["caption"], captions)
+
+
+def prepare_inspection_store(
+    table: pa.Table,
+    config: RFNetConfig,
+    folder: str | Path,
+    maps: str = "predicted",
+    degrade_seed: int | None = None,
+    depth_model=None,
+    saliency_model=None,
+    caption_encoder=None,
+    progress: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
+) -> InspectionStore:
+    """Prepare (or reuse) the disk-backed inspection data of ``table`` in ``folder``.
+
+    Args:
+        table / config / maps / depth_model / saliency_model / caption_encoder: As for
+            :func:`rewardkit.training.rfnet.prepare_inspection_data`.
+        folder: The store's folder (e.g. ``<run>/data_cache``); rebuilt when its key differs.
+        degrade_seed: Also store a degraded copy (``InspectionStore.degraded()``), as
+            :func:`~rewardkit.training.rfnet.degrade_inspection_data` with this seed makes it
+            (the maps predicted again with ``maps="predicted"``, kept with ``"truth"``).
+        chunk_rows: Rows decoded and written at a time (a multiple of 128 keeps the map
+            predictions' batches those of the in-memory path).
+
+    Under a multi-process launch the main process builds; the others wait for its key.
+    """
+    from rewardkit.models.modalities import load_modality
+    from rewardkit.training.distributed import is_main_process
+
+    if maps not in ("predicted", "truth"):
+        raise ValueError(f"maps must be 'predicted' or 'truth'; got {maps!r}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
+    classes = tuple(config.classes)
+    labels = table["label"].to_pylist()
+    for i, lab in enumerate(labels):
+        if lab not in classes:
+            raise ValueError(f"row {i}: label {lab!r} is not one of the model's classes {classes}")
+    mods = set(config.modalities)
+    extractors: dict = {}
+    if maps == "predicted":
+        for kind, given in (("depth", depth_model), ("saliency", saliency_model)):
+            if kind in mods:
+                extractors[kind] = given or load_modality(kind)
+    if "caption" in mods:
+        extractors["caption"] = caption_encoder or load_modality("caption")
+    key = store_key(table, config, maps, degrade_seed, extractors, progress)
+    folder = Path(folder)
+    paths = [str(p) for p in table["path"].to_pylist()]
+
+    def ready() -> bool:
+        meta = folder / META_FILE
+        return meta.is_file() and json.loads(meta.read_text()).get("key") == key
+
+    if ready():
+        return InspectionStore(folder, paths)
+    if not is_main_process():
+        while not ready():  # the main process builds it
+            time.sleep(2.0)
+        return InspectionStore(folder, paths)
+    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        _build(building, table, config, maps, degrade_seed, maps == "predicted", extractors,
+               chunk_rows, progress)  # fmt: skip
+        split = (
+            table["split"].to_pylist() if "split" in table.column_names else ["test"] * len(labels)
+        )
+        split_names = sorted(set(split))
+        np.save(building / "labels.npy", np.array([classes.index(x) for x in labels], np.int16))
+        np.save(building / "split.npy", np.array([split_names.index(s) for s in split], np.int8))
+        write_json_atomic(building / "paths.json", paths)
+        write_json_atomic(
+            building / META_FILE,
+            {"key": key, "version": FORMAT_VERSION, "rows": len(labels), "classes": list(classes),
+             "split_names": split_names, "resolution": config.resolution,
+             "modalities": list(config.modalities), "maps": maps, "degrade_seed": degrade_seed},
+        )  # fmt: skip
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(building, folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return InspectionStore(folder, paths)
