@@ -71,9 +71,9 @@ def test_store_gives_the_in_memory_batches(world, samples, extractors, tmp_path,
     kw = extractors if maps == "predicted" else {}
     memory = prepare_inspection_data(samples, config, maps=maps, progress=False, **kw)
     bad = degrade_inspection_data(memory, 17, predict_maps=maps == "predicted", **kw)
-    # Chunks of 16 rows: the last chunk is ragged, and the degradation RNG spans chunks.
+    # Chunks of 32 rows: the last chunk is ragged, and the degradation RNG spans chunks.
     store = prepare_inspection_store(samples, config, tmp_path / "cache", maps, degrade_seed=17,
-                                     progress=False, chunk_rows=16, **kw)  # fmt: skip
+                                     progress=False, chunk_rows=32, **kw)  # fmt: skip
     assert len(store) == len(memory) == 40
     assert store.classes == memory.classes and store.split == memory.split
     assert store.paths == memory.paths and torch.equal(store.labels, memory.labels)

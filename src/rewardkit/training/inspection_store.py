@@ -39,7 +39,9 @@ from rewardkit.io import write_json_atomic
 from rewardkit.models.rfnet import MODALITIES, RFNetConfig
 
 __all__ = [
+    "CAPTION_BATCH",
     "CHUNK_ROWS",
+    "MAP_BATCH",
     "InspectionStore",
     "RowFile",
     "predict_maps",
@@ -48,8 +50,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-# A multiple of the extractors' batch (128), so the maps are predicted over the same batches
-# as in memory; 512 rows at 384 px hold ~0.5 GB of decoded pixels at once.
+# A multiple of the extractors' batch (MAP_BATCH), so the maps are predicted over the same
+# batches as in memory; 512 rows at 384 px hold ~0.5 GB of decoded pixels at once.
 CHUNK_ROWS = 512
 META_FILE = "meta.json"
 DEGRADED_PREFIX = "degraded_"
@@ -308,8 +310,14 @@ def store_key(
     return h.hexdigest()
 
 
+# Images per extractor forward: the extractors' activations (Segformer's upsampled decode
+# head above all) dominate preparation's peak memory; 128 images at 64 px took ~+400 MB.
+MAP_BATCH = 32
+CAPTION_BATCH = 64
+
+
 @torch.no_grad()
-def predict_maps(extractor, generated: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+def predict_maps(extractor, generated: torch.Tensor, batch_size: int = MAP_BATCH) -> torch.Tensor:
     """uint8 images (n, 3, R, R) -> uint8 maps (n, 1, R, R) from an extractor in [0, 1]."""
     out = []
     for i in range(0, generated.shape[0], batch_size):
@@ -319,7 +327,9 @@ def predict_maps(extractor, generated: torch.Tensor, batch_size: int = 128) -> t
 
 
 @torch.no_grad()
-def _write_captions(folder: Path, encoder, captions: list[str], batch_size: int = 256) -> None:
+def _write_captions(
+    folder: Path, encoder, captions: list[str], batch_size: int = CAPTION_BATCH
+) -> None:
     """Token states (U, T, H) and mask (U, T) of the sorted unique captions, padded to the
     longest; ``caption_index`` (N,). Encoded batch by batch into temporary files first (T is
     known only at the end), so no more than one batch is held."""
@@ -443,8 +453,8 @@ def prepare_inspection_store(
         degrade_seed: Also store a degraded copy (``InspectionStore.degraded()``), as
             :func:`~rewardkit.training.rfnet.degrade_inspection_data` with this seed makes it
             (the maps predicted again with ``maps="predicted"``, kept with ``"truth"``).
-        chunk_rows: Rows decoded and written at a time (a multiple of 128 keeps the map
-            predictions' batches those of the in-memory path).
+        chunk_rows: Rows decoded and written at a time (a multiple of ``MAP_BATCH`` keeps the
+            map predictions' batches those of the in-memory path).
 
     Under a multi-process launch the main process builds; the others wait for its key.
     """

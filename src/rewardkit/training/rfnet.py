@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig
-from rewardkit.training.inspection_store import InspectionStore
+from rewardkit.training.inspection_store import CAPTION_BATCH, InspectionStore
 from rewardkit.training.inspection_store import predict_maps as _predict_maps
 from rewardkit.training.loop import (
     MicroBatch,
@@ -215,7 +215,7 @@ def prepare_inspection_data(
 
 
 @torch.no_grad()
-def _encode_captions(encoder, captions: list[str], batch_size: int = 256):
+def _encode_captions(encoder, captions: list[str], batch_size: int = CAPTION_BATCH):
     """Token states (N, T, H) and mask (N, T), padded to the longest caption overall."""
     unique = sorted(set(captions))
     toks, masks = [], []
