@@ -2,7 +2,8 @@
 and the paper's tables out.
 
 ``train_rfnet_command`` loads an AdWorld manifest (or an RF1M folder), splits it by product,
-prepares the inspection tensors once and trains one variant, or with ``ablation`` every
+prepares the inspection inputs once into ``out/data_cache`` (disk-backed, keyed by content,
+reused on resume: ``training.inspection_store``) and trains one variant, or with ``ablation`` every
 variant of :data:`rewardkit.training.rfnet.VARIANTS` (full, image-only, each input removed),
 each from scratch into ``out/<variant>``. ``eval_rfnet_command`` evaluates one model, or every
 variant of such a folder, on held-out samples, clean and degraded (blur, noise, JPEG with

@@ -289,13 +289,19 @@ def store_key(
         "classes": list(config.classes),
         "maps": maps,
         "degrade_seed": degrade_seed,
-        "product_key": table["product_key"].to_pylist() if "product_key" in cols else None,
-        "product_path": None if "product_key" in cols else table["product_path"].to_pylist(),
-        "label": table["label"].to_pylist(),
-        "split": table["split"].to_pylist() if "split" in cols else None,
-        "caption": [str(c) for c in table["caption"].to_pylist()],
+        "rows": table.num_rows,
     }
-    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    h.update(json.dumps(head, sort_keys=True).encode())
+    # Per-row values, streamed (a JSON of a million rows' columns would be ~100s of MB).
+    identity = "product_key" if "product_key" in cols else "product_path"
+    for column in (identity, "label", "split", "caption"):
+        h.update(f"\0column:{column}".encode())
+        if column not in cols:
+            continue
+        for chunk in table[column].chunks:
+            for start in range(0, len(chunk), 10_000):
+                values = chunk.slice(start, 10_000).to_pylist()
+                h.update("\x1f".join(map(str, values)).encode() + b"\x1e")
     for kind in sorted(extractors):
         h.update(f"\0extractor:{kind}".encode())
         _module_digest(h, extractors[kind])
