@@ -325,7 +325,7 @@ def train_rfnet(
     def evaluate() -> dict[str, float]:
         if len(val_rows) == 0:
             return {}
-        probs = predict_rfnet(model, data, val_rows)
+        probs = predict_rfnet(model, data, val_rows, config.batch_size)  # not the peak
         acc = float((probs.argmax(1) == data.labels[val_rows]).float().mean())
         return {"val_accuracy": acc}
 
