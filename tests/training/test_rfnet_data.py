@@ -12,11 +12,7 @@ import rewardkit.training.inspection_store as store_module
 from rewardkit.commands.rfnet import train_rfnet_command
 from rewardkit.data.samples import load_adworld_manifest, split_by_product
 from rewardkit.models.modalities import (
-    DepthEstimator,
-    SaliencyEstimator,
     load_modality,
-    small_depth_config,
-    small_saliency_config,
 )
 from rewardkit.models.rfnet import MODALITIES, RFNetConfig
 from rewardkit.training.inspection_store import RowFile, prepare_inspection_store
@@ -25,21 +21,7 @@ from rewardkit.training.rfnet import (
     degrade_inspection_data,
     prepare_inspection_data,
 )
-from rewardkit.world.export import render_world
-
-TINY = dict(width=32, heads=2, n_fusion=1, resolution=32,
-            backbone={"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
-                      "layer_type": "basic"})  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rfdata")
-    render_world(root / "w", 40, seed=3, size=32, progress=False)
-    DepthEstimator.from_config(small_depth_config(32)).save_pretrained(root / "depth")
-    sal = SaliencyEstimator.from_config(small_saliency_config(), image_size=32)
-    sal.save_pretrained(root / "saliency")
-    return root
+from tests.training.test_rfnet_recipe import TINY
 
 
 @pytest.fixture(scope="module")

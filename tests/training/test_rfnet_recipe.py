@@ -13,12 +13,6 @@ from rewardkit.cli import main
 from rewardkit.data.keys import read_training_keys
 from rewardkit.data.samples import load_adworld_manifest, split_by_product
 from rewardkit.models.inspector import INSPECTOR_FILE, Inspector
-from rewardkit.models.modalities import (
-    DepthEstimator,
-    SaliencyEstimator,
-    small_depth_config,
-    small_saliency_config,
-)
 from rewardkit.models.rfnet import RFNet, RFNetConfig
 from rewardkit.training.rfnet import (
     RFNetTrainConfig,
@@ -28,7 +22,6 @@ from rewardkit.training.rfnet import (
     prepare_inspection_data,
     train_rfnet,
 )
-from rewardkit.world.export import render_world
 
 TINY = dict(width=32, heads=2, n_fusion=1, resolution=32,
             backbone={"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
@@ -53,16 +46,6 @@ def test_evaluate_rfnet_by_hand():
     assert r["precision"] == 0.5 and r["recall"] == 0.5 and r["f1"] == 0.5
     assert r["confusion"] == [[1, 1], [1, 1]] and r["accuracy"] == 0.5
     assert r["ap"] == pytest.approx((1 + 2 / 4) / 2)  # P(A): 0.9 (A), 0.6, 0.3, 0.2 (A)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rf")
-    render_world(root / "w", 40, seed=3, size=32, progress=False)
-    DepthEstimator.from_config(small_depth_config(32)).save_pretrained(root / "depth")
-    sal = SaliencyEstimator.from_config(small_saliency_config(), image_size=32)
-    sal.save_pretrained(root / "saliency")
-    return root
 
 
 def test_train_predict_and_inspector_gradients(world, tmp_path):

@@ -113,28 +113,18 @@ class InspectionData:
     ) -> dict:
         """Model inputs for ``rows``: float images in [0, 1], caption tokens and mask; the
         modalities a model does not use are None."""
+        from rewardkit.training.inspection_store import to_model_inputs
+
         use = set(modalities)
-
-        def f(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[rows].to(device).float().div_(255.0)
-
-        out = {
-            "product": f(self.product),
-            "generated": f(self.generated),
-            "depth": f(self.depth),
-            "saliency": f(self.saliency),
-            "caption_tokens": None,
-            "caption_mask": None,
-        }
-        if self.caption_tokens is not None:
-            out["caption_tokens"] = self.caption_tokens[rows].to(device)
-            out["caption_mask"] = self.caption_mask[rows].to(device)
-        for name in MODALITIES:
-            if name not in use:
-                keys = ("caption_tokens", "caption_mask") if name == "caption" else (name,)
-                for key in keys:
-                    out[key] = None
-        return out
+        raw = {
+            name: None if x is None or name not in use else x[rows]
+            for name, x in (("product", self.product), ("generated", self.generated),
+                            ("depth", self.depth), ("saliency", self.saliency))
+        }  # fmt: skip
+        captions = "caption" in use and self.caption_tokens is not None
+        raw["caption_tokens"] = self.caption_tokens[rows] if captions else None
+        raw["caption_mask"] = self.caption_mask[rows] if captions else None
+        return to_model_inputs(raw, device)
 
 
 def prepare_inspection_data(
