@@ -27,6 +27,16 @@ def _positive(kind: type):
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rewardkit",
@@ -378,6 +388,11 @@ def _train_overrides(p: argparse.ArgumentParser, losses: bool, presets: bool = T
         help="micro-steps per optimiser step; --batch-size stays the global batch "
         "(divisible by processes x N)",
     )  # fmt: skip
+    p.add_argument(
+        "--loader-workers", type=_non_negative_int, default=None,
+        help="DataLoader processes that read the next batches ahead of each step (default "
+        "0: the step reads its own rows)",
+    )  # fmt: skip
     if losses:
         p.add_argument("--loss", default=None, help="triplet (paper) or bradley-terry")
 
@@ -386,7 +401,10 @@ def _train_config(cls, a: argparse.Namespace):
     import dataclasses
 
     config = cls.from_yaml(a.config) if a.config else cls()
-    fields = ("preset", "epochs", "max_steps", "lr", "batch_size", "seed", "loss", "grad_accum")
+    fields = (
+        "preset", "epochs", "max_steps", "lr", "batch_size", "seed", "loss", "grad_accum",
+        "loader_workers",
+    )  # fmt: skip
     changes = {f: getattr(a, f) for f in fields if getattr(a, f, None) is not None}
     return dataclasses.replace(config, **changes)
 

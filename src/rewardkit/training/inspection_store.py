@@ -153,6 +153,21 @@ class _RowWriter:
             raise ValueError(f"{self.path.name}: wrote {self.rows} rows, expected {self.shape[0]}")
 
 
+def remove_stale_builds(folder: Path) -> None:
+    """Remove ``.<folder name>.building-<pid>`` folders left by builds that were killed
+    (their process is gone); a live process's build is left alone."""
+    for old in folder.parent.glob(f".{folder.name}.building-*"):
+        try:
+            pid = int(old.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # raises when no such process
+            if pid == os.getpid():
+                raise ProcessLookupError
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 class InspectionStore:
     """A prepared store folder, read row by row (InspectionData's reading interface).
 
@@ -498,8 +513,9 @@ def prepare_inspection_store(
         while not ready():  # the main process builds it
             time.sleep(2.0)
         return InspectionStore(folder, paths)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder)
     building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)
     try:
         _build(building, table, config, maps, degrade_seed, maps == "predicted", extractors,

@@ -21,9 +21,9 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,9 @@ class TrainConfigBase:
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (accelerate)
     grad_accum: int = 1  # micro-steps per optimiser step (batch_size stays the global batch)
     device: str | None = None  # None: accelerate's choice (cuda when present); "cpu", "cuda:1"
+    # Loader processes that read the next micro-batches ahead (recipes with a fetch); 0: the
+    # step reads its own rows. Not part of a checkpoint's signature: any count resumes.
+    loader_workers: int = 0
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -106,6 +109,8 @@ class TrainConfigBase:
         for name in ("batch_size", "epochs", "checkpoint_every", "grad_accum"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1; got {getattr(self, name)}")
+        if int(self.loader_workers) < 0:
+            raise ValueError(f"loader_workers: must be >= 0; got {self.loader_workers}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps: must be >= 1 or null; got {self.max_steps}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -214,6 +219,7 @@ def resumable(config: TrainConfigBase) -> dict:
     for budget in ("max_steps", "checkpoint_every"):
         keep.pop(budget)
     keep.pop("device", None)  # a run may resume on another device
+    keep.pop("loader_workers", None)  # or with another number of loader processes
     if keep.get("grad_accum") == 1:  # the default: checkpoints from before the field resume
         keep.pop("grad_accum")
     return keep
@@ -314,6 +320,21 @@ class MicroBatch:
     step: int  # the optimiser step being taken, 0-based
     index: int  # this part among the step's: micro_step * world_size + rank
     count: int  # parts per step: grad_accum * world_size
+    data: Any = None  # run_training's fetch(micro), read ahead by the loader; else None
+
+    def pin_memory(self) -> MicroBatch:
+        """The DataLoader's pinning hook (CUDA): the fetched tensors in page-locked memory."""
+        return replace(self, data=_pinned(self.data))
+
+
+def _pinned(data: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        return data.pin_memory()
+    if isinstance(data, dict):
+        return {k: _pinned(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_pinned(v) for v in data)
+    return data
 
 
 class _StepModule(nn.Module):
@@ -331,6 +352,65 @@ class _StepModule(nn.Module):
         if self.takes_micro:
             return self.step_loss(micro.rows, micro)
         return self.step_loss(micro.rows)
+
+
+class _Schedule(torch.utils.data.Dataset):
+    """The micro-batches this process takes from step ``start`` to ``total``, in order: item
+    ``k`` is micro-step ``k % grad_accum`` of step ``start + k // grad_accum``, with
+    ``fetch(micro)`` as its data. A DataLoader over it reads ahead in worker processes (the
+    shares are the loop's own: seeded epoch permutations, split by micro-step and rank)."""
+
+    def __init__(
+        self, fetch: Callable, n_rows: int, config: TrainConfigBase, steps_per_epoch: int,
+        start: int, total: int, world: int, rank: int,
+    ) -> None:  # fmt: skip
+        self.fetch, self.n_rows, self.config = fetch, n_rows, config
+        self.steps_per_epoch, self.start, self.total = steps_per_epoch, start, total
+        self.world, self.rank = world, rank
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.config.grad_accum
+
+    def shares(self, step: int) -> torch.Tensor:
+        """Step ``step``'s rows as (micro-steps, processes, rows each)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, permutation(self.n_rows, self.config.seed, epoch))
+        size = self.config.batch_size
+        rows = self._order[1][within * size : (within + 1) * size]
+        return rows.view(self.config.grad_accum, self.world, -1)
+
+    def micro(self, step: int, m: int) -> MicroBatch:
+        accum = self.config.grad_accum
+        part = self.shares(step)[m, self.rank]
+        return MicroBatch(part, step, m * self.world + self.rank, accum * self.world)
+
+    def __getitem__(self, k: int) -> MicroBatch:
+        step, m = divmod(k, self.config.grad_accum)
+        micro = self.micro(self.start + step, m)
+        return replace(micro, data=self.fetch(micro))
+
+
+def _micro_batches(
+    schedule: _Schedule, fetch: Callable | None, workers: int, pin: bool
+) -> Iterator[MicroBatch]:
+    """The schedule's micro-batches in order: without a fetch, bare rows; with one, read
+    ahead by ``workers`` loader processes (0: read in this process, when the step needs it),
+    in pinned memory for a CUDA device."""
+    if fetch is None:
+        for step in range(schedule.start, schedule.total):
+            for m in range(schedule.config.grad_accum):
+                yield schedule.micro(step, m)
+        return
+    if workers == 0:
+        yield from (schedule[k] for k in range(len(schedule)))
+        return
+    loader = torch.utils.data.DataLoader(
+        schedule, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+        prefetch_factor=2, collate_fn=lambda item: item,
+    )  # fmt: skip
+    yield from loader
 
 
 def _takes_micro(step_loss: Callable) -> bool:
@@ -352,6 +432,7 @@ def run_training(
     lr_factor: Callable[[int, int], float] | None = None,
     after_step: Callable[[int], dict | None] | None = None,
     row_weight: torch.Tensor | None = None,
+    fetch: Callable[[MicroBatch], Any] | None = None,
 ) -> TrainResult:
     """The loop every recipe shares, in one process or several (``accelerate launch``,
     ``torchrun``): seeded epoch permutations of ``n_rows`` row indices, ``config.batch_size``
@@ -376,6 +457,10 @@ def run_training(
         row_weight: Weights (n_rows,) of a loss that is a weighted mean over its rows
             (``sum(w * l) / sum(w)``): each part's loss is scaled by its share of the step's
             weight, so that the parts average to the global batch's weighted mean.
+        fetch: ``fetch(micro) -> data``: reads a micro-batch's rows (CPU tensors; from disk,
+            decoded, augmented with draws keyed by step and row). The loop calls it ahead
+            of the step in ``config.loader_workers`` DataLoader processes (pinned memory on
+            CUDA) and hands the result to ``step_loss`` as ``micro.data``.
 
     Raises:
         ValueError: when ``batch_size`` is not divisible by processes x ``grad_accum``.
@@ -398,7 +483,7 @@ def run_training(
         with own_rng(seed):
             return _train(
                 accelerator, model, n_rows, step_loss, config, out_dir, signature, evaluate,
-                save_model, progress and main, lr_factor, after_step, row_weight, params,
+                save_model, progress and main, lr_factor, after_step, row_weight, params, fetch,
             )  # fmt: skip
     finally:
         for module, cls in swapped:
@@ -408,7 +493,7 @@ def run_training(
 
 def _train(
     accelerator, model, n_rows, step_loss, config, out_dir, signature, evaluate, save_model,
-    progress, lr_factor, after_step, row_weight, params,
+    progress, lr_factor, after_step, row_weight, params, fetch,
 ) -> TrainResult:  # fmt: skip
     world, rank = accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
@@ -432,11 +517,11 @@ def _train(
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, unit="step")
     running: list[float] = []
     evaluated_at: tuple[int, dict] | None = None
+    schedule = _Schedule(fetch, n_rows, config, steps_per_epoch, step, total, world, rank)
+    pin = accelerator.device.type == "cuda"
+    micro_batches = _micro_batches(schedule, fetch, config.loader_workers, pin)
     while step < total:
-        epoch, within = divmod(step, steps_per_epoch)
-        order = permutation(n_rows, config.seed, epoch)
-        rows = order[within * config.batch_size : (within + 1) * config.batch_size]
-        shares = rows.view(accum, world, -1)  # (micro-steps, processes, rows each)
+        rows = schedule.shares(step).reshape(-1)  # the global batch
         if lr_factor is not None:
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, total)
@@ -444,8 +529,8 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
         step_loss_value = 0.0
         for m in range(accum):
-            micro = MicroBatch(shares[m, rank], step, m * world + rank, accum * world)
-            weight = _part_weight(row_weight, shares[m, rank], rows, accum * world)
+            micro = next(micro_batches)
+            weight = _part_weight(row_weight, micro.rows, rows, accum * world)
             sync = m == accum - 1  # DDP all-reduces the accumulated gradients once
             with nullcontext() if sync else accelerator.no_sync(prepared):
                 loss = prepared(micro)
@@ -487,6 +572,7 @@ def _train(
                 save_checkpoint(ckpt, model, optimizer, state, rng=rng)
             accelerator.wait_for_everyone()
     bar.close()
+    micro_batches.close()  # stops the loader's processes
     model.eval()
     if evaluated_at is not None and evaluated_at[0] == step:
         metrics = evaluated_at[1]  # the last epoch's validation: not run twice

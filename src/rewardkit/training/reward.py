@@ -10,13 +10,15 @@ checkpointed in safetensors so a killed run resumes where it stopped:
   neg_path, weight, split): triplet loss with the prompt as anchor (the paper's) or
   Bradley-Terry on the cosine scores; the preset names which layers learn.
 
-Images are decoded once into a uint8 tensor held in memory (N x 3 x H x W; 20k images at
-64 px are 250 MB); larger sets belong on a streaming loader, which the step functions
-below do not care about.
+Images are decoded once, at the model's input side, by worker processes into a uint8 row file
+in ``<out>/data_cache`` (keyed by the files' bytes: a resumed run reuses it;
+``training/image_store.py``); each step's rows are read from it ahead of the step by the
+loop's loader (``loader_workers`` processes), so memory follows the batch, not the data.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +28,13 @@ import torch
 from rewardkit.data.keys import TrainingKeys, write_training_keys
 from rewardkit.losses import bradley_terry_loss, contrastive_clip_loss, triplet_loss
 from rewardkit.models.social_reward import PRESETS, SocialReward, apply_preset
+from rewardkit.training.image_store import image_rows
 from rewardkit.training.loop import (
+    MicroBatch,
     TrainConfigBase,
     TrainResult,
     as_float,
     gather_rows,
-    load_images,
     read_table,
     resumable,
     run_training,
@@ -40,6 +43,7 @@ from rewardkit.training.loop import (
 __all__ = ["PretrainConfig", "RewardTrainConfig", "pretrain_contrastive", "train_reward"]
 
 LOSSES = ("triplet", "bradley-terry")
+DATA_CACHE = "data_cache"  # decoded images, inside the run folder
 
 
 @dataclass
@@ -110,6 +114,16 @@ def _text_embedder(
     return lambda rows: reward.project_texts(cache[rows].to(reward.device))
 
 
+def _images(paths: list[str], root: Path, side: int, out_dir: Path, progress: bool):
+    """The images at ``side``, decoded once into ``out_dir/data_cache`` (reused on resume)."""
+    from rewardkit.training.distributed import is_main_process
+
+    workers = 0 if len(paths) <= 256 else min(4, os.cpu_count() or 1)
+    return image_rows(
+        paths, root, side, out_dir / DATA_CACHE, workers, progress and is_main_process()
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # Contrastive pre-training.
 
@@ -145,16 +159,20 @@ def pretrain_contrastive(
         raise ValueError(f"{manifest}: {n_train} training rows < batch_size {config.batch_size}")
 
     reward = SocialReward.from_pretrained(model_dir)
-    # Decoded at the model's input size, as scoring does: memory follows the model.
+    # Decoded at the model's input size, as scoring does, onto disk (module docstring).
     paths = table.column("path").to_pylist()
-    images = load_images(paths, manifest.parent, progress, side=reward.image_size)
+    images = _images(paths, manifest.parent, reward.image_size, out_dir, progress)
     apply_preset(reward, config.preset)
     embed_text_rows = _text_embedder(reward, texts)
 
-    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+    def fetch(micro: MicroBatch) -> torch.Tensor:
+        return images[micro.rows]  # (b, 3, S, S) uint8
+
+    def step_loss(rows: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
         # InfoNCE needs the whole batch: every process gathers every process's embeddings
         # (gradients flow back to their owners) and computes the same loss.
-        img = gather_rows(reward.embed_images(as_float(images[rows])))  # (B, D)
+        pixels = micro.data.to(reward.device, non_blocking=True)
+        img = gather_rows(reward.embed_images(as_float(pixels)))  # (B, D)
         txt = gather_rows(embed_text_rows(rows))  # (B, D)
         scale = reward.model.logit_scale.exp().clamp(max=100.0)
         return contrastive_clip_loss(img, txt, scale)
@@ -188,8 +206,9 @@ def pretrain_contrastive(
 
     signature = {"recipe": "pretrain", "config": resumable(config), "rows": len(texts)}
     return run_training(
-        reward, n_train, step_loss, config, out_dir, signature, evaluate, save, progress
-    )
+        reward, n_train, step_loss, config, out_dir, signature, evaluate, save, progress,
+        fetch=fetch,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,14 +264,18 @@ def train_reward(
         )
 
     reward = SocialReward.from_pretrained(model_dir)
-    images = load_images(unique, pairs.parent, progress, side=reward.image_size)  # (U, 3, S, S)
+    images = _images(unique, pairs.parent, reward.image_size, out_dir, progress)  # (U, 3, S, S)
     apply_preset(reward, config.preset)
     embed_text_rows = _text_embedder(reward, prompts)
 
-    def step_loss(batch: torch.Tensor) -> torch.Tensor:
+    def fetch(micro: MicroBatch) -> torch.Tensor:
+        rows = train_rows[micro.rows]
+        return images[torch.cat([pos[rows], neg[rows]])]  # (2b, 3, S, S) uint8
+
+    def step_loss(batch: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
         rows = train_rows[batch]
         txt = embed_text_rows(rows)  # (B, D)
-        both = as_float(torch.cat([images[pos[rows]], images[neg[rows]]]))  # (2B, 3, H, W)
+        both = as_float(micro.data.to(reward.device, non_blocking=True))  # (2B, 3, H, W)
         img_pos, img_neg = reward.embed_images(both).chunk(2)  # (B, D) each
         w = weights[rows].to(txt.device)
         if config.loss == "triplet":
@@ -288,5 +311,5 @@ def train_reward(
     row_weight = weights[train_rows] if weighted else None
     return run_training(
         reward, len(train_rows), step_loss, config, out_dir, signature, evaluate, save, progress,
-        row_weight=row_weight,
+        row_weight=row_weight, fetch=fetch,
     )  # fmt: skip

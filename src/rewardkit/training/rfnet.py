@@ -294,12 +294,14 @@ def train_rfnet(
         raise ValueError(f"degraded copy has {len(degraded)} samples, data {len(data)}")
     changed = tuple(m for m in model.config.modalities if m in DEGRADED_INPUTS)
 
-    def step_loss(batch: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
-        rows = train_rows[batch]
+    def fetch(micro: MicroBatch) -> dict:
+        """A micro-batch's inputs on the CPU (run ahead of the step by the loop's loader)."""
+        rows = train_rows[micro.rows]
         inputs = data.batch(rows, model.config.modalities)
-        # Degradation draws are keyed by (seed, step, row): the same in one process or many.
-        # (Dropout inside RFNet draws from each process's RNG: it depends on the split.)
-        gens = [keyed_generator(config.seed, micro.step, int(i)) for i in batch]
+        # Degradation draws are keyed by (seed, step, row): the same in one process or many,
+        # in a loader process or not. (Dropout inside RFNet draws from each process's RNG:
+        # it depends on the split.)
+        gens = [keyed_generator(config.seed, micro.step, int(i)) for i in micro.rows]
         if degraded is not None and config.degrade > 0:
             draws = torch.stack([torch.rand((), generator=g) for g in gens])
             pick = draws < config.degrade  # (B,)
@@ -308,9 +310,19 @@ def train_rfnet(
                 inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])
         elif inputs["generated"] is not None:
             inputs["generated"] = _degrade(inputs["generated"], config.degrade, gens)
+        inputs["labels"] = data.labels[rows]
+        return inputs
+
+    def step_loss(batch: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+        device = next(model.parameters()).device
+        inputs = {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in micro.data.items()
+        }
+        labels = inputs.pop("labels")
         logits = model(**inputs)  # (B, C)
         w = None if weight is None else weight.to(logits.device)
-        return F.cross_entropy(logits, data.labels[rows].to(logits.device), weight=w)
+        return F.cross_entropy(logits, labels, weight=w)
 
     def evaluate() -> dict[str, float]:
         if len(val_rows) == 0:
@@ -332,7 +344,7 @@ def train_rfnet(
     row_weight = None if weight is None else weight[data.labels[train_rows]]
     return run_training(
         model, len(train_rows), step_loss, config, out_dir, signature, evaluate,
-        model.save_pretrained, progress, lr_factor, row_weight=row_weight,
+        model.save_pretrained, progress, lr_factor, row_weight=row_weight, fetch=fetch,
     )  # fmt: skip
 
 
@@ -348,9 +360,10 @@ def predict_rfnet(
     was_training = model.training
     model.eval()
     try:
-        mods = tuple(model.config.modalities)
+        mods, device = tuple(model.config.modalities), next(model.parameters()).device
         out = [
-            F.softmax(model(**data.batch(r, mods)), dim=-1).cpu() for r in rows.split(batch_size)
+            F.softmax(model(**data.batch(r, mods, device)), dim=-1).cpu()
+            for r in rows.split(batch_size)
         ]
     finally:
         model.train(was_training)
