@@ -7,6 +7,11 @@ each run's peak RSS (``os.wait4`` of the child), steps per second (the loop's ow
 ``train_summary.json``, preparation excluded), preparation seconds, and the ratios against the
 target (peak RSS < 25% of the in-memory run's at >= 0.9x its steps per second); plus the time
 to read one training batch (clean and degraded inputs) from the store and from memory.
+
+A third run trains from the same store with ``--loader-workers`` DataLoader processes reading
+the next batches ahead of the step (``loader_workers``; the first two read in the step, as
+the loop did before the loader): its steps per second (images/s = steps/s x batch size) and
+the peak RSS of its main process and of its largest loader process (``RUSAGE_CHILDREN``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,14 +27,16 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, sys, torch
+import json, resource, sys, torch
 torch.set_num_threads({threads})
 from rewardkit.commands.rfnet import train_rfnet_command
 from rewardkit.training.rfnet import RFNetTrainConfig
-config = RFNetTrainConfig(max_steps={steps}, batch_size={batch}, device="cpu")
+config = RFNetTrainConfig(max_steps={steps}, batch_size={batch}, device="cpu",
+                          loader_workers={workers})
 summary = train_rfnet_command({manifest!r}, {out!r}, config, maps={maps!r}, progress=False,
                               in_memory={in_memory})
-print(json.dumps(summary["samples"]))
+loader_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({{"loader_peak_rss_mb": round(loader_kib / 1024, 1)}}))
 """
 
 
@@ -40,11 +48,13 @@ def render(n: int, seed: int, size: int, folder: Path) -> Path:
     return folder / "manifest.parquet"
 
 
-def run_child(manifest: Path, out: Path, in_memory: bool, args: argparse.Namespace) -> dict:
+def run_child(
+    manifest: Path, out: Path, in_memory: bool, args: argparse.Namespace, workers: int = 0
+) -> dict:
     """Train in a fresh process; its peak RSS from ``wait4`` and the loop's timing."""
     code = CHILD.format(threads=args.threads, steps=args.max_steps, batch=args.batch_size,
                         manifest=str(manifest), out=str(out), maps=args.maps,
-                        in_memory=in_memory)  # fmt: skip
+                        in_memory=in_memory, workers=workers)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
     log = out.with_suffix(".log")
     start = time.perf_counter()
@@ -57,11 +67,16 @@ def run_child(manifest: Path, out: Path, in_memory: bool, args: argparse.Namespa
         raise RuntimeError(f"child failed ({proc.returncode}); see {log}")
     summary = json.loads((out / "train_summary.json").read_text())
     steps, seconds = int(summary["steps"]), float(summary["seconds"])
+    printed = json.loads(log.read_text().strip().splitlines()[-1])
     return {
+        "loader_workers": workers,
+        # wait4: the child's own peak (its loader processes are the grandchildren below)
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: KiB
+        **(printed if workers else {}),
         "steps": steps,
         "loop_seconds": round(seconds, 2),
         "steps_per_s": round(steps / seconds, 3),
+        "images_per_s": round(steps * args.batch_size / seconds, 1),
         "prepare_seconds": round(wall - seconds, 1),
         "wall_seconds": round(wall, 1),
     }
@@ -113,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--maps", default="predicted", help="predicted (extractors run) or truth")
     ap.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per child")
+    ap.add_argument("--loader-workers", type=int, default=2, help="the third run's loaders")
     ap.add_argument("--work", default=None, help="folder for renders and runs (default: temp)")
     args = ap.parse_args(argv)
 
@@ -131,6 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
     disk = run_child(manifest, work / "disk", False, args)
     cache = work / "disk" / "data_cache"
     cache_mb = sum(f.stat().st_size for f in cache.iterdir()) / 2**20
+    # The same store (hard links: nothing prepared again), read ahead by loader processes.
+    ahead_out = work / "disk_loader"
+    shutil.rmtree(ahead_out, ignore_errors=True)
+    shutil.copytree(cache, ahead_out / "data_cache", copy_function=os.link)
+    ahead = run_child(manifest, ahead_out, False, args, workers=args.loader_workers)
     result = {
         "manifest": str(manifest),
         "rows": rows,
@@ -144,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rss_ratio": round(disk["peak_rss_mb"] / memory["peak_rss_mb"], 3),
         "speed_ratio": round(disk["steps_per_s"] / memory["steps_per_s"], 3),
         "batch_read": batch_read_ms(cache, args.batch_size),
+        "loader": ahead,
+        "loader_speed_ratio": round(ahead["steps_per_s"] / disk["steps_per_s"], 3),
     }
     result["meets_target"] = result["rss_ratio"] < 0.25 and result["speed_ratio"] >= 0.9
     print(json.dumps(result, indent=2))

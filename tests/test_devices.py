@@ -39,11 +39,15 @@ _MOVES = {  # ops that legitimately take tensors from two devices
 }
 
 
+_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+
 class OneDevice(TorchDispatchMode):
     """Refuse every op whose tensors sit on two devices (module docstring); count ops.
 
     A meta tensor has no values: where code reads one (input checks such as "no empty
-    caption mask", transformers' "is the mask all ones"), it reads 0 / False."""
+    caption mask", transformers' "is the mask all ones") it reads 0 / False, and a result
+    brought back to the CPU (validation figures) is zeros."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -52,8 +56,14 @@ class OneDevice(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device == DEVICE:
+        if func in _READS and args[0].device == DEVICE:
             return torch.zeros((), dtype=args[0].dtype).item()  # 0, 0.0 or False
+        if (
+            func is torch.ops.aten._to_copy.default
+            and args[0].device == DEVICE
+            and torch.device(kwargs.get("device") or DEVICE).type == "cpu"
+        ):  # results brought back (validation figures): zeros of their shape
+            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
         if func not in _MOVES:
             flat, _ = tree_flatten((args, kwargs))
             devices = {
@@ -331,3 +341,117 @@ def test_generate_in_bf16_end_to_end_on_the_cpu(generator, tmp_path):
     assert stats["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     image = read_image_rgb(out / "images" / "item0.png")
     assert image.shape == (TINY.resolution, TINY.resolution, 3) and np.ptp(image) > 0
+
+
+# -- training steps: the recipes' own code, one step on the device ---------------------------
+
+
+class MetaAccelerator:
+    """What the loop asks of accelerate, with ``meta`` as the device: ``prepare`` moves the
+    trained module there, as accelerate does on a GPU (and nothing else). It is not the main
+    process, so the loop writes no checkpoint or model (meta weights have no values)."""
+
+    device = DEVICE
+    num_processes, process_index, is_main_process = 1, 0, False
+
+    def prepare(self, *objects):
+        return tuple(o.to(DEVICE) if isinstance(o, torch.nn.Module) else o for o in objects)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, module):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params, norm):
+        return torch.nn.utils.clip_grad_norm_(params, norm)
+
+    def wait_for_everyone(self):
+        pass
+
+    def free_memory(self):
+        pass
+
+
+@pytest.fixture
+def on_meta(monkeypatch):
+    """Training runs with :class:`MetaAccelerator` under :class:`OneDevice`."""
+    import rewardkit.training.generator as generator_module
+    import rewardkit.training.loop as loop
+
+    accelerator = MetaAccelerator()
+    monkeypatch.setattr(loop, "shared_accelerator", lambda *a, **k: accelerator)
+    monkeypatch.setattr(generator_module, "shared_accelerator", lambda *a, **k: accelerator)
+    return OneDevice
+
+
+def test_a_reward_training_step_stays_on_the_device(on_meta, tmp_path):
+    """train reward: the rows the loader fetched (decoded images, on the CPU), the cached
+    text states and the weights all meet on the device."""
+    from rewardkit.training.reward import RewardTrainConfig, train_reward
+    from tests.models.test_social_reward import make_tiny_clip
+    from tests.training.test_reward_recipes import _pairs_dataset
+
+    model, pairs = make_tiny_clip(tmp_path / "clip"), _pairs_dataset(tmp_path / "data", 8, 16)
+    config = RewardTrainConfig(preset="paper", lr=1e-3, batch_size=4, max_steps=1)
+    with on_meta() as mode:
+        result = train_reward(model, pairs, tmp_path / "run", config, progress=False)
+    assert result.steps == 1 and mode.ops > 100
+
+
+def test_an_rfnet_training_step_stays_on_the_device(on_meta, world, tmp_path):
+    """train rfnet: the five inputs read from the store (and the degraded copy), labels and
+    class weights on the device."""
+    import yaml
+
+    from rewardkit.commands.rfnet import train_rfnet_command
+    from rewardkit.training.rfnet import RFNetTrainConfig
+    from tests.training.test_rfnet_recipe import TINY
+
+    (tmp_path / "rfnet.yaml").write_text(yaml.safe_dump(TINY))
+    config = RFNetTrainConfig(epochs=1, batch_size=8, max_steps=1, lr=1e-3, degrade=0.5)
+    manifest = world / "w" / "manifest.parquet"
+    with on_meta() as mode:  # the store is prepared on the CPU, the step runs on the device
+        summary = train_rfnet_command(manifest, tmp_path / "run", config, tmp_path / "rfnet.yaml",
+                                      maps="truth", progress=False)  # fmt: skip
+    assert summary["runs"]["full"]["steps"] == 1
+    assert mode.ops > 100
+
+
+def test_a_generator_training_step_stays_on_the_device(on_meta, generator, tmp_path):
+    """train generator's diffusion stage (one step and a probe generation) and finetune's
+    replay loss (denoising_loss): the frozen VAE, cached latents, masks, token ids, Canny
+    controls and the noise, timesteps and prompt dropout drawn on the CPU all meet the UNet,
+    ControlNet and text encoder (and their EMA copies) on the device."""
+    from rewardkit.training.generator import (
+        DenoisingSet,
+        DiffusionTrainConfig,
+        Probe,
+        denoising_loss,
+        prepare_generator_data,
+        train_diffusion,
+    )
+    from rewardkit.world.export import render_world
+
+    render_world(tmp_path / "w", 4, seed=2, size=TINY.resolution, progress=False)
+    manifest = tmp_path / "w" / "manifest.parquet"
+    data = prepare_generator_data(manifest, TINY.resolution, progress=False)
+    probe = Probe.from_manifest(manifest, TINY.resolution, 2)
+    config = DiffusionTrainConfig(batch_size=2, max_steps=1, probe_every=1, probe_steps=2)
+    gen = _copy(generator)
+    with on_meta() as mode:
+        figures = train_diffusion(gen, data, tmp_path / "run", config, probe, progress=False)
+    assert figures["steps"] == 1 and len(figures["probes"]) == 1 and mode.ops > 1000
+    assert all(_on(m) == {"meta"} for m in gen.modules())
+
+    gen = _copy(generator)
+    dset = DenoisingSet.build(gen, data)  # on the CPU, as finetune builds its replay set
+    for m in (gen.unet, gen.controlnet, gen.text_encoder):
+        m.to(DEVICE)
+    with on_meta() as mode:
+        rng = [torch.Generator().manual_seed(i) for i in range(3)]
+        loss = denoising_loss(gen, dset, torch.tensor([0, 2, 3]), rng)
+        loss.backward()
+    assert loss.device == DEVICE and mode.ops > 100

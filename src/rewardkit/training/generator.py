@@ -267,7 +267,7 @@ def train_vae(
     vae.requires_grad_(True)
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        x = data.images[rows].float() / 127.5 - 1
+        x = _pixels(data.images[rows], vae) * 2 - 1
         post = vae.encode(x).latent_dist
         # Decode the mean: sampling adds noise of std exp(logvar / 2) ~ 1 at init, as large as
         # the latents themselves, and the decoder then learns to blur (measured: 19.9 dB after
@@ -293,7 +293,7 @@ def train_vae(
     vae.requires_grad_(False)
     vae.eval()
     with torch.no_grad():
-        std = float(vae.encode(data.images[:512].float() / 127.5 - 1).latent_dist.mean.std())
+        std = float(vae.encode(_pixels(data.images[:512], vae) * 2 - 1).latent_dist.mean.std())
     vae.register_to_config(scaling_factor=1.0 / std)
     if is_main_process():
         vae.save_pretrained(out_dir / "model")
@@ -319,7 +319,7 @@ def finetune_vae_decoder(
     vae.train()
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
-        x = data.images[rows].float() / 127.5 - 1
+        x = _pixels(data.images[rows], vae) * 2 - 1
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
@@ -334,10 +334,16 @@ def finetune_vae_decoder(
     return {"steps": result.steps, "psnr_db": _psnr(gen, data)}
 
 
+def _pixels(images: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """uint8 images -> float [0, 1] on ``module``'s device."""
+    device = next(module.parameters()).device
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
 def _psnr(gen: AdGenerator, data: GeneratorData, n: int = 512) -> float:
     """Reconstruction PSNR (dB) of the VAE on the first ``n`` training images."""
     with torch.no_grad():
-        x = data.images[:n].float() / 255
+        x = _pixels(data.images[:n], gen.vae)
         mse = float(F.mse_loss(gen.decode_latents(gen.encode_images(x)), x))
     return float(10 * np.log10(1 / mse))
 
@@ -510,9 +516,10 @@ def denoising_loss(
     ``rng``: one generator for the batch, or one per row (row i's noise, timestep and
     dropout then do not depend on the batch it is in: training on several processes)."""
     b = len(rows)
-    acp = gen.scheduler.alphas_cumprod.float()
+    device = next(gen.unet.parameters()).device
+    acp = gen.scheduler.alphas_cumprod.float().to(device)  # fp32 whatever the model's dtype
     n_train = gen.scheduler.config.num_train_timesteps
-    z0 = dset.latents[rows]
+    z0 = dset.latents[rows].to(device, torch.float32)
     if isinstance(rng, torch.Generator):
         noise = torch.randn(z0.shape, generator=rng)
         t = torch.randint(0, n_train, (b,), generator=rng)
@@ -526,6 +533,8 @@ def denoising_loss(
         noise = torch.stack([d[0] for d in draws])
         t = torch.stack([d[1] for d in draws])
         drop = torch.stack([d[2] for d in draws]) < prompt_dropout
+    # Drawn on the CPU (seeded generators), used on the device.
+    noise, t, drop = noise.to(device), t.to(device), drop.to(device)
     a = acp[t].view(b, 1, 1, 1)
     x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
     target = {
@@ -533,15 +542,16 @@ def denoising_loss(
         "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
         "sample": z0,
     }[gen.prediction_type]
-    batch_ids = torch.where(drop[:, None], dset.empty[None], dset.ids[rows])
+    batch_ids = torch.where(drop[:, None].cpu(), dset.empty[None], dset.ids[rows]).to(device)
     text = gen.text_encoder(batch_ids)[0]
-    control = dset.control[rows].float().div(255).expand(-1, 3, -1, -1)
+    control = dset.control[rows].to(device).float().div(255).expand(-1, 3, -1, -1)
     down, mid = gen.controlnet(
         x_t, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False
     )
     model_in = x_t
     if gen.inpainting:
-        model_in = torch.cat([x_t, dset.inpaint[rows], dset.masked[rows]], dim=1)
+        paint, masked = dset.inpaint[rows].to(device), dset.masked[rows].to(device)
+        model_in = torch.cat([x_t, paint, masked.to(x_t.dtype)], dim=1)
     out = gen.unet(
         model_in,
         t,
@@ -564,6 +574,9 @@ def train_diffusion(
     """Train UNet + ControlNet + text encoder of ``gen``; the EMA weights end up in ``gen``."""
     config = config if config is not None else DiffusionTrainConfig()
     gen.vae.requires_grad_(False)
+    # The frozen VAE on the training device: it encodes the latents and decodes the probes
+    # beside the trainee (which the loop's accelerator moves there).
+    gen.vae.to(shared_accelerator(config.mixed_precision, config.device).device)
     # Encoding 2 x 16,000 renders takes minutes here: cache the latents beside the run,
     # keyed by the data and the exact VAE encoder weights.
     key = {**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)}

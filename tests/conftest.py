@@ -1,4 +1,4 @@
-"""Shared fixtures of the training tests: a small AdWorld world with tiny extractors."""
+"""Shared fixtures: a small AdWorld world with tiny extractors (training and device tests)."""
 
 import pytest
 
