@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a registered scorer: social-reward, clip-score, pickscore, aesthetic, ...",
     )
     s.add_argument("--batch-size", type=_positive(int), default=32)
+    s.add_argument(
+        "--workers", type=_non_negative_int, default=2,
+        help="DataLoader processes decoding the next batches while the model runs "
+        "(default 2; 0: decode in this process)",
+    )  # fmt: skip
     s.add_argument("--prompt", default="", help="prompt for a folder, or rows without one")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -320,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--product", default=None, help="product photo, for a folder input")
     ins.add_argument("--caption", default=None, help="product caption, for a folder input")
     ins.add_argument("--batch-size", type=_positive(int), default=64)
+    ins.add_argument(
+        "--workers", type=_non_negative_int, default=2,
+        help="DataLoader processes decoding the next batches while the model runs "
+        "(default 2; 0: decode in this process)",
+    )  # fmt: skip
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded default, write a report")
     d.add_argument("--out", required=True, help="output folder (report.html inside)")
@@ -472,7 +482,7 @@ def _score(a: argparse.Namespace) -> int:
     with autocast(a.device, a.mixed_precision):
         summary = score_images(
             scorer, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
-            progress=not a.no_progress,
+            progress=not a.no_progress, num_workers=a.workers,
         )  # fmt: skip
     print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
@@ -751,8 +761,9 @@ def _inspect(a: argparse.Namespace) -> int:
     rows = read_inspection_input(a.input, a.product, a.caption)
     inspector = Inspector.from_pretrained(a.model or default_model_path("rfnet"), a.device)
     summary = inspect_images(
-        inspector, rows, a.out, batch_size=a.batch_size, mixed_precision=a.mixed_precision or "no"
-    )
+        inspector, rows, a.out, batch_size=a.batch_size,
+        mixed_precision=a.mixed_precision or "no", workers=a.workers,
+    )  # fmt: skip
     print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
         print(f"skipped: row {s['row']}: {s['path']}: {s['reason']}", file=sys.stderr)

@@ -30,14 +30,13 @@ Files written beside ``out`` (say ``scores.parquet``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -60,6 +59,7 @@ from rewardkit.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from rewardkit.loading import read_ahead
 from rewardkit.models.social_reward import images_to_pixel_values
 
 __all__ = [
@@ -153,8 +153,8 @@ def score_images(
         batch_size: Images per forward pass.
         prompt: The prompt of every image of a folder, and of manifest rows without one.
         progress: Show a progress bar.
-        num_workers: Threads decoding upcoming batches while the model runs (0: decode in
-            the calling thread).
+        num_workers: Processes decoding upcoming batches while the model runs (a DataLoader;
+            0: decode in the calling process).
         checkpoint_every: Write the checkpoint every this many batches.
 
     Returns:
@@ -198,7 +198,8 @@ def score_images(
     bar = tqdm(total=len(files), initial=len(files) - len(pending), desc="score", unit="img",
                disable=not progress)  # fmt: skip
     batches = [pending[i : i + batch_size] for i in range(0, len(pending), batch_size)]
-    loader = _prefetch(batches, files, side, num_workers, check_domain)
+    pin = _on_cuda(scorer)
+    loader = _prefetch(batches, files, side, num_workers, check_domain, pin)
     try:
         for n, (index, images, bad, unlike) in enumerate(loader):
             skipped.update(bad)
@@ -318,7 +319,7 @@ def _output_table(rows: pa.Table, order: list[int], scores: list[float]) -> pa.T
 
 
 # ---------------------------------------------------------------------------------------
-# Loading: decode and stack batches in background threads.
+# Loading: decode and stack batches in DataLoader worker processes.
 
 
 Loaded = tuple[list[int], torch.Tensor | None, dict[int, str], str | None]
@@ -330,24 +331,12 @@ def _prefetch(
     side: int | None,
     num_workers: int,
     check_domain: bool = False,
+    pin: bool = False,
 ) -> Iterator[Loaded]:
-    """Yield loaded batches in order, keeping ``num_workers`` more loading ahead."""
-    if num_workers == 0:
-        for batch in batches:
-            yield _load_batch(batch, files, side, check_domain)
-        return
-    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="rewardkit-decode")
-    ahead: deque[Future] = deque()
-    upcoming = iter(batches)
-    try:
-        for batch in upcoming:
-            ahead.append(pool.submit(_load_batch, batch, files, side, check_domain))
-            if len(ahead) > num_workers:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    """Yield loaded batches in order, decoded ahead by ``num_workers`` DataLoader processes
+    (``loading.read_ahead``; 0: in this process), pinned for a CUDA scorer."""
+    load = functools.partial(_load_batch, files=files, side=side, check_domain=check_domain)
+    yield from read_ahead(load, batches, num_workers, pin)
 
 
 def _load_batch(
@@ -418,6 +407,13 @@ def _stack(arrays: Sequence[np.ndarray], side: int | None) -> torch.Tensor:
         x = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float().div_(255.0)  # (1,3,H,W)
         resized.append(images_to_pixel_values(x, side, zero, one))  # (1, 3, side, side)
     return torch.cat(resized)  # (B, 3, side, side)
+
+
+def _on_cuda(scorer: nn.Module | RewardFn) -> bool:
+    """Whether the scorer's weights sit on a CUDA device (batches are then pinned)."""
+    if not isinstance(scorer, nn.Module):
+        return False
+    return any(p.device.type == "cuda" for p in scorer.parameters())
 
 
 def _input_side(scorer: nn.Module | RewardFn) -> int | None:

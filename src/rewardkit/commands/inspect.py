@@ -33,6 +33,7 @@ from rewardkit.io import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from rewardkit.loading import read_ahead
 from rewardkit.models.inspector import Inspector
 from rewardkit.scoring import embedded_default_in_use, unlike_adworld, warn_unlike_adworld
 
@@ -119,6 +120,44 @@ def read_inspection_input(
     return pa.table(cols)
 
 
+class _BatchReader:
+    """Rows ``[lo, hi)`` decoded at the inspector's size (run in a loader process): the
+    generated images and product photos (B, S, S, 3) uint8, the rows kept, the rows skipped
+    with their reason, and why the first image unlike AdWorld is (when checking)."""
+
+    def __init__(self, paths, products, errors, size: int, check_domain: bool) -> None:
+        self.paths, self.products, self.errors = paths, products, errors
+        self.size, self.check_domain = size, check_domain
+        self.products_seen: dict[str, np.ndarray] = {}  # a folder's one photo is read once
+
+    def __call__(self, span: tuple[int, int]):
+        gen, prod, idx, bad, unlike = [], [], [], [], None
+        for i in range(span[0], min(span[1], len(self.paths))):
+            path, product = self.paths[i], self.products[i]
+            try:
+                if self.errors[i] is not None:
+                    raise ValueError(self.errors[i])
+                decoded = decode_image(path, "RGB", target_side=self.size)
+                g_i = fit_square(decoded, self.size)  # (S, S, 3)
+                if product not in self.products_seen:
+                    if len(self.products_seen) >= 256:
+                        self.products_seen.clear()
+                    self.products_seen[product] = load_product_rgb(product, self.size)
+                p_i = self.products_seen[product]  # (S, S, 3) on white
+            except (OSError, ValueError) as err:  # unreadable or missing: skip, count, report
+                reason = str(err).removeprefix(f"{path}: ")
+                bad.append({"row": i, "path": path or "", "reason": reason})
+                continue
+            if self.check_domain and unlike is None and (why := unlike_adworld(decoded)):
+                unlike = f"{path}: {why}"
+            gen.append(g_i)
+            prod.append(p_i)
+            idx.append(i)
+        if not idx:
+            return None, None, idx, bad, unlike
+        return torch.from_numpy(np.stack(gen)), torch.from_numpy(np.stack(prod)), idx, bad, unlike
+
+
 def inspect_images(
     inspector: Inspector,
     rows: pa.Table,
@@ -126,8 +165,12 @@ def inspect_images(
     batch_size: int = 64,
     progress: bool = True,
     mixed_precision: str = "no",
+    workers: int = 2,
 ) -> InspectionSummary:
     """Inspect every row; write ``out`` (Parquet) and ``<stem>.skipped.json`` if any.
+
+    Images and product photos are decoded ahead of the model by ``workers`` DataLoader
+    processes (0: in this process).
 
     Rows with an ``error`` (see :func:`read_inspection_input`) and rows whose image or
     product photo cannot be read are skipped with the reason. The inspector runs on its own
@@ -138,7 +181,6 @@ def inspect_images(
     device = inspector.device
     size = inspector.rfnet.config.resolution
     check_domain = embedded_default_in_use(inspector)
-    products_seen: dict[str, np.ndarray] = {}  # a folder's one product photo is read once
     classes = inspector.classes
     start = time.perf_counter()
     kept: list[int] = []
@@ -147,33 +189,19 @@ def inspect_images(
     paths, products = rows["path"].to_pylist(), rows["product_path"].to_pylist()
     captions = rows["caption"].to_pylist()
     errors = rows["error"].to_pylist() if "error" in rows.column_names else [None] * len(paths)
+    reader = _BatchReader(paths, products, errors, size, check_domain)
+    starts = list(range(0, rows.num_rows, batch_size))
+    batches = read_ahead(reader, [(lo, lo + batch_size) for lo in starts], workers,
+                         pin=device.type == "cuda")  # fmt: skip
     bar = tqdm(total=rows.num_rows, desc="inspect", disable=not progress, unit="img")
-    for lo in range(0, rows.num_rows, batch_size):
-        gen, prod, idx = [], [], []
-        for i in range(lo, min(lo + batch_size, rows.num_rows)):
-            try:
-                if errors[i] is not None:
-                    raise ValueError(errors[i])
-                decoded = decode_image(paths[i], "RGB", target_side=size)
-                g_i = fit_square(decoded, size)  # (S, S, 3)
-                if products[i] not in products_seen:
-                    if len(products_seen) >= 256:
-                        products_seen.clear()
-                    products_seen[products[i]] = load_product_rgb(products[i], size)
-                p_i = products_seen[products[i]]  # (S, S, 3) on white
-            except (OSError, ValueError) as err:  # unreadable or missing: skip, count, report
-                reason = str(err).removeprefix(f"{paths[i]}: ")
-                skipped.append({"row": i, "path": paths[i] or "", "reason": reason})
-                continue
-            if check_domain and (why := unlike_adworld(decoded)) is not None:
-                warn_unlike_adworld(f"{paths[i]}: {why}", INSPECTOR_HINT)
-                check_domain = False  # once per run
-            gen.append(g_i)
-            prod.append(p_i)
-            idx.append(i)
+    for lo, (gen, prod, idx, bad, unlike) in zip(starts, batches, strict=True):
+        skipped.extend(bad)
+        if check_domain and unlike is not None:
+            warn_unlike_adworld(unlike, INSPECTOR_HINT)
+            check_domain = False  # once per run
         if idx:
-            g = torch.from_numpy(np.stack(gen)).to(device).permute(0, 3, 1, 2).float() / 255.0
-            p = torch.from_numpy(np.stack(prod)).to(device).permute(0, 3, 1, 2).float() / 255.0
+            g = gen.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+            p = prod.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
             with torch.no_grad(), autocast(device, mixed_precision):
                 logits = inspector(p, g, [captions[i] for i in idx])  # (B, C)
             probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())

@@ -16,6 +16,7 @@ leaves a ``.images.building-<pid>`` folder, removed by the next build.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rewardkit.io import decode_image, write_json_atomic
+from rewardkit.loading import read_ahead
 from rewardkit.training.inspection_store import RowFile, _RowWriter, remove_stale_builds
 
 __all__ = ["DECODE_CHUNK", "ImageRows", "image_rows"]
@@ -55,30 +56,18 @@ class ImageRows:
         return torch.from_numpy(self.file.read(rows))
 
 
-class _Decode(Dataset):
-    """Chunk ``i`` of the file list, decoded at ``side`` (runs in a worker process)."""
+def _decode_chunk(
+    files: list[Path], side: int, span: tuple[int, int]
+) -> torch.Tensor | tuple[str, str]:
+    """Files ``[lo, hi)`` decoded at ``side`` (in a loader process): uint8 (n, 3, S, S), or
+    (error type, message) for a file that cannot be read (raised by the caller as is)."""
+    from rewardkit.scoring import scorer_input  # imported on use: it loads transformers
 
-    def __init__(self, files: list[Path], side: int, chunk: int) -> None:
-        self.files, self.side, self.chunk = files, side, chunk
-
-    def __len__(self) -> int:
-        return (len(self.files) + self.chunk - 1) // self.chunk
-
-    def __getitem__(self, i: int) -> torch.Tensor | tuple[str, str]:
-        """The chunk's pixels, or (error type, message) for a file that cannot be read: the
-        caller raises it as is (a worker's own raise would wrap it in a traceback)."""
-        from rewardkit.scoring import scorer_input  # imported on use: it loads transformers
-
-        part = self.files[i * self.chunk : (i + 1) * self.chunk]
-        try:
-            arrays = [scorer_input(decode_image(p, "RGB", self.side), self.side) for p in part]
-        except (FileNotFoundError, ValueError) as err:
-            return type(err).__name__, str(err)
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _as_is(item):
-    return item
+    try:
+        arrays = [scorer_input(decode_image(p, "RGB", side), side) for p in files[slice(*span)]]
+    except (FileNotFoundError, ValueError) as err:
+        return type(err).__name__, str(err)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def content_key(files: list[Path], side: int) -> str:
@@ -144,12 +133,10 @@ def image_rows(
     building.mkdir()
     try:
         writer = _RowWriter(building / "images.npy", (len(files), 3, side, side), np.uint8)
-        loader = DataLoader(
-            _Decode(files, side, DECODE_CHUNK), batch_size=None, num_workers=workers,
-            prefetch_factor=2 if workers else None, collate_fn=_as_is,
-        )  # fmt: skip
+        spans = [(lo, lo + DECODE_CHUNK) for lo in range(0, len(files), DECODE_CHUNK)]
+        chunks = read_ahead(functools.partial(_decode_chunk, files, side), spans, workers)
         with tqdm(total=len(files), desc="decode", disable=not progress, unit="img") as bar:
-            for chunk in loader:
+            for chunk in chunks:
                 if isinstance(chunk, tuple):  # a file that cannot be read: its one line
                     kind, message = chunk
                     raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(
