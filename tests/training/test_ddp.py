@@ -1,6 +1,12 @@
 """Training on several processes: the same weights as one process, one writer, exact resume,
 gradient accumulation, one Accelerator per process, validation once at the end.
 
+Resume: a run killed mid-way (right after a checkpoint lands, the process SIGKILLs itself:
+``RK_KILL_AT``) and run again with the same command ends with the weights of a run that was
+never stopped, bit for bit, in one process and in two. The kill is real rather than a shorter
+``--max-steps`` first: RFNet's schedule (lr / 10 from ``lr_drop_at * total``) depends on the
+budget, so a 2-step run is not the first half of a 4-step one.
+
 The multi-process runs launch ``rewardkit`` under ``accelerate launch --multi_gpu
 --num_processes 2`` on the CPU (gloo). ``accelerate launch --cpu --num_processes 2`` starts a
 single process unless mpirun is installed, so the launcher's GPU path is used: without a GPU
@@ -15,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,22 +38,35 @@ from tests.training.test_reward_recipes import _pairs_dataset
 BIN = Path(sys.executable).parent
 
 # Logs every rename into the run folder with the process id: the check that one process
-# wrote (atomic writes end in a rename, so a second writer shows up here).
+# wrote (atomic writes end in a rename, so a second writer shows up here). With RK_KILL_AT=N,
+# the process that puts the step-N checkpoint in place SIGKILLs itself right after: a run
+# killed mid-way (the other processes are then ended by the launcher).
 SITECUSTOMIZE = """
-import os
+import json, os, signal
 _root, _log = os.environ["RK_WRITE_ROOT"], os.environ["RK_WRITE_LOG"]
+_kill_at = os.environ.get("RK_KILL_AT")
 _rename, _replace = os.rename, os.replace
 def _note(dst):
     dst = os.path.abspath(os.fspath(dst))
     if dst.startswith(_root):
         with open(_log, "a") as f:
             f.write(f"{os.getpid()} {os.path.relpath(dst, _root)}\\n")
+def _kill(dst):
+    ckpt = os.path.join(_root, "checkpoint")
+    if _kill_at and os.path.abspath(os.fspath(dst)) == ckpt:
+        with open(os.path.join(ckpt, "state.json")) as f:
+            if json.load(f)["step"] == int(_kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
 def rename(src, dst, *a, **k):
     _note(dst)
-    return _rename(src, dst, *a, **k)
+    done = _rename(src, dst, *a, **k)
+    _kill(dst)
+    return done
 def replace(src, dst, *a, **k):
     _note(dst)
-    return _replace(src, dst, *a, **k)
+    done = _replace(src, dst, *a, **k)
+    _kill(dst)
+    return done
 os.rename, os.replace = rename, replace
 """
 
@@ -63,9 +83,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rewardkit(args: list[str], processes: int, tmp: Path, out: Path) -> list[str]:
+def _rewardkit(
+    args: list[str], processes: int, tmp: Path, out: Path, kill_at: int | None = None
+) -> list[str]:
     """Run ``rewardkit args`` in ``processes`` processes; returns the renames into ``out``
-    as ``"pid relative/path"`` lines."""
+    as ``"pid relative/path"`` lines. ``kill_at``: the run is killed right after its
+    checkpoint of that step is in place (it must then fail, and leave that checkpoint)."""
     hook = tmp / f"hook-{out.name}"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -76,6 +99,7 @@ def _rewardkit(args: list[str], processes: int, tmp: Path, out: Path) -> list[st
         "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
         "RK_WRITE_ROOT": str(out.resolve()),
         "RK_WRITE_LOG": str(log),
+        "RK_KILL_AT": "" if kill_at is None else str(kill_at),
     }
     cmd = [str(BIN / "rewardkit"), *args]
     if processes > 1:
@@ -85,8 +109,41 @@ def _rewardkit(args: list[str], processes: int, tmp: Path, out: Path) -> list[st
             "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *cmd,
         ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if kill_at is None:
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        assert done.returncode != 0, done.stdout[-3000:]
+        assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == kill_at
+        assert not (out / "model").exists()
     return log.read_text().splitlines() if log.is_file() else []
+
+
+class _Killed(BaseException):
+    """Ends a run where a kill would (a BaseException: nothing in the library catches it)."""
+
+
+@contextmanager
+def _killed_at(monkeypatch, out: Path, step: int):
+    """In this process: the run writing into ``out`` stops right after its step-``step``
+    checkpoint is in place (the in-process form of ``_rewardkit(..., kill_at=step)``)."""
+    ckpt = (out / "checkpoint").absolute()
+
+    def after(move):
+        def moved(src, dst, *a, **k):
+            done = move(src, dst, *a, **k)
+            if Path(os.path.abspath(dst)) == ckpt:
+                if json.loads((ckpt / "state.json").read_text())["step"] == step:
+                    raise _Killed
+            return done
+
+        return moved
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", after(os.rename))
+        m.setattr(os, "replace", after(os.replace))
+        with pytest.raises(_Killed):
+            yield
+    assert not (out / "model").exists()
 
 
 # Attention key biases get a zero gradient in exact arithmetic (softmax ignores a shift
@@ -145,25 +202,36 @@ TINY_RFNET = dict(width=32, heads=2, n_fusion=1, resolution=32, dropout=0.0,
                             "layer_type": "basic"})  # fmt: skip
 
 
+RFNET_WEIGHTS = "model/model.safetensors"
+
+
+def _rfnet_command(tmp: Path) -> list[str]:
+    """``train rfnet`` on a 40-image world: 32 training rows, 4 steps of 8 (one epoch; the
+    lr drops at step 2), a checkpoint every 2 steps."""
+    from rewardkit.world.export import render_world
+
+    render_world(tmp / "w", 40, seed=3, size=32, progress=False)
+    cfg = tmp / "rfnet.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_RFNET))
+    train = tmp / "train.yaml"
+    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.5,
+                                     "checkpoint_every": 2}))  # fmt: skip
+    return ["train", "rfnet", "--manifest", str(tmp / "w" / "manifest.parquet"),
+            "--model-config", str(cfg), "--config", str(train), "--maps", "truth",
+            "--max-steps", "4", "--batch-size", "8", "--lr", "3e-3"]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_rfnet_two_processes_match_one(tmp_path):
     """RFNet: class-weighted cross-entropy, degraded rows drawn per (step, row), BatchNorm over
     the whole batch. Dropout is 0 here: its masks come from each process's RNG, so with
-    dropout two processes agree with one in distribution only."""
-    from rewardkit.world.export import render_world
-
-    render_world(tmp_path / "w", 40, seed=3, size=32, progress=False)
-    cfg = tmp_path / "rfnet.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_RFNET))
-    train = tmp_path / "train.yaml"
-    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.5}))
-    common = ["train", "rfnet", "--manifest", str(tmp_path / "w" / "manifest.parquet"),
-              "--model-config", str(cfg), "--config", str(train), "--maps", "truth",
-              "--max-steps", "4", "--batch-size", "8", "--lr", "3e-3"]  # fmt: skip
+    dropout two processes agree with one in distribution only. Then a two-process run killed
+    after step 2 and run again ends where the uninterrupted one did."""
+    common = _rfnet_command(tmp_path)
     o1, o2 = tmp_path / "o1", tmp_path / "o2"
     _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
     writes = _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
-    weights = "model/model.safetensors"
+    weights = RFNET_WEIGHTS
     # BatchNorm statistics are all-reduced in float32 in another order than one process's
     # batch_norm (running statistics included; measured 9e-5): 2e-4. The fusion's attention
     # query/key projections are apart: near-uniform attention at init gives them gradients
@@ -174,31 +242,55 @@ def test_rfnet_two_processes_match_one(tmp_path):
     attention = {k: v for k, v in gap.items() if "self_attn.in_proj" in k}
     assert max(v for k, v in gap.items() if k not in attention) <= 2e-4
     assert max(attention.values()) <= 5e-3
-    assert {w.split()[0] for w in writes} and len({w.split()[0] for w in writes}) == 1
+    writers = {w.split()[0] for w in writes}  # checked last: the resume below runs either way
+    # Killed right after the step-2 checkpoint (both processes' RNG states in it), the same
+    # command again: it resumes at step 2 and ends with the weights of o2, bit for bit.
+    o3 = tmp_path / "o3"
+    _rewardkit([*common, "--out", str(o3)], 2, tmp_path, o3, kill_at=2)
+    assert sorted(p.name for p in (o3 / "checkpoint").glob("rng_rank*")) == [
+        "rng_rank0.safetensors", "rng_rank1.safetensors",
+    ]  # fmt: skip
+    resumed = _rewardkit([*common, "--out", str(o3)], 2, tmp_path, o3)
+    assert len({w.split()[0] for w in resumed}) == 1, resumed
+    summary = json.loads((o3 / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4
+    assert _max_diff(o2 / weights, o3 / weights) == 0.0
+    assert len(writers) == 1, writes
+
+
+FINETUNE_WEIGHTS = "model/controlnet/diffusion_pytorch_model.safetensors"
+
+
+def _finetune_command(tmp: Path) -> list[str]:
+    """``finetune`` of a tiny generator (3 DDIM steps) on 8 products of a 10-product world
+    (2 held out as the probe set): 2 steps of 4, a checkpoint after each."""
+    from rewardkit.generation.default import build_generator
+    from rewardkit.world.export import render_world
+    from tests.generation.conftest import TINY
+
+    base = tmp / "base"
+    build_generator(TINY, seed=0).save_pretrained(base)
+    (base / "rewardkit_generator.json").write_text(
+        json.dumps({"sampler": {"steps": 3, "guidance_scale": 2.0}})
+    )
+    render_world(tmp / "w", n=10, seed=1, size=32, progress=False)
+    return ["finetune", "--generator", str(base), "--products", str(tmp / "w"),
+            "--max-steps", "2", "--batch-size", "4", "--probe-size", "2",
+            "--probe-every", "0", "--grad-window", "2", "--lr", "1e-3",
+            "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
 
 
 @pytest.mark.slow
 def test_finetune_two_processes_match_one(tmp_path):
     """RFFT with the embedded RFNet reward on a tiny generator: each process generates its
-    own products (seeds per product and step), t is drawn per step."""
-    from rewardkit.generation.default import build_generator
-    from rewardkit.world.export import render_world
-    from tests.generation.conftest import TINY
-
+    own products (seeds per product and step), t is drawn per step. Then a two-process run
+    killed after step 1 and run again ends where the uninterrupted one did."""
+    common = _finetune_command(tmp_path)
     base = tmp_path / "base"
-    build_generator(TINY, seed=0).save_pretrained(base)
-    (base / "rewardkit_generator.json").write_text(
-        json.dumps({"sampler": {"steps": 3, "guidance_scale": 2.0}})
-    )
-    render_world(tmp_path / "w", n=10, seed=1, size=32, progress=False)
-    common = ["finetune", "--generator", str(base), "--products", str(tmp_path / "w"),
-              "--max-steps", "2", "--batch-size", "4", "--probe-size", "2",
-              "--probe-every", "0", "--grad-window", "2", "--lr", "1e-3",
-              "--no-progress"]  # fmt: skip
     o1, o2 = tmp_path / "o1", tmp_path / "o2"
     _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
     _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
-    weights = "model/controlnet/diffusion_pytorch_model.safetensors"
+    weights = FINETUNE_WEIGHTS
     # Tolerance: AdamW normalises each element's step (the first is lr * sign(g)), so an
     # element whose gradient is float noise (|g| below ~1e-6, where a sum in another order
     # flips its sign) moves by up to 2 lr = 2e-3 either way, and step 2 carries that on:
@@ -215,7 +307,21 @@ def test_finetune_two_processes_match_one(tmp_path):
     assert len(c1) == 2 and c1 == pytest.approx(c2, rel=1e-5)
     s1 = json.loads((o1 / "finetune_summary.json").read_text())
     s2 = json.loads((o2 / "finetune_summary.json").read_text())
-    assert s1["probe_before"] == s2["probe_before"]  # probes in the main process only
+    # Probes run in the main process only (the same figures; their wall time aside).
+    untimed = [
+        {k: v for k, v in s["probe_before"].items() if k != "probe_seconds"} for s in (s1, s2)
+    ]
+    assert untimed[0] == untimed[1]
+    # Killed right after the step-1 checkpoint, the same command again: the step-1 losses come
+    # from the checkpoint's history, step 2 is drawn as before, the weights are o2's exactly.
+    o3 = tmp_path / "o3"
+    _rewardkit([*common, "--out", str(o3)], 2, tmp_path, o3, kill_at=1)
+    assert len(list((o3 / "checkpoint").glob("rng_rank*"))) == 2
+    resumed = _rewardkit([*common, "--out", str(o3)], 2, tmp_path, o3)
+    assert len({w.split()[0] for w in resumed}) == 1, resumed
+    assert json.loads((o3 / "finetune_summary.json").read_text())["resumed_from"] == 1
+    assert _max_diff(o2 / weights, o3 / weights) == 0.0
+    assert _curve(o3 / "curves.csv", "reward_loss") == c2
 
 
 def _curve(path: Path, column: str) -> list[float]:
@@ -274,6 +380,46 @@ def test_rfft_gradient_of_the_batch_is_the_mean_over_its_parts():
 
 # ---------------------------------------------------------------------------------------
 # One process (the default run).
+
+
+def _resumes_exactly(monkeypatch, tmp: Path, command: list[str], kill_at: int, weights: str,
+                     resumed: list[str] = ()) -> tuple[Path, Path]:  # fmt: skip
+    """``rewardkit command`` in this process: once straight through, once stopped right after
+    its step-``kill_at`` checkpoint and run again (with ``resumed`` added): the same weights,
+    bit for bit. Returns the two run folders."""
+    from rewardkit.cli import main
+
+    straight, killed = tmp / "straight", tmp / "killed"
+    assert main([*command, "--out", str(straight)]) == 0
+    with _killed_at(monkeypatch, killed, kill_at):
+        main([*command, "--out", str(killed)])
+    assert main([*command, *resumed, "--out", str(killed)]) == 0
+    assert _max_diff(straight / weights, killed / weights) == 0.0
+    return straight, killed
+
+
+def test_rfnet_killed_and_run_again_ends_with_the_same_weights(monkeypatch, tmp_path):
+    """One process, killed after step 2 of 4, resumed with a loader process reading ahead
+    (any number resumes): the lr drop at step 2 and the keyed degradation draws continue
+    as in the run that was never stopped."""
+    _, killed = _resumes_exactly(
+        monkeypatch, tmp_path, _rfnet_command(tmp_path), 2, RFNET_WEIGHTS,
+        resumed=["--loader-workers", "1"],
+    )  # fmt: skip
+    summary = json.loads((killed / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 4
+
+
+def test_finetune_killed_and_run_again_ends_with_the_same_weights(monkeypatch, tmp_path):
+    """One process, killed after step 1 of 2: the base model's probe is not run again, step
+    2's products, seeds and t are those of the run that was never stopped."""
+    straight, killed = _resumes_exactly(
+        monkeypatch, tmp_path, _finetune_command(tmp_path), 1, FINETUNE_WEIGHTS
+    )
+    assert json.loads((killed / "finetune_summary.json").read_text())["resumed_from"] == 1
+    assert _curve(killed / "curves.csv", "reward_loss") == _curve(
+        straight / "curves.csv", "reward_loss"
+    )
 
 
 def test_grad_accum_gives_the_weights_of_one_step_over_the_whole_batch(tiny, tmp_path):
