@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors import safe_open
 
 from rewardkit.cli import main
 from rewardkit.generation.default import build_generator
@@ -21,6 +20,7 @@ from rewardkit.training.generator import (
     VAETrainConfig,
     train_generator,
 )
+from rewardkit.training.rowfiles import RowArray
 from rewardkit.world.export import render_world
 
 from ..generation.conftest import TINY
@@ -47,9 +47,10 @@ def test_train_generator_tiny_resumes_and_loads(tmp_path, renders):
     assert gen.resolution == 32
     card = json.loads((tmp_path / "run" / "model" / "rewardkit_generator.json").read_text())
     assert card["diffusion_steps"] == 2
-    # Caches are safetensors; the only .pt files are optimiser states (read weights_only).
-    assert (tmp_path / "run" / "data.safetensors").is_file()
-    assert (tmp_path / "run" / "diffusion" / "latents.safetensors").is_file()
+    # Caches are row files (.npy read without pickle); the only .pt files are optimiser
+    # states (read weights_only).
+    assert (tmp_path / "run" / "data_cache" / "images.npy").is_file()
+    assert (tmp_path / "run" / "diffusion" / "latents" / "latents.npy").is_file()
     assert {p.name for p in (tmp_path / "run").rglob("*.pt")} == {"optimizer.pt"}
     # Exporting the checkpoint gives the weights the finished run saved.
     from rewardkit.training.generator import export_checkpoint
@@ -104,44 +105,62 @@ class _Evil:
         return (open, (self.marker, "w"))
 
 
-def test_data_cache_is_safetensors_keyed_by_content_and_never_unpickled(
+def test_data_cache_is_row_files_keyed_by_content_and_never_unpickled(
     tmp_path, renders, monkeypatch
 ):
     world = tmp_path / "world"
     shutil.copytree(renders.parent, world)
     manifest = world / "manifest.parquet"
     marker = tmp_path / "code_ran"
-    cache = tmp_path / "data.safetensors"
-    cache.write_bytes(pickle.dumps(_Evil(marker)))  # an old or planted pickle
+    cache = tmp_path / "data_cache"
+    cache.mkdir()
+    (cache / "images.npy").write_bytes(pickle.dumps(_Evil(marker)))  # a planted pickle
     first = tg.prepare_generator_data(manifest, 32, cache, progress=False)
     assert not marker.exists()
-    with safe_open(str(cache), framework="pt") as f:  # rebuilt as a safetensors file
-        assert set(f.keys()) == {"images", "control", "inpaint", "product"}
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "control.npy", "images.npy", "inpaint.npy", "meta.json", "product.npy",
+    ]  # fmt: skip
+    assert isinstance(first.images, RowArray) and first.images.shape == (12, 3, 32, 32)
+    # What the in-process decode gives, read back from disk.
+    with_workers = tg.prepare_generator_data(manifest, 32, tmp_path / "other", False, workers=2)
+    for name in tg.DATA_ARRAYS:
+        assert torch.equal(getattr(first, name)[:], getattr(with_workers, name)[:]), name
     # A hit decodes no image: the content key alone decides.
     monkeypatch.setattr(tg, "read_image_rgb", lambda path: 1 / 0)
     again = tg.prepare_generator_data(manifest, 32, cache, progress=False)
     assert again.fingerprint == first.fingerprint and again.prompts == first.prompts
-    assert torch.equal(again.images, first.images) and torch.equal(again.inpaint, first.inpaint)
+    assert torch.equal(again.images[:], first.images[:])
+    assert torch.equal(again.inpaint[[3, 1]], first.inpaint[:4][[3, 1]])
     # The same renders elsewhere share the key.
     moved = tmp_path / "moved"
     shutil.copytree(world, moved)
     elsewhere = tg.prepare_generator_data(moved / "manifest.parquet", 32, cache, False)
     assert elsewhere.fingerprint == first.fingerprint
     # A re-render (same names, rows and size, other pixels) does not.
+    before = first.images[:]
     monkeypatch.setattr(tg, "read_image_rgb", read_image_rgb)
     rel = pq.read_table(manifest)["path"][0].as_py()
     write_png_atomic(world / rel, 255 - read_image_rgb(world / rel))
     changed = tg.prepare_generator_data(manifest, 32, cache, progress=False)
     assert changed.fingerprint != first.fingerprint
-    assert torch.equal(changed.images[0], 255 - first.images[0])
-    assert torch.equal(changed.images[1:], first.images[1:])
+    assert torch.equal(changed.images[0], 255 - before[0])
+    assert torch.equal(changed.images[1:], before[1:])
     # A file the manifest names that is gone: an error naming the row and file.
     (world / rel).unlink()
     with pytest.raises(ValueError, match=rf"manifest.parquet: row 0: .*{rel}: image file not"):
         tg.prepare_generator_data(manifest, 32, cache, progress=False)
+    # Without a cache folder: a temporary one, gone with the data.
+    temp = tg.prepare_generator_data(renders, 32, None, progress=False)
+    folder = temp.images.file.path.parent
+    assert folder.is_dir()
+    del temp
+    import gc
+
+    gc.collect()
+    assert not folder.exists()
 
 
-def test_latent_cache_is_rebuilt_over_old_pickles(tmp_path, renders):
+def test_latent_cache_is_rebuilt_over_old_caches(tmp_path, renders):
     marker = tmp_path / "code_ran"
     out = tmp_path / "diffusion"
     out.mkdir()
@@ -152,8 +171,9 @@ def test_latent_cache_is_rebuilt_over_old_pickles(tmp_path, renders):
     config = DiffusionTrainConfig(max_steps=1, batch_size=4, probe_every=0)
     tg.train_diffusion(gen, data, out, config, progress=False)
     assert not marker.exists() and not (out / "latents.pt").exists()
-    key = {**data.fingerprint, "encoder": tg._weights_digest(gen.vae.encoder)}
-    tensors, meta = tg.read_cache(out / "latents.safetensors", key)
-    assert meta["key"] == key and set(tensors) == {"latents", "masked"}
-    assert tensors["latents"].shape[0] == len(data)
-    assert tg.read_cache(out / "latents.safetensors", {**key, "encoder": "other"}) is None
+    assert not (out / "latents.safetensors").exists()
+    latents, masked = tg._cached_latents(gen, data, out / "latents")  # reused: the same key
+    assert len(latents) == len(masked) == len(data)
+    torch.testing.assert_close(latents[:], tg._latents(gen, data.images))
+    meta = json.loads((out / "latents" / "meta.json").read_text())
+    assert meta["key"]["encoder"] == tg._weights_digest(gen.vae.encoder)

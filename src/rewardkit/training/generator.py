@@ -21,6 +21,7 @@ failures: like a real base model, it fails often (see the recipe's README for th
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -32,8 +33,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -45,7 +44,7 @@ from rewardkit.generation.pipeline import (
     load_component,
 )
 from rewardkit.generation.product import PreparedProduct, prepare_product
-from rewardkit.io import atomic_path, read_image_rgb, to_strict_json, write_json_atomic
+from rewardkit.io import read_image_rgb, to_strict_json, write_json_atomic
 from rewardkit.training.loop import (
     MicroBatch,
     TrainConfigBase,
@@ -58,6 +57,7 @@ from rewardkit.training.loop import (
     shared_accelerator,
     summarize_names,
 )
+from rewardkit.training.rowfiles import RowArray, RowWriter, remove_stale_builds
 from rewardkit.world.export import load_product_photo
 
 __all__ = [
@@ -76,9 +76,10 @@ __all__ = [
 MANIFEST_COLUMNS = ("path", "product_path", "prompt", "fill")
 # Caches are safetensors files whose header metadata holds this key's JSON (format, content
 # key, prompts); files of another format (the pickles of earlier versions) are never read.
-CACHE_META = "rewardkit_cache"
-CACHE_FORMAT = 2
-LEGACY_CACHES = ("data.pt", "latents.pt")  # pickled caches of earlier versions: removed
+DATA_FORMAT = 1  # the row-file folder of prepare_generator_data
+# Caches of earlier versions, removed: pickles (never read: unpickling a file from a run
+# folder can run code) and the whole-set safetensors files the row files replace.
+LEGACY_CACHES = ("data.pt", "latents.pt", "data.safetensors", "latents.safetensors")
 
 
 @dataclass
@@ -113,12 +114,14 @@ class DiffusionTrainConfig(TrainConfigBase):
 
 @dataclass
 class GeneratorData:
-    """Training renders with their prepared products, as uint8 tensors (N, C, S, S)."""
+    """Training renders with their prepared products, as uint8 rows (N, C, S, S): tensors,
+    or :class:`~rewardkit.training.rowfiles.RowArray` files on disk that are read by the rows
+    a step takes (what :func:`prepare_generator_data` returns)."""
 
-    images: torch.Tensor
-    control: torch.Tensor  # (N, 1, S, S) Canny of the product
-    inpaint: torch.Tensor  # (N, 1, S, S) paint mask
-    product: torch.Tensor  # (N, 3, S, S) product on grey
+    images: torch.Tensor | RowArray
+    control: torch.Tensor | RowArray  # (N, 1, S, S) Canny of the product
+    inpaint: torch.Tensor | RowArray  # (N, 1, S, S) paint mask, 0 or 1
+    product: torch.Tensor | RowArray  # (N, 3, S, S) product on grey
     prompts: list[str]
     fingerprint: dict = field(default_factory=dict)
 
@@ -161,38 +164,61 @@ def content_digest(manifest: Path, rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def read_cache(path: Path, key: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """Tensors and metadata of a cache :func:`write_cache` wrote under ``key``; None when the
-    file is missing, keyed otherwise, or not such a file (an old pickle is never unpickled)."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get(CACHE_META, "null"))
-            if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-                return None
-            if meta.get("key") != json.loads(to_strict_json(key)):
-                return None
-            return {name: f.get_tensor(name) for name in f.keys()}, meta
-    except (SafetensorError, OSError, ValueError):
-        return None
+DATA_ARRAYS = ("images", "control", "inpaint", "product")
+PREPARE_CHUNK = 64  # rows decoded per loader task and written at a time
 
 
-def write_cache(path: Path, tensors: dict[str, torch.Tensor], key: dict, **meta) -> None:
-    """``tensors`` as one safetensors file (atomic), keyed by ``key``; ``meta`` (plain JSON
-    values) is stored beside the key in the file's header."""
-    header = to_strict_json({"format": CACHE_FORMAT, "key": key, **meta})
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={CACHE_META: header})
+def _prepare_rows(manifest: Path, rows: list[dict], size: int, span: tuple[int, int]):
+    """Rows ``[lo, hi)`` decoded and prepared (in a loader process): uint8 arrays
+    (n, C, S, S) by name, or the one-line error of the first row that cannot be used."""
+    root = manifest.parent
+    out: dict[str, list[np.ndarray]] = {name: [] for name in DATA_ARRAYS}
+    for i in range(*span):
+        r = rows[i]
+        try:
+            img = read_image_rgb(_resolve(root, r["path"]))
+            cut = load_product_photo(_resolve(root, r["product_path"]))
+        except (OSError, ValueError) as err:
+            return f"{manifest}: row {i}: {err}"
+        if img.shape[:2] != (size, size):
+            return f"{manifest}: row {i}: image is {img.shape[:2]}, expected {size} px"
+        pp = prepare_product(cut, size, float(r["fill"]))
+        out["images"].append(img)
+        out["control"].append(pp.control[..., :1])
+        out["inpaint"].append((pp.inpaint[..., None] > 0.5).astype(np.uint8))
+        out["product"].append(pp.product)
+    return {k: np.ascontiguousarray(np.stack(v).transpose(0, 3, 1, 2)) for k, v in out.items()}
+
+
+def _open_data(folder: Path, meta: dict, fingerprint: dict) -> GeneratorData:
+    arrays = {name: RowArray(folder / f"{name}.npy") for name in DATA_ARRAYS}
+    return GeneratorData(**arrays, prompts=list(meta["prompts"]), fingerprint=fingerprint)
 
 
 def prepare_generator_data(
-    manifest: str | Path, size: int, cache: Path | None = None, progress: bool = True
+    manifest: str | Path,
+    size: int,
+    cache: Path | None = None,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> GeneratorData:
     """Read a render manifest (``world render``): images, products (placed and prepared at
-    ``size``) and prompts. With ``cache``, kept there as a safetensors file keyed by the
-    content (:func:`content_digest`) and ``size``, and reused while that key holds."""
+    ``size``) and prompts, decoded once by ``workers`` loader processes (default: up to 4
+    when there are more than 256 rows) into row files in the folder ``cache``, keyed by the
+    content (:func:`content_digest`) and ``size`` and reused while that key holds. Rows are
+    then read from disk by the rows a step takes: memory follows the batch, not the data.
+    Without ``cache``, a temporary folder removed with the returned data.
+
+    Raises:
+        ValueError: naming the manifest, row and file that cannot be read.
+    """
+    import os
+    import shutil
+    import tempfile
+    import weakref
+
+    from rewardkit.loading import read_ahead
+
     manifest = Path(manifest)
     table = read_table(manifest, MANIFEST_COLUMNS)
     rows = table.to_pylist()
@@ -201,52 +227,60 @@ def prepare_generator_data(
         "rows": table.num_rows,
         "size": size,
     }
-    if cache is not None and (hit := read_cache(cache, fingerprint)) is not None:
-        tensors, meta = hit
-        return GeneratorData(
-            images=tensors["images"],
-            control=tensors["control"],
-            inpaint=tensors["inpaint"],
-            product=tensors["product"],
-            prompts=list(meta["prompts"]),
-            fingerprint=fingerprint,
-        )
-    root = manifest.parent
-    images, control, inpaint, product = [], [], [], []
-    for i, r in enumerate(tqdm(rows, desc="prepare", disable=not progress, unit="img")):
-        try:
-            img = read_image_rgb(_resolve(root, r["path"]))
-            cut = load_product_photo(_resolve(root, r["product_path"]))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{manifest}: row {i}: {err}") from None
-        if img.shape[:2] != (size, size):
-            raise ValueError(f"{manifest}: row {i}: image is {img.shape[:2]}, expected {size} px")
-        pp = prepare_product(cut, size, float(r["fill"]))
-        images.append(img)
-        control.append(pp.control[..., :1])
-        inpaint.append(pp.inpaint[..., None] > 0.5)
-        product.append(pp.product)
+    temporary = cache is None
+    folder = Path(tempfile.mkdtemp(prefix="rewardkit-generator-data-")) if temporary else cache
+    meta_file = folder / "meta.json"
+    key = json.loads(to_strict_json(fingerprint))
 
-    def t(arrs):
-        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    def ready() -> dict | None:
+        if not meta_file.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        return meta if meta.get("format") == DATA_FORMAT and meta.get("key") == key else None
 
-    data = GeneratorData(
-        images=t(images),
-        control=t(control),
-        inpaint=t(inpaint),
-        product=t(product),
-        prompts=[str(r["prompt"]) for r in rows],
-        fingerprint=fingerprint,
-    )
-    if cache is not None:
-        tensors = {
-            "images": data.images,
-            "control": data.control,
-            "inpaint": data.inpaint,
-            "product": data.product,
-        }
-        if is_main_process():
-            write_cache(cache, tensors, fingerprint, prompts=data.prompts)
+    if (meta := ready()) is not None:
+        return _open_data(folder, meta, fingerprint)
+    if not temporary and not is_main_process():
+        while (meta := ready()) is None:  # the main process builds it
+            time.sleep(1.0)
+        return _open_data(folder, meta, fingerprint)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if not temporary:
+        remove_stale_builds(folder)
+    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    building.mkdir()
+    n = len(rows)
+    channels = {"images": 3, "control": 1, "inpaint": 1, "product": 3}
+    writers = {
+        name: RowWriter(building / f"{name}.npy", (n, c, size, size), np.uint8)
+        for name, c in channels.items()
+    }
+    if workers is None:
+        workers = 0 if n <= 256 else min(4, os.cpu_count() or 1)
+    spans = [(lo, min(n, lo + PREPARE_CHUNK)) for lo in range(0, n, PREPARE_CHUNK)]
+    try:
+        chunks = read_ahead(functools.partial(_prepare_rows, manifest, rows, size), spans, workers)
+        with tqdm(total=n, desc="prepare", disable=not progress, unit="img") as bar:
+            for chunk in chunks:
+                if isinstance(chunk, str):
+                    raise ValueError(chunk)
+                for name, writer in writers.items():
+                    writer.append(chunk[name])
+                bar.update(len(chunk["images"]))
+        for writer in writers.values():
+            writer.close()
+        meta = {"format": DATA_FORMAT, "key": key, "prompts": [str(r["prompt"]) for r in rows]}
+        write_json_atomic(building / "meta.json", meta)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(building, folder)
+    finally:
+        for writer in writers.values():
+            writer.file.close()
+        shutil.rmtree(building, ignore_errors=True)
+    data = _open_data(folder, meta, fingerprint)
+    if temporary:
+        weakref.finalize(data, shutil.rmtree, folder, True)
     return data
 
 
@@ -387,8 +421,7 @@ class DiffusionTrainee(nn.Module):
 
 
 def _remove_legacy_caches(folder: Path) -> None:
-    """Delete the pickled caches earlier versions left in ``folder`` (never read: unpickling
-    a file from a run folder can run code); the safetensors caches replace them."""
+    """Delete the caches earlier versions left in ``folder`` (:data:`LEGACY_CACHES`)."""
     for name in LEGACY_CACHES:
         (folder / name).unlink(missing_ok=True)
 
@@ -402,19 +435,70 @@ def _weights_digest(module: nn.Module) -> str:
 
 
 def _latents(
-    gen: AdGenerator, images: torch.Tensor, paint: torch.Tensor | None = None, batch: int = 256
-) -> torch.Tensor:
+    gen: AdGenerator,
+    images: torch.Tensor | RowArray,
+    paint: torch.Tensor | RowArray | None = None,
+    batch: int = 256,
+    path: Path | None = None,
+) -> torch.Tensor | RowArray:
     """Scaled latents of uint8 images; with ``paint``, of the images with that region grey
-    (the inpainting UNet's masked-image input, as ``prepare_batch`` builds it)."""
-    out = []
+    (the inpainting UNet's masked-image input, as ``prepare_batch`` builds it). Encoded in
+    batches on the VAE's device; with ``path``, written there as a row file batch by batch
+    (and returned as a :class:`RowArray`), else returned as one CPU tensor."""
+    out, writer = [], None
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            x = images[i : i + batch].float() / 255
+            x = _pixels(images[i : i + batch], gen.vae)
             if paint is not None:
-                m = paint[i : i + batch].float()
+                m = paint[i : i + batch].to(x.device).float()  # 0 or 1
                 x = x * (1 - m) + 0.5 * m
-            out.append(gen.encode_images(x).cpu())
-    return torch.cat(out)
+            z = gen.encode_images(x).float().cpu()
+            if path is None:
+                out.append(z)
+                continue
+            if writer is None:
+                writer = RowWriter(path, (len(images), *z.shape[1:]), np.float32)
+            writer.append(z)
+    if path is None:
+        return torch.cat(out)
+    writer.close()
+    return RowArray(path)
+
+
+def _cached_latents(
+    gen: AdGenerator, data: GeneratorData, folder: Path
+) -> tuple[RowArray, RowArray]:
+    """The latents and masked-image latents of ``data`` as row files in ``folder``, keyed
+    by the data and the exact VAE encoder weights (encoding 2 x 16,000 renders takes minutes
+    here); reused while the key holds. The main process encodes, the others wait."""
+    import os
+    import shutil
+
+    key = json.loads(
+        to_strict_json({**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)})
+    )
+
+    def ready() -> bool:
+        meta = folder / "meta.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("key") == key
+
+    if not ready():
+        if is_main_process():
+            remove_stale_builds(folder)
+            building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+            building.mkdir(parents=True)
+            try:
+                _latents(gen, data.images, path=building / "latents.npy")
+                _latents(gen, data.product, paint=data.inpaint, path=building / "masked.npy")
+                write_json_atomic(building / "meta.json", {"format": DATA_FORMAT, "key": key})
+                if folder.exists():
+                    shutil.rmtree(folder)
+                os.replace(building, folder)
+            finally:
+                shutil.rmtree(building, ignore_errors=True)
+        while not ready():
+            time.sleep(1.0)
+    return RowArray(folder / "latents.npy"), RowArray(folder / "masked.npy")
 
 
 @dataclass
@@ -462,16 +546,18 @@ class Probe:
 
 @dataclass
 class DenoisingSet:
-    """What the denoising loss needs of a :class:`GeneratorData`, computed once: the images'
-    scaled latents, the masked-image latents and paint masks of the inpainting UNet, the
-    prompts' token ids (and the empty prompt's) and the Canny controls."""
+    """What the denoising loss needs of a :class:`GeneratorData`: the images' scaled latents
+    and the masked-image latents of the inpainting UNet (tensors or row files), the paint
+    masks and Canny controls (the data's rows), each distinct prompt's token ids once with
+    each row's index into them, and the empty prompt's ids."""
 
-    latents: torch.Tensor
-    masked: torch.Tensor
-    inpaint: torch.Tensor  # paint mask at latent size
-    ids: torch.Tensor
+    latents: torch.Tensor | RowArray
+    masked: torch.Tensor | RowArray
+    paint: torch.Tensor | RowArray  # (N, 1, S, S) 0/1, brought to latent size per batch
+    ids: torch.Tensor  # (P, T) token ids of the distinct prompts
+    prompt_index: torch.Tensor  # (N,) row -> its prompt's row in ids
     empty: torch.Tensor
-    control: torch.Tensor  # uint8 (N, 1, S, S)
+    control: torch.Tensor | RowArray  # uint8 (N, 1, S, S)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -481,25 +567,26 @@ class DenoisingSet:
         cls,
         gen: AdGenerator,
         data: GeneratorData,
-        latents: torch.Tensor | None = None,
-        masked: torch.Tensor | None = None,
+        latents: torch.Tensor | RowArray | None = None,
+        masked: torch.Tensor | RowArray | None = None,
     ) -> DenoisingSet:
         """Encode ``data`` with ``gen``'s VAE (unless the latents are given) and tokenise."""
         if latents is None:
             latents = _latents(gen, data.images)
         if masked is None:
             masked = _latents(gen, data.product, paint=data.inpaint)
-        h = latents.shape[-1]
         tok = gen.tokenizer
+        unique = sorted(set(data.prompts))
+        where = {p: k for k, p in enumerate(unique)}
         ids = tok(
-            data.prompts, padding="max_length", max_length=tok.model_max_length,
+            unique, padding="max_length", max_length=tok.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids  # fmt: skip
         empty = tok(
             [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
         ).input_ids[0]
-        inpaint = F.interpolate(data.inpaint.float(), size=(h, h), mode="nearest")
-        return cls(latents, masked, inpaint, ids, empty, data.control)
+        index = torch.tensor([where[p] for p in data.prompts], dtype=torch.long)
+        return cls(latents, masked, data.inpaint, ids, index, empty, data.control)
 
 
 def denoising_loss(
@@ -542,7 +629,8 @@ def denoising_loss(
         "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
         "sample": z0,
     }[gen.prediction_type]
-    batch_ids = torch.where(drop[:, None].cpu(), dset.empty[None], dset.ids[rows]).to(device)
+    row_ids = dset.ids[dset.prompt_index[rows]]  # (B, T)
+    batch_ids = torch.where(drop[:, None].cpu(), dset.empty[None], row_ids).to(device)
     text = gen.text_encoder(batch_ids)[0]
     control = dset.control[rows].to(device).float().div(255).expand(-1, 3, -1, -1)
     down, mid = gen.controlnet(
@@ -550,8 +638,10 @@ def denoising_loss(
     )
     model_in = x_t
     if gen.inpainting:
-        paint, masked = dset.inpaint[rows].to(device), dset.masked[rows].to(device)
-        model_in = torch.cat([x_t, paint, masked.to(x_t.dtype)], dim=1)
+        h = x_t.shape[-1]
+        paint = F.interpolate(dset.paint[rows].to(device).float(), size=(h, h), mode="nearest")
+        masked = dset.masked[rows].to(device, x_t.dtype)
+        model_in = torch.cat([x_t, paint, masked], dim=1)
     out = gen.unet(
         model_in,
         t,
@@ -577,18 +667,7 @@ def train_diffusion(
     # The frozen VAE on the training device: it encodes the latents and decodes the probes
     # beside the trainee (which the loop's accelerator moves there).
     gen.vae.to(shared_accelerator(config.mixed_precision, config.device).device)
-    # Encoding 2 x 16,000 renders takes minutes here: cache the latents beside the run,
-    # keyed by the data and the exact VAE encoder weights.
-    key = {**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)}
-    cache = out_dir / "latents.safetensors"
-    cached = read_cache(cache, key)
-    if cached is not None:
-        latents, masked_lat = cached[0]["latents"], cached[0]["masked"]
-    else:
-        latents = _latents(gen, data.images)
-        masked_lat = _latents(gen, data.product, paint=data.inpaint)
-        if is_main_process():
-            write_cache(cache, {"latents": latents, "masked": masked_lat}, key)
+    latents, masked_lat = _cached_latents(gen, data, out_dir / "latents")
     _remove_legacy_caches(out_dir)
     dset = DenoisingSet.build(gen, data, latents, masked_lat)
     trainee = DiffusionTrainee(gen)
@@ -678,7 +757,7 @@ def train_generator(
     out = Path(out)
     shared_accelerator(vae_config.mixed_precision)  # under a launcher: join the process group
     gen = build_generator(arch, seed=vae_config.seed)
-    data = prepare_generator_data(manifest, arch.resolution, out / "data.safetensors", progress)
+    data = prepare_generator_data(manifest, arch.resolution, out / "data_cache", progress)
     _remove_legacy_caches(out)
     summary: dict = {"arch": asdict(arch), "manifest": str(manifest), "rows": len(data)}
     vae_dir = out / "vae"

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from rewardkit.io import decode_image, write_json_atomic
 from rewardkit.loading import read_ahead
-from rewardkit.training.inspection_store import RowFile, _RowWriter, remove_stale_builds
+from rewardkit.training.rowfiles import RowFile, RowWriter, remove_stale_builds
 
 __all__ = ["DECODE_CHUNK", "ImageRows", "image_rows"]
 
@@ -132,7 +132,7 @@ def image_rows(
     building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
     building.mkdir()
     try:
-        writer = _RowWriter(building / "images.npy", (len(files), 3, side, side), np.uint8)
+        writer = RowWriter(building / "images.npy", (len(files), 3, side, side), np.uint8)
         spans = [(lo, lo + DECODE_CHUNK) for lo in range(0, len(files), DECODE_CHUNK)]
         chunks = read_ahead(functools.partial(_decode_chunk, files, side), spans, workers)
         with tqdm(total=len(files), desc="decode", disable=not progress, unit="img") as bar:

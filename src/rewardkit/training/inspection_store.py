@@ -37,6 +37,7 @@ from tqdm import tqdm
 from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.io import write_json_atomic
 from rewardkit.models.rfnet import MODALITIES, RFNetConfig
+from rewardkit.training.rowfiles import RowFile, RowWriter, remove_stale_builds
 
 __all__ = [
     "CAPTION_BATCH",
@@ -56,116 +57,6 @@ CHUNK_ROWS = 512
 META_FILE = "meta.json"
 DEGRADED_PREFIX = "degraded_"
 IMAGE_ARRAYS = ("product", "generated", "depth", "saliency")
-
-
-class RowFile:
-    """Rows of a C-order ``.npy`` file, read with ``os.preadv`` into a fresh array.
-
-    Safe to pickle into DataLoader workers: the file descriptor is reopened per process."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            self.offset = f.tell()
-        if fortran or dtype.hasobject:
-            raise ValueError(f"{self.path}: expected a C-order array of plain values")
-        self.shape: tuple[int, ...] = tuple(shape)
-        self.dtype = dtype
-        self.row_bytes = int(dtype.itemsize * np.prod(shape[1:], dtype=np.int64))
-        expected = self.offset + self.row_bytes * self.shape[0]
-        if self.path.stat().st_size != expected:
-            raise ValueError(f"{self.path}: {self.path.stat().st_size} bytes, expected {expected}")
-        self._fd: int | None = None
-        self._pid = -1
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None, "_pid": -1}
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
-            os.close(self._fd)
-
-    def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
-    def read(self, rows: np.ndarray | torch.Tensor | list[int]) -> np.ndarray:
-        """The rows (in the order given, repeats allowed) as an array (len(rows), ...)."""
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
-            raise IndexError(f"{self.path}: rows outside 0..{self.shape[0] - 1}")
-        wanted = np.unique(rows)  # sorted: one read per run of adjacent rows
-        buf = np.empty((len(wanted), *self.shape[1:]), self.dtype)
-        view = memoryview(buf.reshape(-1).view(np.uint8))
-        fd = self._file()
-        runs = np.split(wanted, np.flatnonzero(np.diff(wanted) != 1) + 1) if wanted.size else []
-        at = 0
-        for run in runs:
-            size = len(run) * self.row_bytes
-            offset = self.offset + int(run[0]) * self.row_bytes
-            done = 0
-            while done < size:
-                got = os.preadv(fd, [view[at + done : at + size]], offset + done)
-                if got == 0:
-                    raise OSError(f"{self.path}: file ended at byte {offset + done}")
-                done += got
-            at += size
-        if len(wanted) == len(rows) and np.array_equal(wanted, rows):
-            return buf
-        return buf[np.searchsorted(wanted, rows)]
-
-
-class _RowWriter:
-    """Appends rows to a new ``.npy`` file of known shape (header first, then raw bytes)."""
-
-    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
-        self.file = open(path, "wb")  # noqa: SIM115 (closed in close())
-        header = {
-            "descr": np.lib.format.dtype_to_descr(self.dtype),
-            "fortran_order": False,
-            "shape": shape,
-        }
-        np.lib.format.write_array_header_1_0(self.file, header)
-        self.rows = 0
-
-    def append(self, array: np.ndarray | torch.Tensor) -> None:
-        if isinstance(array, torch.Tensor):
-            array = array.numpy()
-        array = np.ascontiguousarray(array, dtype=self.dtype)
-        if array.shape[1:] != self.shape[1:]:
-            raise ValueError(f"{self.path.name}: rows of shape {array.shape[1:]} != {self.shape}")
-        self.file.write(memoryview(array.reshape(-1).view(np.uint8)))
-        self.rows += array.shape[0]
-
-    def close(self) -> None:
-        self.file.close()
-        if self.rows != self.shape[0]:
-            raise ValueError(f"{self.path.name}: wrote {self.rows} rows, expected {self.shape[0]}")
-
-
-def remove_stale_builds(folder: Path) -> None:
-    """Remove ``.<folder name>.building-<pid>`` folders left by builds that were killed
-    (their process is gone); a live process's build is left alone."""
-    for old in folder.parent.glob(f".{folder.name}.building-*"):
-        try:
-            pid = int(old.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # raises when no such process
-            if pid == os.getpid():
-                raise ProcessLookupError
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(old, ignore_errors=True)
-        except PermissionError:  # another user's live process
-            pass
 
 
 class InspectionStore:
@@ -364,8 +255,8 @@ def _write_captions(
         parts.append((tp, mp))
     shapes = [np.load(tp, mmap_mode="r").shape for tp, _ in parts]
     length, hidden = max(s[1] for s in shapes), shapes[0][2]
-    tokens = _RowWriter(folder / "caption_tokens.npy", (len(unique), length, hidden), np.float32)
-    mask = _RowWriter(folder / "caption_mask.npy", (len(unique), length), np.uint8)
+    tokens = RowWriter(folder / "caption_tokens.npy", (len(unique), length, hidden), np.float32)
+    mask = RowWriter(folder / "caption_mask.npy", (len(unique), length), np.uint8)
     for tp, mp in parts:
         t = torch.from_numpy(np.load(tp, allow_pickle=False))
         m = torch.from_numpy(np.load(mp, allow_pickle=False))
@@ -404,17 +295,17 @@ def _build(
     image = (n, 3, size, size)
     single = (n, 1, size, size)
     writers = {
-        "generated": _RowWriter(folder / "generated.npy", image, np.uint8),
-        "product": _RowWriter(folder / "product.npy", image, np.uint8),
+        "generated": RowWriter(folder / "generated.npy", image, np.uint8),
+        "product": RowWriter(folder / "product.npy", image, np.uint8),
     }
     for kind in ("depth", "saliency"):
         if kind in mods:
-            writers[kind] = _RowWriter(folder / f"{kind}.npy", single, np.uint8)
+            writers[kind] = RowWriter(folder / f"{kind}.npy", single, np.uint8)
     if degrade_seed is not None:  # maps not predicted (ground truth) are kept as they are
         for name in ("generated", *(("depth", "saliency") if degrade_maps else ())):
             if name in writers:
                 shape = image if name == "generated" else single
-                writers[DEGRADED_PREFIX + name] = _RowWriter(
+                writers[DEGRADED_PREFIX + name] = RowWriter(
                     folder / f"{DEGRADED_PREFIX}{name}.npy", shape, np.uint8
                 )
     rng = np.random.default_rng(degrade_seed) if degrade_seed is not None else None
