@@ -91,3 +91,27 @@ def test_unserialisable_values_still_raise(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "x.json", {"x": object()})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_recover_dir_puts_back_the_old_copy_a_killed_replace_left(tmp_path):
+    """A writer killed between moving the old folder aside and moving the new one in leaves
+    no folder: recover_dir restores the newest old copy and clears the other leftovers."""
+    import time
+
+    from rewardkit.io import recover_dir
+
+    dst = tmp_path / "checkpoint"
+    older = tmp_path / ".checkpoint.old-1-aaaa"
+    older.mkdir()
+    (older / "state.json").write_text("1")
+    time.sleep(0.01)
+    newer = tmp_path / ".checkpoint.old-2-bbbb"
+    newer.mkdir()
+    (newer / "state.json").write_text("2")
+    half = tmp_path / ".checkpoint.x1y2"  # a temp folder of write_folder_atomic
+    half.mkdir()
+    recover_dir(dst)
+    assert (dst / "state.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    recover_dir(dst)  # nothing to do: dst is kept
+    assert (dst / "state.json").read_text() == "2"

@@ -7,6 +7,7 @@ Every file rewardkit writes goes through a temp file in the same folder followed
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -84,11 +85,32 @@ def replace_dir(src: Path, dst: Path) -> None:
         try:
             src.rename(dst)
             break
-        except OSError:  # another writer's folder landed in between: move it aside too
-            if attempt == 7 or not dst.exists():
+        except OSError as err:  # another writer's folder landed in between: move it aside too
+            # (whether dst still exists now says nothing: a third writer may have just moved
+            # it; any "not empty" retries)
+            if attempt == 7 or err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
     for backup in backups:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover_dir(dst: Path) -> None:
+    """Undo what a writer killed inside :func:`replace_dir` or :func:`write_folder_atomic`
+    left: when ``dst`` is missing, the newest complete old copy (``.<name>.old-*``) is put
+    back; the other leftovers (old copies, half-written ``.<name>.*`` temp folders) are
+    removed. Call it only where no other writer of ``dst`` is running (a run's own
+    checkpoint folder before training starts)."""
+    leftovers = sorted(
+        (p for p in dst.parent.glob(f".{dst.name}.*") if p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not dst.exists():
+        olds = [p for p in leftovers if p.name.startswith(f".{dst.name}.old-")]
+        if olds:
+            olds[-1].rename(dst)
+            leftovers.remove(olds[-1])
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def write_folder_atomic(path: str | os.PathLike, write) -> Path:

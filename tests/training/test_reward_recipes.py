@@ -72,6 +72,11 @@ def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
     train_reward(model, pairs, tmp_path / "b", RewardTrainConfig(**base, max_steps=5), False)
     resumed = train_reward(model, pairs, tmp_path / "b", RewardTrainConfig(**base), False)
     assert resumed.resumed_from == 5 and resumed.steps == straight.steps
+    # The curve too: the epoch the budget cut is resumed, not logged twice or in part.
+    assert [(h["epoch"], h["step"]) for h in resumed.history] == [(1, 4), (2, 8), (3, 12)]
+    assert [h["loss"] for h in resumed.history] == pytest.approx(
+        [h["loss"] for h in straight.history], rel=1e-6
+    )
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -78,10 +78,14 @@ def shared_accelerator(mixed_precision: str = "no", device: str | None = None):
 
 
 def is_main_process() -> bool:
-    """True in the process that writes (rank 0), and when not launched on several."""
+    """True in the process that writes (rank 0), and when not launched on several. Before
+    the process group exists (data prepared before training joins it), the launcher's
+    ``RANK`` decides, so that only rank 0 builds what every rank then reads."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
 def _world() -> tuple[int, int]:

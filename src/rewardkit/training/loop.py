@@ -39,6 +39,7 @@ from rewardkit.io import (
     decode_image,
     json_safe,
     probe_image,
+    recover_dir,
     to_strict_json,
     write_folder_atomic,
     write_json_atomic,
@@ -507,15 +508,18 @@ def _train(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     ckpt = out_dir / CHECKPOINT_DIR
-    step, history = 0, []
+    step, history, running = 0, [], []  # running: this epoch's step losses so far
+    if main and ckpt.parent.is_dir():  # a run killed while replacing its checkpoint
+        recover_dir(ckpt)
+    accelerator.wait_for_everyone()
     if (ckpt / "state.json").is_file():
         state = load_checkpoint(ckpt, model, optimizer, signature)
-        step, history = int(state["step"]), list(state["history"])
+        step, running = int(state["step"]), [float(x) for x in state.get("running", [])]
+        history = [h for h in state["history"] if not h.get("partial_epoch")]
         restore_rng(ckpt, rank)
     resumed_from = step
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc="train", disable=not progress, unit="step")
-    running: list[float] = []
     evaluated_at: tuple[int, dict] | None = None
     schedule = _Schedule(fetch, n_rows, config, steps_per_epoch, step, total, world, rank)
     pin = accelerator.device.type == "cuda"
@@ -552,11 +556,17 @@ def _train(
                     bar.write(json.dumps(entry), file=sys.stderr)
         bar.update()
         bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
-        end_of_epoch = step % steps_per_epoch == 0 or step == total
+        # A budget (--max-steps) that stops inside an epoch logs that part as a partial
+        # epoch: a later run with a larger budget resumes the epoch and replaces the entry.
+        partial = step == total and step % steps_per_epoch != 0
+        end_of_epoch = step % steps_per_epoch == 0 or partial
         if end_of_epoch:
             entry: dict[str, Any] = {"step": step, "epoch": math.ceil(step / steps_per_epoch)}
             entry["loss"] = float(np.mean(running)) if running else float("nan")
-            running = []
+            if partial:
+                entry["partial_epoch"] = True
+            else:
+                running = []
             if evaluate is not None:
                 model.eval()
                 figures = on_main(evaluate)
@@ -566,7 +576,8 @@ def _train(
             if progress:  # epoch lines on stderr: stdout carries the CLI's JSON summary
                 bar.write(json.dumps(entry), file=sys.stderr)
         if step % config.checkpoint_every == 0 or end_of_epoch:
-            state = {"step": step, "history": history, "signature": signature}
+            state = {"step": step, "history": history, "signature": signature,
+                     "running": running}  # fmt: skip
             rng = gather_objects(rng_state(), world)
             if main:
                 save_checkpoint(ckpt, model, optimizer, state, rng=rng)

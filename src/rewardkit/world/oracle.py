@@ -175,6 +175,8 @@ def label(
     # Colour source: the product photo itself (clean, unlike the image whose thin parts blur
     # into the background), one step in from the outline where alpha is mixed.
     core = ndimage.binary_erosion(mask) if mask.sum() > 20 else mask
+    if not core.any():  # a thin product erodes away at small sizes: keep its pixels
+        core = mask
     _, (iy, ix) = ndimage.distance_transform_edt(~core, return_indices=True)
     photo = layer[..., :3].astype(np.float32) / 255
     nearest = photo[iy, ix]
