@@ -499,3 +499,52 @@ def test_replace_dir_under_concurrent_writers_leaves_one_folder(tmp_path):
     assert not errors
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert (dst / "who").read_text().endswith("19")
+
+
+def test_dropout_is_switched_off_for_training_and_restored():
+    """Dropout masks come from each process's RNG: the loop switches every dropout off (nn
+    modules and attention layers' float rates) unless a config keeps it, and gives the
+    model its rates back afterwards."""
+    from rewardkit.models.rfnet import RFNet
+    from rewardkit.training.distributed import disable_dropout, restore_dropout
+    from tests.models.test_rfnet import inputs, tiny_config
+
+    torch.manual_seed(0)
+    model = RFNet(tiny_config(dropout=0.3, modalities=("product", "generated"))).train()
+    x = {k: v for k, v in inputs().items() if k in ("product", "generated")}
+    assert not torch.equal(model(**x), model(**x))  # dropout on
+    changed = disable_dropout(model)
+    assert changed and torch.equal(model(**x), model(**x))
+    attention = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attention and all(m.dropout == 0.0 for m in attention)
+    restore_dropout(changed)
+    assert all(m.dropout == 0.3 for m in attention)
+    assert not torch.equal(model(**x), model(**x))
+
+
+def test_the_default_dual_encoder_trains_without_dropout(tmp_path, monkeypatch):
+    """The embedded default's text tower (MiniLM) has dropout 0.1: in the loop its forward
+    in train mode is deterministic."""
+    import rewardkit.training.loop as loop
+    from rewardkit.models.social_reward import SocialReward, build_default_dual_encoder
+
+    reward = SocialReward.from_pretrained(build_default_dual_encoder(tmp_path / "m", 32))
+    seen = []
+
+    def spy(accelerator, model, *a):
+        model.train()
+        with torch.no_grad():
+            e = [model.embed_texts(["a red mug on a table"]) for _ in range(2)]
+        seen.append(torch.equal(*e))
+        raise KeyboardInterrupt  # stop before training
+
+    monkeypatch.setattr(loop, "_train", spy)
+    config = TrainConfigBase(lr=1e-3, batch_size=2, epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(reward, 4, lambda rows: None, config, tmp_path / "o", {}, None,
+                     lambda p: None, False)  # fmt: skip
+    assert seen == [True]
+    reward.train()
+    with torch.no_grad():  # restored afterwards: dropout is back
+        e = [reward.embed_texts(["a red mug on a table"]) for _ in range(2)]
+    assert not torch.equal(*e)

@@ -276,3 +276,34 @@ def gather_objects(obj: Any, world: int) -> list:
     out: list = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+_DROPOUT_ATTRS = ("dropout", "attention_dropout", "dropout_p", "dropout_prob", "attn_dropout")
+
+
+def disable_dropout(model: nn.Module) -> list[tuple[object, str, float]]:
+    """Switch every dropout in ``model`` off: ``nn.Dropout`` modules (p = 0) and the float
+    rates attention layers keep as attributes (``nn.MultiheadAttention.dropout``, CLIP's
+    ``attention_dropout`` ...). Returns what was changed, for :func:`restore_dropout`.
+
+    Why the training loop does this by default: dropout masks come from each process's RNG,
+    so N processes would train other weights than one (random draws inside a step must not
+    depend on how rows are split; noise and timesteps are keyed by row instead)."""
+    changed: list[tuple[object, str, float]] = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            if module.p:
+                changed.append((module, "p", module.p))
+                module.p = 0.0
+            continue
+        for name in _DROPOUT_ATTRS:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0 and not isinstance(value, bool):
+                changed.append((module, name, value))
+                setattr(module, name, 0.0)
+    return changed
+
+
+def restore_dropout(changed: list[tuple[object, str, float]]) -> None:
+    for module, name, value in changed:
+        setattr(module, name, value)

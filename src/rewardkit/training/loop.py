@@ -9,9 +9,10 @@ runs as the forward of a DDP-wrapped module, each process takes an equal, disjoi
 every step's rows (``batch_size`` is the global batch; ``grad_accum`` splits it further into
 micro-steps), BatchNorm statistics are those of the whole batch (:class:`GlobalBatchNorm`),
 random draws inside a step are keyed by (seed, step, row) (:func:`keyed_generator`) so they do
-not depend on the split, and only the main process writes. Dropout draws from the global RNG
-and so does depend on the split; each process's RNG state is checkpointed, so resume at the
-same number of processes is exact.
+not depend on the split, and only the main process writes. Dropout is switched off during
+training unless a config asks for it (``dropout: true``): its masks would come from each
+process's RNG and so depend on the split. Each process's RNG state is checkpointed, so resume
+at the same number of processes is exact.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from rewardkit.io import (
 )
 from rewardkit.training.distributed import (
     GlobalBatchNorm,
+    disable_dropout,
     gather_objects,
     gather_rows,
     globalize_batchnorm,
@@ -55,6 +57,7 @@ from rewardkit.training.distributed import (
     mean_over_processes,
     on_main,
     own_rng,
+    restore_dropout,
     restore_rng,
     rng_state,
     shared_accelerator,
@@ -103,6 +106,9 @@ class TrainConfigBase:
     # Loader processes that read the next micro-batches ahead (recipes with a fetch); 0: the
     # step reads its own rows. Not part of a checkpoint's signature: any count resumes.
     loader_workers: int = 0
+    # Dropout in the trained model. Off by default: its masks come from each process's RNG,
+    # so with it N processes train other weights than one (equal only in distribution).
+    dropout: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -221,8 +227,9 @@ def resumable(config: TrainConfigBase) -> dict:
         keep.pop(budget)
     keep.pop("device", None)  # a run may resume on another device
     keep.pop("loader_workers", None)  # or with another number of loader processes
-    if keep.get("grad_accum") == 1:  # the default: checkpoints from before the field resume
-        keep.pop("grad_accum")
+    for name, default in (("grad_accum", 1), ("dropout", False)):
+        if keep.get(name) == default:  # defaults: checkpoints from before the field resume
+            keep.pop(name)
     return keep
 
 
@@ -480,6 +487,7 @@ def run_training(
     main = accelerator.is_main_process
     seed = config.seed if rank == 0 else keyed_seed(config.seed, rank)
     swapped = globalize_batchnorm(model) if world > 1 else []
+    dropped = [] if config.dropout else disable_dropout(model)
     try:
         with own_rng(seed):
             return _train(
@@ -489,6 +497,7 @@ def run_training(
     finally:
         for module, cls in swapped:
             module.__class__ = cls
+        restore_dropout(dropped)  # the model keeps its own rates (saved configs unchanged)
         accelerator.free_memory()
 
 
