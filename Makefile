@@ -20,8 +20,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# The tests exercise the Spark engine too (Java 17+ needed: checked here in one line).
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev]'
+	@java -version >/dev/null 2>&1 || { echo "make test: Java 17+ is needed for the Spark tests (Debian: apt-get install -y openjdk-17-jre-headless)"; exit 2; }
+	$(BIN)/pip install -q -e '.[dev,spark]'
 	touch $@
 
 demo: $(VENV)/.installed

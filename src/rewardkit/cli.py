@@ -111,7 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument(
         "--config", default=None, help="curation YAML (default: the packaged default rules)"
     )
-    cu.add_argument("--out", required=True, help="output Parquet of preference pairs")
+    cu.add_argument(
+        "--out", required=True,
+        help="output Parquet of preference pairs (with --engine spark: a Parquet folder "
+        "partitioned by split)",
+    )  # fmt: skip
+    cu.add_argument(
+        "--engine", default="duckdb", choices=("duckdb", "spark"),
+        help="SQL engine for the same rules: duckdb (embedded, default) or spark",
+    )  # fmt: skip
+    cu.add_argument(
+        "--spark-master", default=None,
+        help="Spark master URL (local[2], spark://host:7077, yarn; default: this machine, "
+        "or the master spark-submit set)",
+    )  # fmt: skip
 
     train = sub.add_parser("train", help="train a model: reward (pairs), contrastive (captions)")
     tsub = train.add_subparsers(dest="train_command", required=True)
@@ -500,11 +513,15 @@ def _curate(a: argparse.Namespace) -> int:
     from rewardkit.data.curation import CurationConfig, curate
 
     config = a.config or resources.files("rewardkit.data").joinpath("curation_default.yaml")
-    result = curate(a.events, CurationConfig.from_yaml(Path(str(config))), a.out)
+    if a.spark_master is not None and a.engine != "spark":
+        raise ValueError("--spark-master is only used with --engine spark")
+    cfg = CurationConfig.from_yaml(Path(str(config)))
+    result = curate(a.events, cfg, a.out, engine=a.engine, spark_master=a.spark_master)
     out = Path(a.out)
     summary = {
         "out": str(out),
-        "pairs": result.pairs.num_rows,
+        "engine": a.engine,
+        "pairs": result.card["pairs_after_caps"],
         "pairs_per_split": result.card["pairs_per_split"],
         "card": str(out.with_name(out.stem + ".card.json")),
         "card_md": str(out.with_name(out.stem + ".card.md")),
@@ -857,7 +874,8 @@ def _check_out(a: argparse.Namespace, key: tuple[str, str | None]) -> None:
     path = Path(out)
     suffixes = OUT_SUFFIXES.get(key, None)
     if suffixes is not None:
-        if path.is_dir():
+        spark_folder = key == ("curate", None) and getattr(a, "engine", None) == "spark"
+        if path.is_dir() and not spark_folder:  # Spark writes its pairs as a folder
             raise ValueError(f"--out {out}: is a folder; this command writes one file")
         if path.suffix.lower() not in suffixes:
             raise ValueError(

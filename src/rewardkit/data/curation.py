@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,10 +35,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import yaml
 
 from rewardkit.data.log_schema import (
@@ -46,7 +45,7 @@ from rewardkit.data.log_schema import (
     locate_log,
     normalise_log,
 )
-from rewardkit.io import write_json_atomic, write_parquet_atomic, write_text_atomic
+from rewardkit.io import write_json_atomic, write_text_atomic
 
 _BIG = 10**15  # stands for "no limit" inside SQL
 SIGNALS = ("remix_rate", "remix_count")
@@ -217,10 +216,37 @@ _NESTED: dict[str, type] = {"bots": BotRules, "creator_signal": CreatorSignal, "
 
 @dataclass
 class CurationResult:
-    """What ``curate`` returns: the pairs (as written) and the dataset card."""
+    """What ``curate`` returns: where the pairs are, and the dataset card. ``pairs`` reads
+    them (as written; a Spark run's partitioned folder as one table) on first use."""
 
-    pairs: pa.Table
+    out: Path
     card: dict[str, Any]
+    _pairs: pa.Table | None = None
+
+    @property
+    def pairs(self) -> pa.Table:
+        if self._pairs is None:
+            self._pairs = read_pairs(self.out)
+        return self._pairs
+
+
+def read_pairs(path: str | os.PathLike) -> pa.Table:
+    """Pairs as ``curate`` wrote them: one Parquet file (DuckDB) or a folder partitioned by
+    ``split`` (Spark), as one table with the columns and types of the pair schema."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_dir():
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(path, format="parquet", partitioning="hive").to_table()
+    else:
+        table = pq.read_table(path)
+    if "split" in table.column_names and pa.types.is_dictionary(table["split"].type):
+        table = table.set_column(
+            table.schema.get_field_index("split"), "split", table["split"].cast(pa.string())
+        )
+    return table
 
 
 def _sql(name: str, **params: Any) -> str:
@@ -231,8 +257,8 @@ def _sql(name: str, **params: Any) -> str:
 def _literal(v: Any) -> str:
     if isinstance(v, bool):
         return "1" if v else "0"
-    if isinstance(v, float):
-        return repr(v) if math.isfinite(v) else str(_BIG)
+    if isinstance(v, float):  # DOUBLE in every engine (a bare 0.5 is DECIMAL in Spark)
+        return f"CAST({repr(v) if math.isfinite(v) else _BIG} AS DOUBLE)"
     return str(v)
 
 
@@ -241,7 +267,11 @@ def _quote(path: Path) -> str:
 
 
 def curate(
-    events_dir: str | os.PathLike, config: CurationConfig, out_path: str | os.PathLike
+    events_dir: str | os.PathLike,
+    config: CurationConfig,
+    out_path: str | os.PathLike,
+    engine: str = "duckdb",
+    spark_master: str | None = None,
 ) -> CurationResult:
     """Curate community event logs into preference pairs and write them with a dataset card.
 
@@ -249,59 +279,91 @@ def curate(
         events_dir: the log folder (``users.parquet``, ``images.parquet``,
             ``events/*.parquet``), or its ``events`` subfolder.
         config: the curation rules.
-        out_path: the output Parquet file; ``<stem>.card.json`` and ``<stem>.card.md`` are
+        out_path: the output: one Parquet file (``duckdb``) or a Parquet folder partitioned
+            by ``split`` (``spark``); ``<stem>.card.json`` and ``<stem>.card.md`` are
             written beside it.
+        engine: ``duckdb`` (embedded) or ``spark`` (``data/engines.py``): the same SQL.
+        spark_master: the Spark master URL (``local[2]``, ``spark://host:7077``); None:
+            this machine, or the master ``spark-submit`` set.
 
     Returns:
-        The pairs (columns prompt, pos_path, neg_path, prompt_id, pos_image_id, neg_image_id,
-        pos_score, neg_score, weight, split; paths relative to the output's folder) and the
-        card (counts per stage).
+        Where the pairs are (columns prompt, pos_path, neg_path, prompt_id, pos_image_id,
+        neg_image_id, pos_score, neg_score, weight, split; paths relative to the output's
+        folder) and the card (counts per stage).
 
     Raises:
         FileNotFoundError: naming a missing folder or file.
         ValueError: one line naming a file and its missing column(s) or a value that cannot be
             read (file, column, expected type); or, when no pair is left, the stage that
             removed the last rows (nothing is written then).
+        EngineUnavailable: ``spark`` without Java or pyspark (a ValueError: one line saying
+            what to install).
     """
+    from rewardkit.data.engines import make_engine
+
     cfg, start = config, time.perf_counter()
     need_followers = cfg.creator_signal.enabled
     root, parts = locate_log(events_dir, need_followers)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Paths relative to the output's folder, so the pairs open their images from anywhere.
+    image_root = root.resolve()
+    prefix = os.path.relpath(image_root, out.parent.resolve())
     # The canonical copy of the log lives beside the output (same disk) while the SQL runs.
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}.log-", dir=out.parent) as tmp:
         log = normalise_log(root, parts, Path(tmp), need_followers)
-        con = duckdb.connect(":memory:")
+        sql = make_engine(engine, spark_master)
         try:
-            pairs, card = _run(con, cfg, log)
+            card = _run(sql, cfg, log)
+            if card["pairs_after_caps"] == 0:
+                raise ValueError(f"{root}: 0 pairs, nothing written: {zero_pairs_reason(card)}")
+            _write_pairs(sql, prefix, out, Path(tmp))
         finally:
-            con.close()
-    if pairs.num_rows == 0:
-        raise ValueError(f"{root}: 0 pairs, nothing written: {zero_pairs_reason(card)}")
-    # Paths relative to the output's folder, so pairs.parquet opens its images from anywhere.
-    image_root = root.resolve()
-    prefix = os.path.relpath(image_root, out.parent.resolve())
-    for col in ("pos_path", "neg_path"):
-        rel = pc.binary_join_element_wise(pa.scalar(prefix), pairs[col], "/")
-        fixed = pc.if_else(pc.starts_with(pairs[col], "/"), pairs[col], rel)
-        pairs = pairs.set_column(pairs.schema.get_field_index(col), col, fixed)
-    card.update(image_root=str(image_root), events_dir=str(root), out=str(out))
+            sql.close()
+    card.update(image_root=str(image_root), events_dir=str(root), out=str(out), engine=engine)
     card["seconds"] = round(time.perf_counter() - start, 3)
-    write_parquet_atomic(out, pairs)
     write_json_atomic(out.with_name(out.stem + ".card.json"), card)
     write_text_atomic(out.with_name(out.stem + ".card.md"), card_markdown(card))
-    return CurationResult(pairs, card)
+    return CurationResult(out, card)
 
 
-def _run(con: Any, cfg: CurationConfig, log: NormalisedLog) -> tuple[pa.Table, dict]:
+def _write_pairs(sql: Any, prefix: str, out: Path, tmp: Path) -> None:
+    """The final pairs (stage 5's table with paths made relative to ``out``'s folder and
+    the pair schema's types) written to ``out``: a file renamed into place, or a folder
+    replacing whatever was there."""
+    from rewardkit.io import replace_dir
+
+    lit = "'" + prefix.replace("'", "''") + "/'"
+    cols = []
+    for name, kind in _PAIR_SQL_TYPES.items():
+        expr = name
+        if name in ("pos_path", "neg_path"):
+            expr = f"CASE WHEN {name} LIKE '/%' THEN {name} ELSE CONCAT({lit}, {name}) END"
+        cols.append(f"CAST({expr} AS {kind}) AS {name}")
+    query = (f"SELECT {', '.join(cols)} FROM pairs "
+             "ORDER BY prompt_id, pos_image_id, neg_image_id")  # fmt: skip
+    if sql.name == "duckdb":
+        if out.is_dir():
+            shutil.rmtree(out)
+        sql.write_parquet(query, out)
+        return
+    staged = tmp / "pairs.spark"
+    sql.write_parquet(query, staged)
+    for junk in staged.rglob("*"):  # Spark's _SUCCESS and .crc files: not data
+        if junk.is_file() and (junk.name.startswith(".") or junk.name == "_SUCCESS"):
+            junk.unlink()
+    if out.is_file():
+        out.unlink()
+    moved = out.with_name(f".{out.name}.spark-{os.getpid()}")
+    shutil.move(str(staged), moved)
+    replace_dir(moved, out)
+
+
+def _run(sql: Any, cfg: CurationConfig, log: NormalisedLog) -> dict:
     for name in ("events", "images", "users"):
-        path = _quote(getattr(log, name))
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet({path})")
+        sql.register(name, getattr(log, name))
     b, c, s = cfg.bots, cfg.creator_signal, cfg.splits
-
-    def stage(name: str, sql: str) -> None:
-        con.execute(f"CREATE TEMP TABLE {name} AS {sql}")
-
+    stage = sql.stage
     stage("user_behaviour", _sql("curation_1_user_behaviour", **dataclasses.asdict(b)))
     stage("bots", "SELECT user_id FROM user_behaviour WHERE flagged")
     stage("image_user", _sql("curation_2_clean_events", exclude_self=cfg.exclude_self_remix))
@@ -322,40 +384,37 @@ def _run(con: Any, cfg: CurationConfig, log: NormalisedLog) -> tuple[pa.Table, d
         "curation_4_candidates", max_candidates=cfg.max_candidates_per_prompt,
         margin=float(cfg.margin), window_seconds=window, seed=s.seed,
     ))  # fmt: skip
-    pairs = con.sql(_sql(
+    stage("pairs", _sql(
         "curation_5_pairs", max_pairs_per_prompt=_or_big(cfg.max_pairs_per_prompt), seed=s.seed,
         creator_bonus=float(c.weight_bonus) if c.enabled else 0.0, train_frac=s.train,
         val_frac=s.val,
-    )).to_arrow_table()  # fmt: skip
-    pairs = _cast_pairs(pairs)
-    return pairs, _card(con, cfg, pairs, log)
+    ))  # fmt: skip
+    return _card(sql, cfg, log)
 
 
 def _or_big(v: float | int | None) -> float | int:
     return _BIG if v is None else v
 
 
-_PAIR_TYPES = {
-    "prompt": pa.string(), "pos_path": pa.string(), "neg_path": pa.string(),
-    "prompt_id": pa.int64(), "pos_image_id": pa.int64(), "neg_image_id": pa.int64(),
-    "pos_score": pa.float64(), "neg_score": pa.float64(), "weight": pa.float64(),
-    "split": pa.string(),
+_PAIR_SQL_TYPES = {
+    "prompt": "VARCHAR", "pos_path": "VARCHAR", "neg_path": "VARCHAR", "prompt_id": "BIGINT",
+    "pos_image_id": "BIGINT", "neg_image_id": "BIGINT", "pos_score": "DOUBLE",
+    "neg_score": "DOUBLE", "weight": "DOUBLE", "split": "VARCHAR",
 }  # fmt: skip
 
 
-def _cast_pairs(t: pa.Table) -> pa.Table:
-    return pa.table({k: t[k].cast(v) for k, v in _PAIR_TYPES.items()})
-
-
-def _card(con: Any, cfg: CurationConfig, pairs: pa.Table, log: NormalisedLog) -> dict[str, Any]:
-    cur = con.execute(_sql("curation_6_card", min_remixes=cfg.bots.min_remixes))
-    counts = {d[0]: int(v) for d, v in zip(cur.description, cur.fetchone(), strict=True)}
-    counts.update(log.counts, pairs_after_caps=pairs.num_rows)
+def _card(sql: Any, cfg: CurationConfig, log: NormalisedLog) -> dict[str, Any]:
+    row = sql.table(_sql("curation_6_card", min_remixes=cfg.bots.min_remixes)).to_pylist()[0]
+    counts = {k: int(v or 0) for k, v in row.items()}
+    per_split = sql.table(
+        "SELECT split, COUNT(*) AS pairs, COUNT(DISTINCT prompt_id) AS prompts "
+        "FROM pairs GROUP BY split"
+    ).to_pylist()
+    counts.update(log.counts, pairs_after_caps=sum(int(r["pairs"]) for r in per_split))
     card: dict[str, Any] = {key: counts[key] for key in _LABELS}
-    split = pairs["split"].to_numpy(zero_copy_only=False)
-    prompt = pairs["prompt_id"].to_numpy()
-    card["pairs_per_split"] = {k: int((split == k).sum()) for k in SPLITS}
-    card["prompts_per_split"] = {k: int(np.unique(prompt[split == k]).size) for k in SPLITS}
+    found = {r["split"]: r for r in per_split}
+    card["pairs_per_split"] = {k: int(found.get(k, {}).get("pairs", 0)) for k in SPLITS}
+    card["prompts_per_split"] = {k: int(found.get(k, {}).get("prompts", 0)) for k in SPLITS}
     card["events_per_type"] = log.events_per_type
     card["unknown_event_types"] = log.unknown_event_types
     card["input_formats"] = log.formats

@@ -388,6 +388,7 @@ def _normalise_images(path: Path, log: NormalisedLog) -> pa.Table:
                              "empty")  # fmt: skip
         cols[name] = col
         _note(log.formats, f"images.parquet {name}", how)
+    cols["posted_s"] = epoch_seconds(cols["posted_at"])
     images = pa.table(cols)
     keep = _first_of_each(images["image_id"])
     log.counts["images_read"] = images.num_rows
@@ -423,9 +424,17 @@ def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
         raise ValueError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
 
 
+# ts_s / posted_s: the times as float seconds since the epoch, computed here once, so that
+# every SQL engine reads the same numbers (engines' own EXTRACT(EPOCH ...) differ).
 _EVENT_SCHEMA = pa.schema(
-    [("ts", TIME), ("user_id", pa.int64()), ("image_id", pa.int64()), ("event_type", pa.string())]
-)
+    [("ts", TIME), ("user_id", pa.int64()), ("image_id", pa.int64()), ("event_type", pa.string()),
+     ("ts_s", pa.float64())]
+)  # fmt: skip
+
+
+def epoch_seconds(times: pa.Array) -> pa.Array:
+    """Canonical (UTC, microsecond) timestamps as float64 seconds since the epoch."""
+    return pc.divide(pc.cast(pc.cast(times, pa.timestamp("us", "UTC")), pa.int64()), 1_000_000.0)
 
 
 def _normalise_events(parts: list[Path], out: Path, log: NormalisedLog) -> None:
@@ -470,7 +479,9 @@ def _normalise_batch(
     names = pc.fill_null(low.filter(unknown_rows), "<missing>")
     for item in pc.value_counts(names).to_pylist():
         unknown[item["values"]] += item["counts"]
-    kept = pa.record_batch([ts, user, image, kind], schema=_EVENT_SCHEMA).filter(known)
+    kept = pa.record_batch([ts, user, image, kind, epoch_seconds(ts)], schema=_EVENT_SCHEMA).filter(
+        known
+    )
     for item in pc.value_counts(kept["event_type"]).to_pylist():
         per_type[item["values"]] += item["counts"]
     writer.write_batch(kept)

@@ -202,9 +202,16 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def read_table(path: Path, required: Sequence[str]):
-    if not path.is_file():
+    """A Parquet file, or a Parquet folder partitioned Hive-style (``curate --engine spark``
+    writes ``split=train/...``), as one table; partition columns come back as strings."""
+    if path.is_dir():
+        from rewardkit.data.curation import read_pairs
+
+        table = read_pairs(path)
+    elif not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
-    table = pq.read_table(path)
+    else:
+        table = pq.read_table(path)
     missing = [c for c in required if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; has {table.column_names}")

@@ -1,12 +1,13 @@
 -- Stage 1: per-account behaviour, and which accounts look like bots.
--- Inputs: events(user_id, image_id, event_type, ts), images(image_id, creator_id, posted_at).
+-- Inputs: events(user_id, image_id, event_type, ts_s), images(image_id, creator_id, posted_s)
+-- (times as float seconds since the epoch, computed by the log normaliser).
 -- Output: one row per account that acted on someone else's image, with its behaviour
 -- signals and flagged (TRUE = suspected bot). Events on the account's own posts are left
 -- out here: a self-remixing creator is handled by the self-remix rule, not as a bot.
 WITH ev AS (
     SELECT e.user_id, e.image_id, e.event_type,
-           EXTRACT(EPOCH FROM e.ts) AS ts_s,
-           EXTRACT(EPOCH FROM i.posted_at) AS posted_s
+           e.ts_s,
+           i.posted_s
     FROM events e
     JOIN images i ON e.image_id = i.image_id
     WHERE e.user_id <> i.creator_id

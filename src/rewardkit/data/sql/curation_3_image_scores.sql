@@ -21,7 +21,7 @@ per_image AS (
     GROUP BY k.image_id
 ),
 stats AS (
-    SELECT i.image_id, i.prompt_id, i.prompt, i.path, i.creator_id, i.posted_at,
+    SELECT i.image_id, i.prompt_id, i.prompt, i.path, i.creator_id, i.posted_at, i.posted_s,
            COALESCE(p.views, 0) AS views,
            COALESCE(p.remixes, 0) AS remixes,
            COALESCE(p.top_creator_remixers, 0) AS top_creator_remixers

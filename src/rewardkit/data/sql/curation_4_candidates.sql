@@ -34,7 +34,7 @@ candidates AS (
     FROM pos p
     JOIN neg n ON p.prompt_id = n.prompt_id AND p.image_id <> n.image_id
     WHERE p.score - n.score >= ${margin}
-      AND ABS(EXTRACT(EPOCH FROM p.posted_at) - EXTRACT(EPOCH FROM n.posted_at))
+      AND ABS(p.posted_s - n.posted_s)
           <= ${window_seconds}
 )
 SELECT * FROM candidates
