@@ -20,10 +20,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# The tests exercise the Spark engine too (Java 17+ needed: checked here in one line).
+# The tests exercise the Spark and Ray engines too (Java 17+ needed: checked here in one line).
 $(VENV)/.installed-dev: $(VENV)/.installed
 	@java -version >/dev/null 2>&1 || { echo "make test: Java 17+ is needed for the Spark tests (Debian: apt-get install -y openjdk-17-jre-headless)"; exit 2; }
-	$(BIN)/pip install -q -e '.[dev,spark]'
+	$(BIN)/pip install -q -e '.[dev,spark,ray]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--batch-size", type=_positive(int), default=32)
     s.add_argument(
+        "--engine", default="local", choices=("local", "ray"),
+        help="local (this process) or ray (decoding tasks and a pool of scorer actors)",
+    )  # fmt: skip
+    s.add_argument("--ray-address", default=None, help="Ray cluster address (default: local)")
+    s.add_argument("--actors", type=_positive(int), default=2, help="Ray scorer actors")
+    s.add_argument(
+        "--gpus-per-actor", type=float, default=0.0, help="GPUs each Ray actor holds"
+    )  # fmt: skip
+    s.add_argument(
         "--workers", type=_non_negative_int, default=2,
         help="DataLoader processes decoding the next batches while the model runs "
         "(default 2; 0: decode in this process)",
@@ -491,6 +500,19 @@ def _score(a: argparse.Namespace) -> int:
             f"unknown scorer {a.scorer!r}; available: {', '.join(available_scorers())}"
         )
     model = a.model if a.model is not None else default_model_path(a.scorer)
+    if a.engine == "ray":
+        from rewardkit.ray_engine import score_images_ray
+
+        summary = score_images_ray(
+            a.scorer, model, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
+            address=a.ray_address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
+            device=a.device, mixed_precision=a.mixed_precision or "no",
+            progress=not a.no_progress,
+        )  # fmt: skip
+        print(to_strict_json(summary.to_dict()))
+        return 0
+    if a.ray_address is not None:
+        raise ValueError("--ray-address is only used with --engine ray")
     scorer = create_scorer(a.scorer, model, device=a.device)
     with autocast(a.device, a.mixed_precision):
         summary = score_images(
