@@ -58,7 +58,8 @@ def test_ray_scores_equal_local_with_faults_and_resume(folder, tmp_path, monkeyp
     assert main([*common, "--out", str(out), "--engine", "ray", "--actors", "2"]) == 0
     summary = _summary(capsys.readouterr().out)
     assert sorted(p.name for p in faults.iterdir()) == ["exited", "raised"]  # both happened
-    assert summary["batch_failures"] == 1 and summary["scored"] == 40 and summary["skipped"] == 1
+    assert summary["batch_failures"] == 1 and summary["actor_restarts"] >= 1
+    assert summary["scored"] == 40 and summary["skipped"] == 1
     local, ray = pq.read_table(tmp_path / "local.parquet"), pq.read_table(out)
     assert ray["path"].to_pylist() == local["path"].to_pylist()  # each row once, input order
     np.testing.assert_allclose(ray["score"].to_numpy(), local["score"].to_numpy(), atol=1e-5)
