@@ -82,12 +82,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spark_env() -> dict:
+    """Spark's scripts find their home with whatever ``python3`` is on PATH (not this venv's
+    under ``make test``): name it, and this interpreter for the Python side."""
+    import pyspark
+
+    return {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent),
+            "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+            "SPARK_LOCAL_IP": "127.0.0.1"}  # fmt: skip
+
+
 @pytest.fixture
 def standalone(tmp_path):
     """A Spark standalone master and one worker (1 core) on loopback, stopped afterwards."""
     spark_class = BIN / "spark-class"
     port = _free_port()
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(tmp_path)}
+    env = {**_spark_env(), "SPARK_LOG_DIR": str(tmp_path)}
     url = f"spark://127.0.0.1:{port}"
     logs = [open(tmp_path / f"{n}.log", "w") for n in ("master", "worker")]  # noqa: SIM115
     master = subprocess.Popen(
@@ -135,7 +145,7 @@ def test_spark_standalone_and_spark_submit_write_the_same_pairs(log, duck, stand
         [str(BIN / "spark-submit"), "--master", standalone, rewardkit.cli.__file__, "curate",
          "--events", str(log), "--out", str(submitted), "--engine", "spark"],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable},
+        env=_spark_env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert _rows(read_pairs(submitted), submitted) == _rows(duck.pairs, duck.out)
