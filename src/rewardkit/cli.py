@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     cu.add_argument(
         "--spark-master", default=None,
-        help="Spark master URL (local[2], spark://host:7077, yarn; default: this machine, "
+        help="Spark master URL (local[2], spark://host:7077; default: this machine, "
         "or the master spark-submit set)",
     )  # fmt: skip
 
