@@ -5,6 +5,12 @@ temporary folder with ``write_community`` (or reuses ``--logs DIR``), then times
 (in a fresh process, so the peak RSS is curation's own) with the default config and prints
 one JSON object: events, pairs, seconds, peak RSS (MiB), and, for simulated logs, the pairs'
 truth accuracy (evaluation only).
+
+``--engines duckdb,spark`` curates the same logs with each engine, side by side in one run
+(Spark on ``local[2]``: the driver's normalisation, then the stages on 2 cores), and adds a
+projection of events/s for a 16-node cluster from the measured per-core rate: ON PAPER,
+linear scaling assumed (an upper bound: shuffles and the driver-side schema pass are not
+modelled).
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--logs", default=None, help="curate these logs instead of simulating")
     ap.add_argument("--config", default=None, help="curation YAML (default: the defaults)")
+    ap.add_argument("--engines", default="duckdb", help="comma-separated: duckdb,spark")
+    ap.add_argument("--engine", default="duckdb", help=argparse.SUPPRESS)  # the child's
+    ap.add_argument("--cores-per-node", type=int, default=16, help="for the projection")
     args = ap.parse_args(argv)
     if args.logs is None:  # simulate here, curate in a fresh process: its own peak RSS
         with tempfile.TemporaryDirectory(prefix="bench_curation_") as tmp:
@@ -65,30 +74,54 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             write_community(simulate_community(images, features, cc), Path(tmp) / "logs")
             sim_seconds = round(time.perf_counter() - start, 2)
-            cmd = [sys.executable, __file__, "--logs", str(Path(tmp) / "logs")]
-            cmd += ["--config", args.config] if args.config else []
-            child = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        result = {"simulate_write_seconds": sim_seconds, **json.loads(child.stdout)}
+            runs = {}
+            for engine in args.engines.split(","):
+                cmd = [sys.executable, __file__, "--logs", str(Path(tmp) / "logs"),
+                       "--engine", engine]  # fmt: skip
+                cmd += ["--config", args.config] if args.config else []
+                child = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                runs[engine] = json.loads(child.stdout.strip().splitlines()[-1])
+        result: dict = {"simulate_write_seconds": sim_seconds}
+        if len(runs) == 1:
+            result.update(next(iter(runs.values())))
+        else:
+            result["engines"] = runs
+            if "spark" in runs and "duckdb" in runs:
+                d, sp = runs["duckdb"], runs["spark"]
+                result["same_pairs"] = d["pairs"] == sp["pairs"]
+                result["spark_local2_vs_duckdb_speed"] = round(
+                    sp["events_per_second"] / d["events_per_second"], 3
+                )
+                per_core = sp["events_per_second"] / 2  # local[2]
+                nodes, cores = 16, args.cores_per_node
+                result["projection_on_paper"] = {
+                    "what": f"Spark, {nodes} nodes x {cores} cores, linear in cores from the "
+                    "measured local[2] rate (an upper bound; not measured)",
+                    "events_per_second": round(per_core * nodes * cores),
+                }
         print(json.dumps(result))
         return result
     config = CurationConfig.from_yaml(args.config) if args.config else CurationConfig()
     logs_dir = Path(args.logs)
     with tempfile.TemporaryDirectory(prefix="bench_curation_") as tmp:
         start = time.perf_counter()
-        out = curate(logs_dir, config, Path(tmp) / "pairs.parquet")
+        master = "local[2]" if args.engine == "spark" else None
+        out = curate(logs_dir, config, Path(tmp) / "pairs.parquet", args.engine, master)
         seconds = time.perf_counter() - start
+        pairs = out.card["pairs_after_caps"]
+        truth = logs_dir / "truth" / "images.parquet"
+        acc = pair_truth_accuracy(out.pairs, pq.read_table(truth)) if truth.is_file() else None
     result = {
+        "engine": args.engine,
         "events": out.card["events_read"],
         "users_flagged_bots": out.card["users_flagged_bots"],
         "images": out.card["images"],
-        "pairs": out.pairs.num_rows,
+        "pairs": pairs,
         "seconds": round(seconds, 2),
         "events_per_second": round(out.card["events_read"] / seconds),
         "peak_rss_mib": _peak_rss_mib(),
     }
-    truth = logs_dir / "truth" / "images.parquet"
-    if truth.is_file():
-        acc = pair_truth_accuracy(out.pairs, pq.read_table(truth))
+    if acc is not None:
         result["pair_truth_accuracy"] = round(acc, 4)
     print(json.dumps(result))
     return result
