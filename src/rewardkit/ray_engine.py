@@ -132,10 +132,11 @@ class _Score:
         import torch
 
         from rewardkit.commands.devices import autocast
+        from rewardkit.scoring import _score  # the local path's call (score_batch, checks)
 
         x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))  # (B, 3, S, S)
-        with torch.inference_mode(), autocast(self.device, self.mixed_precision):
-            return self.scorer(x, list(prompts)).float().cpu().numpy()
+        with autocast(self.device, self.mixed_precision):
+            return _score(self.scorer, x, list(prompts), len(prompts)).numpy()
 
     def __call__(self, batch: dict) -> dict:
         self.batches += 1
