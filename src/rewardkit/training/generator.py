@@ -57,7 +57,7 @@ from rewardkit.training.loop import (
     shared_accelerator,
     summarize_names,
 )
-from rewardkit.training.rowfiles import RowArray, RowWriter, remove_stale_builds
+from rewardkit.training.rowfiles import RowArray, RowWriter, build_keyed_folder
 from rewardkit.world.export import load_product_photo
 
 __all__ = [
@@ -229,55 +229,37 @@ def prepare_generator_data(
     }
     temporary = cache is None
     folder = Path(tempfile.mkdtemp(prefix="rewardkit-generator-data-")) if temporary else cache
-    meta_file = folder / "meta.json"
-    key = json.loads(to_strict_json(fingerprint))
-
-    def ready() -> dict | None:
-        if not meta_file.is_file():
-            return None
-        meta = json.loads(meta_file.read_text())
-        return meta if meta.get("format") == DATA_FORMAT and meta.get("key") == key else None
-
-    if (meta := ready()) is not None:
-        return _open_data(folder, meta, fingerprint)
-    if not temporary and not is_main_process():
-        while (meta := ready()) is None:  # the main process builds it
-            time.sleep(1.0)
-        return _open_data(folder, meta, fingerprint)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if not temporary:
-        remove_stale_builds(folder)
-    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    building.mkdir()
+    key = {"format": DATA_FORMAT, **json.loads(to_strict_json(fingerprint))}
     n = len(rows)
-    channels = {"images": 3, "control": 1, "inpaint": 1, "product": 3}
-    writers = {
-        name: RowWriter(building / f"{name}.npy", (n, c, size, size), np.uint8)
-        for name, c in channels.items()
-    }
     if workers is None:
         workers = 0 if n <= 256 else min(4, os.cpu_count() or 1)
-    spans = [(lo, min(n, lo + PREPARE_CHUNK)) for lo in range(0, n, PREPARE_CHUNK)]
-    try:
-        chunks = read_ahead(functools.partial(_prepare_rows, manifest, rows, size), spans, workers)
-        with tqdm(total=n, desc="prepare", disable=not progress, unit="img") as bar:
-            for chunk in chunks:
-                if isinstance(chunk, str):
-                    raise ValueError(chunk)
-                for name, writer in writers.items():
-                    writer.append(chunk[name])
-                bar.update(len(chunk["images"]))
+
+    def build(building: Path) -> dict:
+        channels = {"images": 3, "control": 1, "inpaint": 1, "product": 3}
+        writers = {
+            name: RowWriter(building / f"{name}.npy", (n, c, size, size), np.uint8)
+            for name, c in channels.items()
+        }
+        spans = [(lo, min(n, lo + PREPARE_CHUNK)) for lo in range(0, n, PREPARE_CHUNK)]
+        try:
+            chunks = read_ahead(
+                functools.partial(_prepare_rows, manifest, rows, size), spans, workers
+            )
+            with tqdm(total=n, desc="prepare", disable=not progress, unit="img") as bar:
+                for chunk in chunks:
+                    if isinstance(chunk, str):
+                        raise ValueError(chunk)
+                    for name, writer in writers.items():
+                        writer.append(chunk[name])
+                    bar.update(len(chunk["images"]))
+        finally:
+            for writer in writers.values():
+                writer.file.close()
         for writer in writers.values():
             writer.close()
-        meta = {"format": DATA_FORMAT, "key": key, "prompts": [str(r["prompt"]) for r in rows]}
-        write_json_atomic(building / "meta.json", meta)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(building, folder)
-    finally:
-        for writer in writers.values():
-            writer.file.close()
-        shutil.rmtree(building, ignore_errors=True)
+        return {"format": DATA_FORMAT, "prompts": [str(r["prompt"]) for r in rows]}
+
+    meta = build_keyed_folder(folder, key, build, main=True if temporary else None)
     data = _open_data(folder, meta, fingerprint)
     if temporary:
         weakref.finalize(data, shutil.rmtree, folder, True)
@@ -471,33 +453,20 @@ def _cached_latents(
     """The latents and masked-image latents of ``data`` as row files in ``folder``, keyed
     by the data and the exact VAE encoder weights (encoding 2 x 16,000 renders takes minutes
     here); reused while the key holds. The main process encodes, the others wait."""
-    import os
-    import shutil
 
-    key = json.loads(
-        to_strict_json({**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)})
-    )
+    key = {
+        "format": DATA_FORMAT,
+        **json.loads(
+            to_strict_json({**data.fingerprint, "encoder": _weights_digest(gen.vae.encoder)})
+        ),
+    }
 
-    def ready() -> bool:
-        meta = folder / "meta.json"
-        return meta.is_file() and json.loads(meta.read_text()).get("key") == key
+    def build(building: Path) -> dict:
+        _latents(gen, data.images, path=building / "latents.npy")
+        _latents(gen, data.product, paint=data.inpaint, path=building / "masked.npy")
+        return {"format": DATA_FORMAT}
 
-    if not ready():
-        if is_main_process():
-            remove_stale_builds(folder)
-            building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-            building.mkdir(parents=True)
-            try:
-                _latents(gen, data.images, path=building / "latents.npy")
-                _latents(gen, data.product, paint=data.inpaint, path=building / "masked.npy")
-                write_json_atomic(building / "meta.json", {"format": DATA_FORMAT, "key": key})
-                if folder.exists():
-                    shutil.rmtree(folder)
-                os.replace(building, folder)
-            finally:
-                shutil.rmtree(building, ignore_errors=True)
-        while not ready():
-            time.sleep(1.0)
+    build_keyed_folder(folder, key, build)
     return RowArray(folder / "latents.npy"), RowArray(folder / "masked.npy")
 
 

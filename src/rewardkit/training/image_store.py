@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from rewardkit.io import decode_image, write_json_atomic
+from rewardkit.io import decode_image
 from rewardkit.loading import read_ahead
-from rewardkit.training.rowfiles import RowFile, RowWriter, remove_stale_builds
+from rewardkit.training.rowfiles import META_FILE, RowFile, RowWriter, build_keyed_folder
 
 __all__ = ["DECODE_CHUNK", "ImageRows", "image_rows"]
 
 FORMAT_VERSION = 1
 DECODE_CHUNK = 64  # images decoded per worker task and written at a time
-META_FILE = "meta.json"
 
 
 class ImageRows:
@@ -115,41 +111,27 @@ def image_rows(
     cache = Path(cache)
     folder = cache / f"images-{key[:16]}"
 
-    def ready() -> bool:
-        meta = folder / META_FILE
-        return meta.is_file() and json.loads(meta.read_text()).get("key") == key
+    if not (folder / META_FILE).is_file() and is_main_process():
+        for old in cache.glob("images-*"):  # another content's store: not needed again
+            shutil.rmtree(old, ignore_errors=True)
 
-    if ready():
-        return ImageRows(folder)
-    if not is_main_process():
-        while not ready():
-            time.sleep(1.0)
-        return ImageRows(folder)
-    cache.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(folder)
-    for old in cache.glob("images-*"):  # another content's store: not needed again
-        shutil.rmtree(old, ignore_errors=True)
-    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    building.mkdir()
-    try:
+    def build(building: Path) -> dict:
         writer = RowWriter(building / "images.npy", (len(files), 3, side, side), np.uint8)
         spans = [(lo, lo + DECODE_CHUNK) for lo in range(0, len(files), DECODE_CHUNK)]
         chunks = read_ahead(functools.partial(_decode_chunk, files, side), spans, workers)
-        with tqdm(total=len(files), desc="decode", disable=not progress, unit="img") as bar:
-            for chunk in chunks:
-                if isinstance(chunk, tuple):  # a file that cannot be read: its one line
-                    kind, message = chunk
-                    raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(
-                        message
-                    )
-                writer.append(chunk)
-                bar.update(len(chunk))
+        try:
+            with tqdm(total=len(files), desc="decode", disable=not progress, unit="img") as bar:
+                for chunk in chunks:
+                    if isinstance(chunk, tuple):  # a file that cannot be read: its one line
+                        kind, message = chunk
+                        error = FileNotFoundError if kind == "FileNotFoundError" else ValueError
+                        raise error(message)
+                    writer.append(chunk)
+                    bar.update(len(chunk))
+        finally:
+            writer.file.close()
         writer.close()
-        write_json_atomic(
-            building / META_FILE,
-            {"key": key, "version": FORMAT_VERSION, "rows": len(files), "side": side},
-        )
-        os.replace(building, folder)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        return {"version": FORMAT_VERSION, "rows": len(files), "side": side}
+
+    build_keyed_folder(folder, key, build)
     return ImageRows(folder)

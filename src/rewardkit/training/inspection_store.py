@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +34,7 @@ from tqdm import tqdm
 from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.io import write_json_atomic
 from rewardkit.models.rfnet import MODALITIES, RFNetConfig
-from rewardkit.training.rowfiles import RowFile, RowWriter, remove_stale_builds
+from rewardkit.training.rowfiles import META_FILE, RowFile, RowWriter, build_keyed_folder
 
 __all__ = [
     "CAPTION_BATCH",
@@ -54,7 +51,6 @@ FORMAT_VERSION = 1
 # A multiple of the extractors' batch (MAP_BATCH), so the maps are predicted over the same
 # batches as in memory; 512 rows at 384 px hold ~0.5 GB of decoded pixels at once.
 CHUNK_ROWS = 512
-META_FILE = "meta.json"
 DEGRADED_PREFIX = "degraded_"
 IMAGE_ARRAYS = ("product", "generated", "depth", "saliency")
 
@@ -371,7 +367,6 @@ def prepare_inspection_store(
     Under a multi-process launch the main process builds; the others wait for its key.
     """
     from rewardkit.models.modalities import load_modality
-    from rewardkit.training.distributed import is_main_process
 
     if maps not in ("predicted", "truth"):
         raise ValueError(f"maps must be 'predicted' or 'truth'; got {maps!r}")
@@ -394,21 +389,7 @@ def prepare_inspection_store(
     folder = Path(folder)
     paths = [str(p) for p in table["path"].to_pylist()]
 
-    def ready() -> bool:
-        meta = folder / META_FILE
-        return meta.is_file() and json.loads(meta.read_text()).get("key") == key
-
-    if ready():
-        return InspectionStore(folder, paths)
-    if not is_main_process():
-        while not ready():  # the main process builds it
-            time.sleep(2.0)
-        return InspectionStore(folder, paths)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(folder)
-    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
-    building.mkdir(parents=True)
-    try:
+    def build(building: Path) -> dict:
         _build(building, table, config, maps, degrade_seed, maps == "predicted", extractors,
                chunk_rows, progress)  # fmt: skip
         split = (
@@ -418,15 +399,10 @@ def prepare_inspection_store(
         np.save(building / "labels.npy", np.array([classes.index(x) for x in labels], np.int16))
         np.save(building / "split.npy", np.array([split_names.index(s) for s in split], np.int8))
         write_json_atomic(building / "paths.json", paths)
-        write_json_atomic(
-            building / META_FILE,
-            {"key": key, "version": FORMAT_VERSION, "rows": len(labels), "classes": list(classes),
-             "split_names": split_names, "resolution": config.resolution,
-             "modalities": list(config.modalities), "maps": maps, "degrade_seed": degrade_seed},
-        )  # fmt: skip
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(building, folder)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        return {"version": FORMAT_VERSION, "rows": len(labels), "classes": list(classes),
+                "split_names": split_names, "resolution": config.resolution,
+                "modalities": list(config.modalities), "maps": maps,
+                "degrade_seed": degrade_seed}  # fmt: skip
+
+    build_keyed_folder(folder, key, build, poll_s=2.0)
     return InspectionStore(folder, paths)

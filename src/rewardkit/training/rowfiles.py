@@ -6,18 +6,34 @@ explicit ``os.preadv`` calls by :class:`RowFile` (sorted rows, adjacent rows coa
 read), not through ``np.memmap``, whose touched pages would count in the process's resident
 memory. :class:`RowArray` indexes one like a tensor's first dimension (rows, slices, index
 tensors), so a recipe can hold either.
+
+:func:`build_keyed_folder` is how every cache folder of row files is made: once per content
+key, in a ``.<name>.building-<pid>`` folder renamed into place, by the main process only
+(the others wait for it), with folders left by killed builds removed first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["RowArray", "RowFile", "RowWriter", "remove_stale_builds"]
+__all__ = [
+    "META_FILE",
+    "RowArray",
+    "RowFile",
+    "RowWriter",
+    "build_keyed_folder",
+    "remove_stale_builds",
+]
+
+META_FILE = "meta.json"
 
 
 class RowFile:
@@ -128,6 +144,60 @@ def remove_stale_builds(folder: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         except PermissionError:  # another user's live process
             pass
+
+
+def build_keyed_folder(
+    folder: str | Path,
+    key,
+    build: Callable[[Path], dict],
+    main: bool | None = None,
+    poll_s: float = 1.0,
+) -> dict:
+    """Make ``folder`` for content ``key`` once, and return its ``meta.json``.
+
+    If ``folder/meta.json`` already records ``key`` (any JSON value), it is reused as it
+    is. Otherwise the main process (``main``; by default
+    :func:`~rewardkit.training.distributed.is_main_process`) calls ``build(building)`` on an
+    empty ``.<name>.building-<pid>`` folder beside it; ``build`` writes the files and returns
+    the meta to record (``key`` is added), and the folder is renamed into place, replacing an
+    older one. Other processes poll until the key is there. A build that raises leaves
+    nothing behind; one that is killed leaves a building folder the next call removes.
+    """
+    folder = Path(folder)
+    meta_file = folder / META_FILE
+
+    def ready() -> dict | None:
+        if not meta_file.is_file():
+            return None
+        meta = json.loads(meta_file.read_text())
+        return meta if meta.get("key") == key else None
+
+    if (meta := ready()) is not None:
+        return meta
+    if main is None:
+        from rewardkit.training.distributed import is_main_process
+
+        main = is_main_process()
+    if not main:
+        while (meta := ready()) is None:  # the main process builds it
+            time.sleep(poll_s)
+        return meta
+    from rewardkit.io import write_json_atomic
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder)
+    building = folder.with_name(f".{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        meta = {**build(building), "key": key}
+        write_json_atomic(building / META_FILE, meta)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(building, folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return meta
 
 
 class RowArray:
