@@ -10,7 +10,12 @@ import torch
 from rewardkit.cli import main
 from rewardkit.generation.pipeline import SamplerConfig
 from rewardkit.generation.product import prepare_product
-from rewardkit.generation.recurrent import ProductJob, attempt_seed, recurrent_generate
+from rewardkit.generation.recurrent import (
+    ProductJob,
+    attempt_seed,
+    recurrent_generate,
+    refill_order,
+)
 from rewardkit.io import write_png_atomic
 
 FAST = SamplerConfig(steps=2, guidance_scale=1.0)
@@ -98,6 +103,26 @@ def test_refill_keeps_batches_full_and_matches_the_per_product_loop(
     stats = batched.stats()
     rates = list(stats["rate_after_attempts"].values())
     assert rates == sorted(rates) and rates[-1] == stats["accepted_rate"]
+    # The queue replayed from the attempts each product used: the same order and batches
+    # (how generate --engine ray lays out its shards' attempts).
+    used = [max(b.attempt for b in batched.attempts if b.product == i) for i in range(7)]
+    order, batches = refill_order(used, 4)
+    assert order == [(a.product, a.attempt) for a in batched.attempts]
+    assert batches == batched.batches
+
+
+def test_run_indices_give_a_shard_the_whole_runs_seeds(tiny_generator, photos, seed_judge):
+    jobs = _jobs(tiny_generator, photos, 5)
+    whole = recurrent_generate(tiny_generator, jobs, seed_judge, FAST, max_attempts=3,
+                               batch_size=2, seed=4)  # fmt: skip
+    shard = recurrent_generate(tiny_generator, jobs[3:], seed_judge, FAST, max_attempts=3,
+                               batch_size=2, seed=4, indices=[3, 4])  # fmt: skip
+    mine = {(a.product + 3, a.attempt): a for a in shard.attempts}
+    theirs = {(a.product, a.attempt): a for a in whole.attempts if a.product >= 3}
+    assert mine.keys() == theirs.keys()
+    for key, a in mine.items():
+        assert a.seed == theirs[key].seed and a.label == theirs[key].label
+        np.testing.assert_allclose(a.image.astype(int), theirs[key].image.astype(int), atol=1)
 
 
 def test_generate_cli_until_accepted_with_the_oracle(tmp_path, tiny_generator, photos):

@@ -42,7 +42,13 @@ INSPECTOR_HINT = (
     "`rewardkit train rfnet`)"
 )
 
-__all__ = ["InspectionSummary", "inspect_images", "read_inspection_input"]
+__all__ = [
+    "InspectionSummary",
+    "inspect_batch",
+    "inspect_images",
+    "read_inspection_input",
+    "write_verdicts",
+]
 
 
 @dataclass
@@ -175,8 +181,6 @@ def inspect_images(
     Rows with an ``error`` (see :func:`read_inspection_input`) and rows whose image or
     product photo cannot be read are skipped with the reason. The inspector runs on its own
     device, under autocast at ``mixed_precision`` (``no``, ``fp16``, ``bf16``)."""
-    from rewardkit.commands.devices import autocast
-
     out = Path(out)
     device = inspector.device
     size = inspector.rfnet.config.resolution
@@ -200,16 +204,52 @@ def inspect_images(
             warn_unlike_adworld(unlike, INSPECTOR_HINT)
             check_domain = False  # once per run
         if idx:
-            g = gen.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-            p = prod.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-            with torch.no_grad(), autocast(device, mixed_precision):
-                logits = inspector(p, g, [captions[i] for i in idx])  # (B, C)
-            probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            probs.append(
+                inspect_batch(inspector, gen, prod, [captions[i] for i in idx], mixed_precision)
+            )
             kept.extend(idx)
         bar.update(min(batch_size, rows.num_rows - lo))
     bar.close()
     p_all = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
-    verdict = [classes[k] for k in p_all.argmax(1)] if len(p_all) else []
+    counts = write_verdicts(out, rows, kept, p_all, classes, skipped)
+    return InspectionSummary(str(out), len(kept), skipped, counts, time.perf_counter() - start)
+
+
+def inspect_batch(
+    inspector: Inspector,
+    gen: torch.Tensor,
+    prod: torch.Tensor,
+    captions: list[str],
+    mixed_precision: str = "no",
+) -> np.ndarray:
+    """Class probabilities (B, C) float32 for generated images and product photos (B, S, S,
+    3) uint8 at the inspector's size, one caption each: the model's forward on its device,
+    under autocast at ``mixed_precision``. The local run and the Ray actors
+    (``inspect --engine ray``) both call it."""
+    from rewardkit.commands.devices import autocast
+
+    device = inspector.device
+    g = gen.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    p = prod.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad(), autocast(device, mixed_precision):
+        logits = inspector(p, g, captions)  # (B, C)
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+def write_verdicts(
+    out: Path,
+    rows: pa.Table,
+    kept: list[int],
+    probs: np.ndarray,
+    classes: tuple[str, ...],
+    skipped: list[dict],
+) -> dict[str, int]:
+    """Write ``out`` (the inspected rows ``kept``, in that order, with their verdicts and
+    probabilities ``probs`` (len(kept), C)) and ``<stem>.skipped.json`` when rows were
+    skipped; returns the count of each verdict."""
+    paths, products = rows["path"].to_pylist(), rows["product_path"].to_pylist()
+    captions = rows["caption"].to_pylist()
+    verdict = [classes[k] for k in probs.argmax(1)] if len(probs) else []
     cols = {
         "path": [paths[i] for i in kept],
         "product_path": [products[i] for i in kept],
@@ -217,12 +257,11 @@ def inspect_images(
         "verdict": verdict,
     }
     for k, name in enumerate(classes):
-        cols[f"p_{name.lower().replace(' ', '_')}"] = pa.array(p_all[:, k], pa.float32())
+        cols[f"p_{name.lower().replace(' ', '_')}"] = pa.array(probs[:, k], pa.float32())
     if "label" in rows.column_names:
         labels = rows["label"].to_pylist()
         cols["label"] = [labels[i] for i in kept]
     write_parquet_atomic(out, pa.table(cols))
     if skipped:
         write_json_atomic(out.with_name(out.stem + ".skipped.json"), skipped)
-    counts = {c: verdict.count(c) for c in classes}
-    return InspectionSummary(str(out), len(kept), skipped, counts, time.perf_counter() - start)
+    return {c: verdict.count(c) for c in classes}

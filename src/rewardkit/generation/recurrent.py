@@ -33,6 +33,7 @@ __all__ = [
     "InspectorJudge",
     "attempt_seed",
     "recurrent_generate",
+    "refill_order",
     "available_rate_after",
     "judge_images",
     "products_on_white",
@@ -207,6 +208,7 @@ def recurrent_generate(
     seed: int = 0,
     refill: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> RecurrentResult:
     """Generate until each product has an accepted image or used ``max_attempts``.
 
@@ -214,12 +216,19 @@ def recurrent_generate(
         refill: True: batches mix new products and retries (the queue above). False: one
             product at a time, retried until done (the naive loop, for comparison).
         progress: called with (products finished, products) after every batch.
+        indices: each job's index in the whole run, which its seeds are drawn from
+            (default: its position in ``jobs``). A shard of a larger run (``generate
+            --engine ray``) passes its products' run indices, so it paints the images the
+            whole run paints. ``Attempt.product`` stays the position in ``jobs``.
     """
     config = config if config is not None else SamplerConfig()
     if max_attempts < 1:
         raise ValueError(f"max_attempts: must be >= 1; got {max_attempts}")
     if not jobs:
         raise ValueError("no products to generate for")
+    run_index = list(range(len(jobs))) if indices is None else [int(x) for x in indices]
+    if len(run_index) != len(jobs):
+        raise ValueError(f"indices: {len(run_index)} for {len(jobs)} jobs")
     start = time.perf_counter()
     queue: deque[tuple[int, int]] = deque((i, 1) for i in range(len(jobs)))
     attempts: list[Attempt] = []
@@ -232,7 +241,7 @@ def recurrent_generate(
         else:
             take = [queue.popleft()]
         idx = [i for i, _ in take]
-        seeds = [attempt_seed(seed, i, k) for i, k in take]
+        seeds = [attempt_seed(seed, run_index[i], k) for i, k in take]
         batch_jobs = [jobs[i] for i in idx]
         images = generate_images(
             gen,
@@ -271,3 +280,23 @@ def recurrent_generate(
         seconds=time.perf_counter() - start,
         batches=batches,
     )
+
+
+def refill_order(
+    attempts_used: Sequence[int], batch_size: int
+) -> tuple[list[tuple[int, int]], int]:
+    """The (product, attempt) pairs in the order :func:`recurrent_generate` (``refill``)
+    makes them when product ``i`` uses ``attempts_used[i]`` attempts, and its number of
+    batches: the same queue without the model. A sharded run lays out its attempts with it
+    as one run would have logged them."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1; got {batch_size}")
+    queue: deque[tuple[int, int]] = deque((i, 1) for i in range(len(attempts_used)))
+    order: list[tuple[int, int]] = []
+    batches = 0
+    while queue:
+        take = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+        order.extend(take)
+        batches += 1
+        queue.extend((i, k + 1) for i, k in take if k < attempts_used[i])
+    return order, batches
