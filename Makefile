@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test bench lint format clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,13 +23,21 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 # The tests exercise the Spark and Ray engines too (Java 17+ needed: checked here in one line).
 $(VENV)/.installed-dev: $(VENV)/.installed
 	@java -version >/dev/null 2>&1 || { echo "make test: Java 17+ is needed for the Spark tests (Debian: apt-get install -y openjdk-17-jre-headless)"; exit 2; }
-	$(BIN)/pip install -q -e '.[dev,spark,ray]'
+	$(BIN)/pip install -q -e '.[dev,spark,ray,serve]'
 	touch $@
+
+# The review page test drives headless Chromium (Debian packages; Playwright's download is
+# not used). Installed here when missing and root; otherwise that one test is skipped.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	else echo "make test: headless Chromium missing (sudo apt-get install -y chromium chromium-driver); the review page test will be skipped"; fi
 
 demo: $(VENV)/.installed
 	$(BIN)/rewardkit demo --out $(DEMO_OUT)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev browser
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed

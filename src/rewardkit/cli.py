@@ -387,7 +387,101 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     for p in (s, t, pt, rf, tg, g, ft, e, er, eg, ins, d):  # every command that runs a model
         _device_flags(p)
+    _serve_parsers(sub)
     return parser
+
+
+def _serve_parsers(sub) -> None:
+    """``serve`` (the HTTP service and review page) and ``labels export``."""
+    sv = sub.add_parser("serve", help="score, inspect and generate over HTTP; the review page")
+    sv.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default), 0.0.0.0 or ::")
+    sv.add_argument("--port", type=_positive(int), default=8000)
+    sv.add_argument(
+        "--api-key", default=os.environ.get("REWARDKIT_API_KEY"),
+        help="require this key (X-API-Key header) on /v1/* and /review/api/* "
+        "(default: $REWARDKIT_API_KEY; none: open)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--endpoints", default="score,inspect,generate",
+        help="which endpoints to load models for (the review page needs inspect)",
+    )  # fmt: skip
+    sv.add_argument("--scorer", default="social-reward", help="the /v1/score scorer")
+    sv.add_argument("--model", default=None, help="the scorer's folder (default: embedded)")
+    sv.add_argument("--inspector", default=None, help="RFNet folder (default: embedded)")
+    sv.add_argument("--generator", default=None, help="generator folder (default: embedded)")
+    sv.add_argument("--steps", type=_positive(int), default=None, help="DDIM steps")
+    sv.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    sv.add_argument(
+        "--gpus", type=_positive(int), default=1,
+        help="with --device cuda: GPUs to spread the workers over (cuda:N pins one)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--workers-per-device", type=_positive(int), default=1,
+        help="model worker processes per device and endpoint",
+    )  # fmt: skip
+    sv.add_argument("--api-servers", type=_positive(int), default=1, help="HTTP processes")
+    sv.add_argument(
+        "--batch-size", type=_positive(int), default=16,
+        help="dynamic batching: requests combined into one forward (1: none)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--batch-timeout", type=float, default=0.01, help="seconds a batch waits to fill"
+    )
+    sv.add_argument(
+        "--forward-batch", type=_positive(int), default=64, help="images per forward pass"
+    )
+    sv.add_argument("--max-body-mb", type=_positive(float), default=32.0, help="body limit")
+    sv.add_argument(
+        "--max-pixels", type=_positive(int), default=4096 * 4096, help="pixels per image"
+    )
+    sv.add_argument(
+        "--max-images", "--max-batch", dest="max_images", type=_positive(int), default=64,
+        help="images per request",
+    )  # fmt: skip
+    sv.add_argument(
+        "--max-attempts", type=_positive(int), default=8,
+        help="largest max_attempts a /v1/generate request may ask for",
+    )  # fmt: skip
+    sv.add_argument(
+        "--timeout", type=_positive(float), default=120.0, help="seconds a request may queue"
+    )
+    sv.add_argument(
+        "--db", default="sqlite:///rewardkit-serve/labels.db",
+        help="SQLAlchemy URL of the review labels (default: a SQLite file)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--outputs", default="rewardkit-serve/outputs",
+        help="folder for /v1/generate results (the review page lists them)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--review-root", action="append", default=None,
+        help="folder whose manifests and images the review page may open (repeatable; "
+        "default: the working folder; the outputs folder always)",
+    )  # fmt: skip
+    sv.add_argument(
+        "--threads", type=_non_negative_int, default=0,
+        help="torch threads per CPU worker (default 0: cores / workers)",
+    )  # fmt: skip
+    sv.add_argument("--log-level", default="warning", help="uvicorn log level")
+    _device_flags(sv)
+
+    lb = sub.add_parser("labels", help="review labels: export them as a training manifest")
+    lsub = lb.add_subparsers(dest="labels_command", required=True)
+    ex = lsub.add_parser("export", help="labelled images -> a manifest `train rfnet` takes")
+    ex.add_argument("--out", required=True, help="output manifest (.parquet)")
+    ex.add_argument(
+        "--db", default="sqlite:///rewardkit-serve/labels.db",
+        help="SQLAlchemy URL of the review labels (as `serve --db`)",
+    )  # fmt: skip
+    ex.add_argument(
+        "--manifest", nargs="+", default=None,
+        help="only items of these opened manifests (ids or paths)",
+    )  # fmt: skip
+    ex.add_argument("--reviewer", nargs="+", default=None, help="only these reviewers' labels")
+    ex.add_argument(
+        "--min-reviewers", type=_positive(int), default=1,
+        help="only items labelled by at least N reviewers (the label is their majority)",
+    )  # fmt: skip
 
 
 def _device_flags(p: argparse.ArgumentParser) -> None:
@@ -822,6 +916,50 @@ def _demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rewardkit.serve.app import run_server
+    from rewardkit.serve.config import ServeConfig
+
+    for flag in ("model", "inspector", "generator"):
+        folder = getattr(a, flag)
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"--{flag} {folder}: no such model folder")
+    config = ServeConfig(
+        host=a.host, port=a.port, api_key=a.api_key or None, device=a.device, gpus=a.gpus,
+        workers_per_device=a.workers_per_device, api_servers=a.api_servers,
+        mixed_precision=a.mixed_precision or "no",
+        endpoints=tuple(e.strip() for e in a.endpoints.split(",") if e.strip()),
+        scorer=a.scorer, scorer_model=a.model, inspector=a.inspector, generator=a.generator,
+        steps=a.steps, guidance=a.guidance, batch_size=a.batch_size,
+        batch_timeout=a.batch_timeout, forward_batch=a.forward_batch,
+        max_body_bytes=int(a.max_body_mb * 2**20), max_pixels=a.max_pixels,
+        max_images=a.max_images, max_attempts=a.max_attempts, timeout=a.timeout, db_url=a.db,
+        outputs=a.outputs, review_roots=tuple(a.review_root or ()), log_level=a.log_level,
+        threads=a.threads,
+    )  # fmt: skip
+    if "score" in config.endpoints:
+        from rewardkit.models.scorers import available_scorers
+
+        if a.scorer not in available_scorers():
+            raise ValueError(
+                f"--scorer {a.scorer}: unknown; available: {', '.join(available_scorers())}"
+            )
+    run_server(config)
+    return 0
+
+
+def _labels_export(a: argparse.Namespace) -> int:
+    from rewardkit.serve.labels import export_labels
+
+    summary = export_labels(
+        a.db, a.out, manifests=a.manifest, reviewers=a.reviewer, min_reviewers=a.min_reviewers
+    )
+    print(to_strict_json(summary))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -846,6 +984,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("eval", "generator"): _eval_generator,
         ("inspect", None): _inspect,
         ("demo", None): _demo,
+        ("serve", None): _serve,
+        ("labels", "export"): _labels_export,
     }
     key = (a.command, getattr(a, f"{a.command}_command", None))
     try:
@@ -873,6 +1013,7 @@ OUT_SUFFIXES: dict[tuple[str, str | None], tuple[str, ...] | None] = {
     ("world", "label"): (".parquet",),
     ("eval", "reward"): (".json",),
     ("eval", "rfnet"): (".json",),
+    ("labels", "export"): (".parquet",),
 }
 
 

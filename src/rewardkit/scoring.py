@@ -68,9 +68,13 @@ __all__ = [
     "ScoreSummary",
     "SkippedImage",
     "embedded_default_in_use",
+    "input_side",
     "list_images",
+    "load_scorer_image",
     "score_images",
+    "score_tensor",
     "scorer_input",
+    "stack_images",
     "unlike_adworld",
 ]
 CHECKPOINT_EVERY = 20  # batches between checkpoints: at most 20 batches are ever re-scored
@@ -349,16 +353,46 @@ def _load_batch(
     for i in batch:
         path = files[i]
         try:
-            decoded = decode_image(path, "RGB", target_side=side)  # (H, W, 3) uint8
+            array, decoded = load_scorer_image(path, side)
         except (OSError, ValueError) as e:
             bad[i] = str(e).removeprefix(f"{path}: ")
             continue
-        # A reduced decode gets the scorer's crop now, with the full image's geometry.
-        arrays.append(decoded.array if decoded.reduction == 1 else scorer_input(decoded, side))
+        arrays.append(array)
         index.append(i)
         if check_domain and unlike is None and (why := unlike_adworld(decoded)) is not None:
             unlike = f"{path}: {why}"
     return index, _stack(arrays, side) if arrays else None, bad, unlike
+
+
+def load_scorer_image(path: str | os.PathLike, side: int | None) -> tuple[np.ndarray, DecodedImage]:
+    """An image file as the scorer's batches take it: (H, W, 3) uint8, decoded reduced toward
+    ``side`` (``rewardkit.io.decode_image``); a reduced decode gets the scorer's crop now,
+    with the full image's geometry (:func:`scorer_input`). Also returns the decode. The
+    batch loader and ``rewardkit serve`` read images through it.
+
+    Raises:
+        OSError, ValueError: The file cannot be read (the message starts with the path).
+    """
+    decoded = decode_image(path, "RGB", target_side=side)  # (H, W, 3) uint8
+    array = decoded.array if decoded.reduction == 1 else scorer_input(decoded, side)
+    return array, decoded
+
+
+def stack_images(arrays: Sequence[np.ndarray], side: int | None) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> the (B, 3, H, W) batch a scorer is given (see ``_stack``)."""
+    return _stack(arrays, side)
+
+
+def score_tensor(
+    scorer: nn.Module | RewardFn, images: torch.Tensor, prompts: list[str], batch_size: int
+) -> torch.Tensor:
+    """Scores (B,) float32 on CPU of a stacked batch: the forward every scoring path runs."""
+    return _score(scorer, images, prompts, batch_size)
+
+
+def input_side(scorer: nn.Module | RewardFn) -> int | None:
+    """The square input size the scorer resizes to, or None when it does not say."""
+    return _input_side(scorer)
 
 
 def scorer_input(image: DecodedImage, side: int) -> np.ndarray:
