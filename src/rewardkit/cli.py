@@ -37,6 +37,50 @@ def _non_negative_int(text: str) -> int:
     return v
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--engine local|ray`` and the Ray options (refused without ``--engine ray``)."""
+    parser.add_argument(
+        "--engine", default="local", choices=("local", "ray"),
+        help=f"local (this process) or ray ({what})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", default=None,
+        help="Ray cluster address (with --engine ray; default: a local Ray)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--actors", type=_positive(int), default=None, help="Ray actors (--engine ray; default 2)"
+    )
+    parser.add_argument(
+        "--gpus-per-actor", type=_non_negative_float, default=None,
+        help="GPUs each Ray actor holds (--engine ray; default 0: CPU actors)",
+    )  # fmt: skip
+
+
+def _ray_options(a: argparse.Namespace) -> dict:
+    """The Ray options of a command line: refused (one line) without ``--engine ray``."""
+    given = [f for f, v in (("--ray-address", a.ray_address), ("--actors", a.actors),
+                            ("--gpus-per-actor", a.gpus_per_actor)) if v is not None]  # fmt: skip
+    if a.engine != "ray":
+        if given:
+            raise ValueError(f"{', '.join(given)}: only used with --engine ray")
+        return {}
+    return {
+        "address": a.ray_address,
+        "actors": 2 if a.actors is None else a.actors,
+        "gpus_per_actor": 0.0 if a.gpus_per_actor is None else a.gpus_per_actor,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rewardkit",
@@ -98,15 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a registered scorer: social-reward, clip-score, pickscore, aesthetic, ...",
     )
     s.add_argument("--batch-size", type=_positive(int), default=32)
-    s.add_argument(
-        "--engine", default="local", choices=("local", "ray"),
-        help="local (this process) or ray (decoding tasks and a pool of scorer actors)",
-    )  # fmt: skip
-    s.add_argument("--ray-address", default=None, help="Ray cluster address (default: local)")
-    s.add_argument("--actors", type=_positive(int), default=2, help="Ray scorer actors")
-    s.add_argument(
-        "--gpus-per-actor", type=float, default=0.0, help="GPUs each Ray actor holds"
-    )  # fmt: skip
+    _ray_arguments(s, "decoding tasks and a pool of scorer actors")
     s.add_argument(
         "--workers", type=_non_negative_int, default=2,
         help="DataLoader processes decoding the next batches while the model runs "
@@ -220,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--limit", type=_positive(int), default=None, help="first N products only")
+    _ray_arguments(g, "products sharded over a pool of generator actors")
     g.add_argument("--no-progress", action="store_true")
 
     ft = sub.add_parser("finetune", help="RFFT: fine-tune the generator with a reward's gradient")
@@ -352,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="DataLoader processes decoding the next batches while the model runs "
         "(default 2; 0: decode in this process)",
     )  # fmt: skip
+    _ray_arguments(ins, "decoding tasks and a pool of inspector actors")
+    ins.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     d = sub.add_parser("demo", help="run the whole loop on the embedded default, write a report")
     d.add_argument("--out", required=True, help="output folder (report.html inside)")
@@ -594,19 +633,17 @@ def _score(a: argparse.Namespace) -> int:
             f"unknown scorer {a.scorer!r}; available: {', '.join(available_scorers())}"
         )
     model = a.model if a.model is not None else default_model_path(a.scorer)
-    if a.engine == "ray":
+    ray = _ray_options(a)
+    if ray:
         from rewardkit.ray_engine import score_images_ray
 
         summary = score_images_ray(
             a.scorer, model, a.input, a.out, batch_size=a.batch_size, prompt=a.prompt,
-            address=a.ray_address, actors=a.actors, gpus_per_actor=a.gpus_per_actor,
             device=a.device, mixed_precision=a.mixed_precision or "no",
-            progress=not a.no_progress,
+            progress=not a.no_progress, **ray,
         )  # fmt: skip
         print(to_strict_json(summary.to_dict()))
         return 0
-    if a.ray_address is not None:
-        raise ValueError("--ray-address is only used with --engine ray")
     scorer = create_scorer(a.scorer, model, device=a.device)
     with autocast(a.device, a.mixed_precision):
         summary = score_images(
@@ -864,12 +901,17 @@ def _generate(a: argparse.Namespace) -> int:
     from rewardkit.models.defaults import default_model_path
 
     generator = a.generator or default_model_path("generator")
+    ray = _ray_options(a)
+    if ray:
+        ray = {"engine": "ray", "ray_address": ray["address"], "actors": ray["actors"],
+               "gpus_per_actor": ray["gpus_per_actor"]}  # fmt: skip
     stats = generate_command(
         generator, a.products, a.out, prompt=a.prompt, prompts_file=a.prompts,
         until_accepted=a.until_accepted, judge=a.judge, inspector=a.inspector,
         max_attempts=a.max_attempts, batch_size=a.batch_size,
         sampler=sampler_for(generator, a.steps, a.guidance), seed=a.seed, limit=a.limit,
         progress=not a.no_progress, device=a.device, mixed_precision=a.mixed_precision or "no",
+        **ray,
     )  # fmt: skip
     print(to_strict_json(stats))
     return 0
@@ -891,13 +933,25 @@ def _inspect(a: argparse.Namespace) -> int:
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.inspector import Inspector
 
+    ray = _ray_options(a)
     rows = read_inspection_input(a.input, a.product, a.caption)
-    inspector = Inspector.from_pretrained(a.model or default_model_path("rfnet"), a.device)
-    summary = inspect_images(
-        inspector, rows, a.out, batch_size=a.batch_size,
-        mixed_precision=a.mixed_precision or "no", workers=a.workers,
-    )  # fmt: skip
-    print(to_strict_json(summary.to_dict()))
+    model = a.model or default_model_path("rfnet")
+    if ray:
+        from rewardkit.ray_engine import inspect_images_ray
+
+        summary, run = inspect_images_ray(
+            model, rows, a.out, batch_size=a.batch_size,
+            mixed_precision=a.mixed_precision or "no", progress=not a.no_progress, **ray,
+        )  # fmt: skip
+        print(to_strict_json({**summary.to_dict(), **run.info()}))
+    else:
+        inspector = Inspector.from_pretrained(model, a.device)
+        summary = inspect_images(
+            inspector, rows, a.out, batch_size=a.batch_size,
+            mixed_precision=a.mixed_precision or "no", workers=a.workers,
+            progress=not a.no_progress,
+        )  # fmt: skip
+        print(to_strict_json(summary.to_dict()))
     for s in summary.skipped[:10]:
         print(f"skipped: row {s['row']}: {s['path']}: {s['reason']}", file=sys.stderr)
     return 0

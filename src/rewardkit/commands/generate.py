@@ -20,7 +20,7 @@ from rewardkit.generation.recurrent import InspectorJudge, OracleJudge, recurren
 from rewardkit.generation.run import load_jobs, write_result
 from rewardkit.io import write_json_atomic
 
-__all__ = ["generate_command"]
+__all__ = ["check_judge", "generate_command", "make_judge"]
 
 
 class _AcceptAll:
@@ -30,6 +30,34 @@ class _AcceptAll:
         import torch
 
         return ["Available"] * images.shape[0], torch.ones(images.shape[0])
+
+
+def check_judge(until_accepted: bool, judge: str, jobs) -> None:
+    """Refuse a judge that cannot judge these jobs (before any model is loaded)."""
+    if not until_accepted:
+        return
+    if judge not in ("inspector", "oracle"):
+        raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
+    if judge == "oracle" and any(j.height_cm != j.height_cm for j in jobs):  # NaN: no size
+        raise ValueError("--judge oracle needs each product's height (manifest or caption)")
+
+
+def make_judge(until_accepted: bool, judge: str, inspector: str | Path | None, device: str):
+    """The accept test: the RFNet inspector (``inspector``, default: the embedded one) on
+    ``device``, AdWorld's oracle, or, without ``--until-accepted``, one that accepts all.
+    The local run and each Ray actor (``generate --engine ray``) build it here."""
+    if not until_accepted:
+        return _AcceptAll()
+    if judge == "oracle":
+        return OracleJudge()
+    if judge == "inspector":
+        from rewardkit.models.defaults import default_model_path
+        from rewardkit.models.inspector import Inspector
+
+        return InspectorJudge(
+            Inspector.from_pretrained(inspector or default_model_path("rfnet"), device)
+        )
+    raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
 
 
 def generate_command(
@@ -49,42 +77,57 @@ def generate_command(
     progress: bool = True,
     device: str = "cpu",
     mixed_precision: str = "no",
+    engine: str = "local",
+    ray_address: str | None = None,
+    actors: int = 2,
+    gpus_per_actor: float = 0.0,
 ) -> dict:
     """``rewardkit generate`` (module docstring); returns the stats written to
-    ``stats.json``."""
+    ``stats.json``.
+
+    ``engine="ray"``: the products are sharded over ``actors`` Ray actors (each loading the
+    generator, and the inspector when judging, once; ``gpus_per_actor`` GPUs each, CUDA
+    then), each running Recurrent Generation with batched refill on its shard
+    (:func:`rewardkit.ray_engine.generate_ray`); the files are the local run's. The returned
+    dict adds the run's Ray figures under ``"ray"`` (``stats.json`` has the local keys)."""
     sampler = sampler if sampler is not None else SamplerConfig()
-    gen = AdGenerator.from_pretrained(generator, device, precision_dtype(mixed_precision))
-    jobs, skipped = load_jobs(products, gen.resolution, prompt, prompts_file, limit=limit)
-    if until_accepted:
-        if judge == "oracle":
-            if any(j.height_cm != j.height_cm for j in jobs):  # NaN: no size known
-                raise ValueError("--judge oracle needs each product's height (manifest or caption)")
-            accept = OracleJudge()
-        elif judge == "inspector":
-            from rewardkit.models.defaults import default_model_path
-            from rewardkit.models.inspector import Inspector
-
-            accept = InspectorJudge(
-                Inspector.from_pretrained(inspector or default_model_path("rfnet"), device)
-            )
-        else:
-            raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
-    else:
-        accept = _AcceptAll()
-    bar = tqdm(total=len(jobs), desc="generate", unit="product", disable=not progress)
-
-    def tick(done: int, total: int) -> None:
-        bar.update(done - bar.n)
-
-    with autocast(device, mixed_precision):
-        result = recurrent_generate(
-            gen, jobs, accept, sampler, max_attempts if until_accepted else 1, batch_size,
-            seed, progress=tick,
-        )  # fmt: skip
-    bar.close()
     out = Path(out)
+    ray_info = None
+    if engine == "ray":
+        from rewardkit.generation.pipeline import generator_resolution
+        from rewardkit.ray_engine import generate_ray
+
+        size = generator_resolution(generator)
+        jobs, skipped = load_jobs(products, size, prompt, prompts_file, limit=limit)
+        check_judge(until_accepted, judge, jobs)
+        result, used_device, run = generate_ray(
+            generator, jobs, out, until_accepted=until_accepted, judge=judge,
+            inspector=inspector, max_attempts=max_attempts, batch_size=batch_size,
+            sampler=sampler, seed=seed, address=ray_address, actors=actors,
+            gpus_per_actor=gpus_per_actor, mixed_precision=mixed_precision, progress=progress,
+        )  # fmt: skip
+        judge_name, ray_info = (judge if until_accepted else _AcceptAll.name), run.info()
+    elif engine == "local":
+        gen = AdGenerator.from_pretrained(generator, device, precision_dtype(mixed_precision))
+        jobs, skipped = load_jobs(products, gen.resolution, prompt, prompts_file, limit=limit)
+        check_judge(until_accepted, judge, jobs)
+        accept = make_judge(until_accepted, judge, inspector, device)
+        bar = tqdm(total=len(jobs), desc="generate", unit="product", disable=not progress)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        with autocast(device, mixed_precision):
+            result = recurrent_generate(
+                gen, jobs, accept, sampler, max_attempts if until_accepted else 1, batch_size,
+                seed, progress=tick,
+            )  # fmt: skip
+        bar.close()
+        judge_name, used_device = accept.name, str(gen.device)
+    else:
+        raise ValueError(f"--engine: 'local' or 'ray'; got {engine!r}")
     stats = write_result(out, jobs, result, judged=until_accepted)
-    stats.update({"judge": accept.name, "skipped": skipped, "sampler": asdict(sampler),
-                  "device": str(gen.device), "mixed_precision": mixed_precision})  # fmt: skip
+    stats.update({"judge": judge_name, "skipped": skipped, "sampler": asdict(sampler),
+                  "device": used_device, "mixed_precision": mixed_precision})  # fmt: skip
     write_json_atomic(out / "stats.json", stats)
-    return stats
+    return stats if ray_info is None else {**stats, "ray": ray_info}
