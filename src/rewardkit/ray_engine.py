@@ -61,7 +61,9 @@ __all__ = [
 SHARD_ROWS = 4096  # score and inspect: images per shard
 GENERATE_SHARD_BATCHES = 4  # generate: a shard holds this many generator batches of products
 FINGERPRINT_KEY = b"rewardkit_ray_shard"
-_CONTROL = ("_batch",)  # which actor call made an output row (not written)
+# Per output row, not written: which actor call made it, that call's seconds and its input's
+# decoding seconds (on its first row, 0 on the others).
+_CONTROL = ("_batch", "_seconds", "_decode_seconds")
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,6 +83,8 @@ class ShardRun:
     batch_failures: int = 0  # batches that raised in an actor and were run row by row
     actor_restarts: int = 0  # actors Ray restarted after they died
     duplicates_dropped: int = 0  # results of rows already kept (a retried batch)
+    actor_seconds: float = 0.0  # time the actors spent on the kept results, all together
+    decode_seconds: float = 0.0  # time the decoding tasks spent on them, all together
 
     def shard_file(self, k: int) -> Path:
         return self.shard_dir / f"shard-{k:05d}.parquet"
@@ -98,6 +102,8 @@ class ShardRun:
             "engine": "ray", "actors": self.actors, "shards": self.shards,
             "shards_resumed": self.shards_resumed, "batch_failures": self.batch_failures,
             "actor_restarts": self.actor_restarts, "duplicates_dropped": self.duplicates_dropped,
+            "actor_seconds": round(self.actor_seconds, 2),
+            "decode_seconds": round(self.decode_seconds, 2),
         }  # fmt: skip
 
 
@@ -140,6 +146,7 @@ class ShardActor(abc.ABC):
         output rows per input row, a row's outputs together)."""
 
     def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
         self.batches += 1
         _maybe_exit(self.faults, self.batches)
         errors = np.array([str(e) if e else "" for e in batch["error"]], dtype=object)
@@ -167,7 +174,29 @@ class ShardActor(abc.ABC):
             blank = {c: np.full(m, v, dtype=dt) for c, (dt, v) in self.fill.items()}
             parts.append({"row": rows[bad], "error": errors[bad], **blank})
         out = {c: np.concatenate([p[c] for p in parts]) for c in ("row", "error", *self.fill)}
-        out["_batch"] = np.full(len(out["row"]), f"{self.uid}:{self.batches}", dtype=object)
+        m = len(out["row"])
+        out["_batch"] = np.full(m, f"{self.uid}:{self.batches}", dtype=object)
+        out["_seconds"] = np.zeros(m, np.float64)
+        out["_seconds"][0] = time.perf_counter() - start
+        out["_decode_seconds"] = np.zeros(m, np.float64)
+        if "_decode_seconds" in batch:
+            out["_decode_seconds"][0] = float(np.sum(batch["_decode_seconds"]))
+        return out
+
+
+class _Timed:
+    """A decoding task body that also reports its seconds (``_decode_seconds``, on the
+    batch's first row)."""
+
+    def __init__(self, decode) -> None:
+        self.decode = decode
+
+    def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        out = self.decode(batch)
+        seconds = np.zeros(len(out["row"]), np.float64)
+        seconds[0] = time.perf_counter() - start
+        out["_decode_seconds"] = seconds
         return out
 
 
@@ -290,7 +319,9 @@ def run_shards(
             if decode is not None:
                 # Tasks, so decoding scales with the cluster's CPUs: a CPU each, unlike the
                 # actors' half, else Ray Data fuses them into the actors (equal remote args).
-                ds = ds.map_batches(decode, batch_size=batch_size, batch_format="numpy", num_cpus=1)
+                ds = ds.map_batches(
+                    _Timed(decode), batch_size=batch_size, batch_format="numpy", num_cpus=1
+                )
             ledger = _ledger()
             kwargs = {**actor_kwargs, "faults": os.environ.get("RK_RAY_FAULTS") or None,
                       "ledger": ledger}  # fmt: skip
@@ -335,6 +366,8 @@ def _collect(ds, pending, run: ShardRun, fingerprint, progress, desc, unit) -> N
                 keep[j] = True
             else:
                 duplicates.add((r, b))
+        run.actor_seconds += float(np.sum(t["_seconds"].to_numpy()[keep]))
+        run.decode_seconds += float(np.sum(t["_decode_seconds"].to_numpy()[keep]))
         body = t.drop_columns(list(_CONTROL))
         shard = rows // run.shard_rows
         for k in np.unique(shard[keep]).tolist():
@@ -402,6 +435,8 @@ class RayScoreSummary:
     batch_failures: int = 0  # batches that raised in an actor and were scored row by row
     actor_restarts: int = 0  # actors Ray restarted after they died
     duplicates_dropped: int = 0  # results of rows already scored (a retried batch)
+    actor_seconds: float = 0.0  # time the actors spent scoring, all together
+    decode_seconds: float = 0.0  # time the decoding tasks spent, all together
     skipped_report: Path | None = None
     counts: dict = field(default_factory=dict)
 
@@ -553,6 +588,7 @@ def score_images_ray(
         shards_resumed=run.shards_resumed, actors=actors, skipped_report=report,
         counts={"rows": len(paths)}, batch_failures=run.batch_failures,
         actor_restarts=run.actor_restarts, duplicates_dropped=run.duplicates_dropped,
+        actor_seconds=round(run.actor_seconds, 3), decode_seconds=round(run.decode_seconds, 3),
     )  # fmt: skip
 
 
