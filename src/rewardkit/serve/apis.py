@@ -6,7 +6,7 @@ LitServe's dynamic batching hands it the requests that arrived together.
   ``scoring.score_tensor``, the functions of the command's own loop.
 - :class:`InspectAPI` (``/v1/inspect``): the RFNet inspector of ``rewardkit inspect``;
   images and product photos are read by the command's batch reader (``_BatchReader``) and
-  judged by the command's forward.
+  judged by its ``inspect_batch``.
 - :class:`GenerateAPI` (``/v1/generate``): ``rewardkit generate`` for one product:
   ``generation.run.load_jobs``, Recurrent Generation (``generation.recurrent``) and
   ``write_result`` into the server's outputs folder, one request at a time.
@@ -227,12 +227,14 @@ class InspectAPI(_Endpoint):
         import numpy as np
         import torch
 
+        from rewardkit.commands.inspect import inspect_batch
+
         gen = torch.cat([g for g, _, _ in items])
         prod = torch.cat([p for _, p, _ in items])
         captions = [c for _, _, texts in items for c in texts]
         step = self.config.forward_batch
         probs = np.concatenate([
-            _probabilities(self.inspector, gen[i : i + step], prod[i : i + step],
+            inspect_batch(self.inspector, gen[i : i + step], prod[i : i + step],
                           captions[i : i + step], self.config.mixed_precision)
             for i in range(0, len(captions), step)
         ])  # fmt: skip
@@ -369,22 +371,6 @@ class GenerateAPI(_Endpoint):
             "stats": stats,
             "seconds": round(time.perf_counter() - start, 3),
         }
-
-
-def _probabilities(inspector, gen, prod, captions: list[str], mixed_precision: str):
-    """Class probabilities (B, C) of images and product photos (B, S, S, 3) uint8 at the
-    inspector's size: the forward of ``rewardkit inspect``'s batch loop
-    (``commands.inspect.inspect_images``), on the inspector's device under autocast."""
-    import torch
-
-    from rewardkit.commands.devices import autocast
-
-    device = inspector.device
-    g = gen.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-    p = prod.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
-    with torch.no_grad(), autocast(device, mixed_precision):
-        logits = inspector(p, g, captions)  # (B, C)
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
 
 def build_apis(config: ServeConfig) -> list:
