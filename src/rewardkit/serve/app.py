@@ -248,10 +248,25 @@ def _devices(device: str, gpus: int) -> tuple[str, int | list[int]]:
     raise ValueError(f"--device {device}: cpu, cuda, cuda:N or mps")
 
 
+def _check_port(host: str, port: int) -> None:
+    """A one-line error before any model loads when the address cannot be listened on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} "
+                             f"({err.strerror or err})") from None  # fmt: skip
+
+
 def run_server(config: ServeConfig) -> None:
     """Build and run the server until Ctrl-C or SIGTERM (both shut it down gracefully)."""
     from pathlib import Path
 
+    _check_port(config.host, config.port)
     Path(config.outputs).mkdir(parents=True, exist_ok=True)
     server = build_server(config)
 
