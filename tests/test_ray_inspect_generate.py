@@ -18,7 +18,7 @@ import pytest
 from rewardkit.cli import main
 from rewardkit.io import read_image_rgb
 
-# About 20 s for inspect and 40-50 s for each generate test on 2 idle cores.
+# Ray starts once (~8 s); then 20-40 s for inspect, 12-25 s for each generate test on 2 cores.
 
 
 @pytest.fixture(scope="module")
