@@ -111,9 +111,9 @@ def main() -> None:
         same_rows = a["path"].to_pylist() == b["path"].to_pylist()
         gap = float(np.abs(a["score"].to_numpy() - b["score"].to_numpy()).max())
         n = local.scored
-        per_actor = summary.scored / summary.actor_seconds
-        per_decoder = summary.scored / summary.decode_seconds
-        core_seconds = (summary.actor_seconds + summary.decode_seconds) / summary.scored
+        per_actor = summary.scored / summary.run.actor_seconds
+        per_decoder = summary.scored / summary.run.decode_seconds
+        core_seconds = (summary.run.actor_seconds + summary.run.decode_seconds) / summary.scored
         result = {
             "images": n,
             "image_size": args.size if args.images is None else None,
@@ -131,9 +131,9 @@ def main() -> None:
                 "init_seconds": round(ray_init, 2),
                 "seconds": round(ray_s, 2),
                 "images_per_second": round(summary.scored / ray_s, 1),
-                "actor_seconds": round(summary.actor_seconds, 2),
+                "actor_seconds": round(summary.run.actor_seconds, 2),
                 "per_actor_images_per_second": round(per_actor, 1),
-                "decode_seconds": round(summary.decode_seconds, 2),
+                "decode_seconds": round(summary.run.decode_seconds, 2),
                 "decode_images_per_second": round(per_decoder, 1),
             },
             "ray_vs_local_speed": round((summary.scored / ray_s) / (n / local_s), 3),

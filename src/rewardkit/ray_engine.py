@@ -429,22 +429,16 @@ class RayScoreSummary:
     scored: int
     skipped: list[dict]
     seconds: float
-    shards: int
-    shards_resumed: int
-    actors: int
-    batch_failures: int = 0  # batches that raised in an actor and were scored row by row
-    actor_restarts: int = 0  # actors Ray restarted after they died
-    duplicates_dropped: int = 0  # results of rows already scored (a retried batch)
-    actor_seconds: float = 0.0  # time the actors spent scoring, all together
-    decode_seconds: float = 0.0  # time the decoding tasks spent, all together
+    run: ShardRun  # the runner's shards, fault counts and time in actors and decoders
     skipped_report: Path | None = None
     counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["out"], d["skipped_report"] = str(self.out), str(self.skipped_report)
-        d["skipped"] = len(self.skipped)
-        return d
+        return {
+            "out": str(self.out), "scored": self.scored, "skipped": len(self.skipped),
+            "seconds": self.seconds, **self.run.info(),
+            "skipped_report": str(self.skipped_report), "counts": self.counts,
+        }  # fmt: skip
 
 
 class _Decode:
@@ -584,11 +578,8 @@ def score_images_ray(
     write_json_atomic(report, {"input": str(input), "out": str(out), "skipped": skipped_list})
     return RayScoreSummary(
         out=out, scored=table.num_rows, skipped=skipped_list,
-        seconds=time.perf_counter() - start, shards=run.shards,
-        shards_resumed=run.shards_resumed, actors=actors, skipped_report=report,
-        counts={"rows": len(paths)}, batch_failures=run.batch_failures,
-        actor_restarts=run.actor_restarts, duplicates_dropped=run.duplicates_dropped,
-        actor_seconds=round(run.actor_seconds, 3), decode_seconds=round(run.decode_seconds, 3),
+        seconds=time.perf_counter() - start, run=run, skipped_report=report,
+        counts={"rows": len(paths)},
     )  # fmt: skip
 
 
