@@ -80,7 +80,9 @@ def aligned_inputs(table: pa.Table, size: int) -> tuple[torch.Tensor, torch.Tens
     from rewardkit.world.placement import place_product
 
     placed, masks = [], []
-    for path, fill in zip(table["product_path"].to_pylist(), table["fill"].to_pylist(), strict=True):
+    for path, fill in zip(
+        table["product_path"].to_pylist(), table["fill"].to_pylist(), strict=True
+    ):
         layer, _ = place_product(load_product_photo(path), size, float(fill))
         a = layer[..., 3:4].astype(np.float32) / 255
         rgb = layer[..., :3].astype(np.float32) * a + 255 * (1 - a)
@@ -139,7 +141,12 @@ def oracle_jpeg_stability(table: pa.Table, quality: int = 90) -> dict:
 def main() -> None:
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.rfnet import RFNet
-    from rewardkit.training.rfnet import RFNetTrainConfig, predict_rfnet, prepare_inspection_data, train_rfnet
+    from rewardkit.training.rfnet import (
+        RFNetTrainConfig,
+        predict_rfnet,
+        prepare_inspection_data,
+        train_rfnet,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--train", nargs="+", type=Path, required=True)
@@ -153,8 +160,19 @@ def main() -> None:
     ap.add_argument("--dropout", action="store_true", help="keep the model's dropout on")
     ap.add_argument("--scratch", action="store_true", help="new weights instead of the shipped")
     ap.add_argument("--degrade", type=float, default=0.0)
+    ap.add_argument(
+        "--train-limit", type=int, default=None,
+        help="first N training images only (a learning curve: does more data pay?)",
+    )  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix of the run folders and result file")
     ap.add_argument("--stability", action="store_true", help="the oracle JPEG diagnostic")
+    ap.add_argument(
+        "--resolution", type=int, default=None,
+        help="the model's view: the side the network resizes its inputs to (the shipped 64; "
+        "128 doubles the feature maps at every stage, for 2-px contact and size cues); the "
+        "data stays at the shipped resolution and the weights carry over (the positions are "
+        "sin-cos, recomputed per map size)",
+    )  # fmt: skip
     a = ap.parse_args()
     routes = [r for r in a.routes.split(",") if r]
     bad = [r for r in routes if r not in ROUTES]
@@ -162,10 +180,18 @@ def main() -> None:
         raise SystemExit(f"--routes: unknown {bad}; known {list(ROUTES)}")
     a.work.mkdir(parents=True, exist_ok=True)
     tables = [labelled_table(f, a.work, "train") for f in a.train]
+    if a.train_limit is not None:
+        train = pa.concat_tables(tables)
+        tables = [train.slice(0, a.train_limit)]
     tables += [labelled_table(f, a.work, "val") for f in a.val]
     table = pa.concat_tables(tables)
     shipped = default_model_path("rfnet")
     config = RFNet.from_pretrained(shipped).config
+    init = shipped
+    if a.resolution and a.resolution != config.resolution:
+        start = RFNet.from_pretrained(shipped)
+        start.config = dataclasses.replace(start.config, resolution=a.resolution)
+        init = start.save_pretrained(a.work / f"init-r{a.resolution}")
     t0 = time.time()
     base = prepare_inspection_data(table, config, progress=False)
     print(f"prepared {table.num_rows} images in {time.time() - t0:.0f} s", flush=True)
@@ -186,7 +212,7 @@ def main() -> None:
         data = route_data(route, base, table, config.resolution)
         t0 = time.time()
         if route == "shipped":
-            model = RFNet.from_pretrained(shipped)
+            model = RFNet.from_pretrained(init)
         else:
             cfg = RFNetTrainConfig(
                 lr=a.lr, batch_size=a.batch_size, epochs=a.epochs, degrade=a.degrade,
@@ -194,8 +220,9 @@ def main() -> None:
                 dropout=a.dropout,
             )  # fmt: skip
             run = a.work / f"run-{route}{a.tag}"
-            train_rfnet(data, run, model_config=config, config=cfg,
-                        init=None if a.scratch else shipped, progress=False)  # fmt: skip
+            view = dataclasses.replace(config, resolution=a.resolution or config.resolution)
+            train_rfnet(data, run, model_config=view, config=cfg,
+                        init=None if a.scratch else init, progress=False)  # fmt: skip
             model = RFNet.from_pretrained(run / "model")
         probs = predict_rfnet(model.eval(), data, val_rows, 128)
         r = scores(probs, data.labels[val_rows], data.classes)

@@ -47,6 +47,16 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return v
+
+
 def _ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """``--engine local|ray`` and the Ray options (refused without ``--engine ray``)."""
     parser.add_argument(
@@ -207,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--init", default=None,
         help="start from this RFNet folder (fine-tune, e.g. on generated images); "
         "its architecture is kept",
+    )  # fmt: skip
+    rf.add_argument(
+        "--accept-precision", type=_unit_interval, default=None,
+        help="the operating point: the model calls an image Available when P(Available) >= "
+        "the threshold with the highest recall at this Available precision on the validation "
+        "split (written into its config; inspect, generate --until-accepted and serve follow "
+        "it). Default: the most probable class",
     )  # fmt: skip
     _train_overrides(rf, losses=False, presets=False)
 
@@ -773,7 +790,15 @@ def _train_rfnet(a: argparse.Namespace) -> int:
 
     config = for_training(_train_config(RFNetTrainConfig, a), a.device, a.mixed_precision)
     summary = train_rfnet_command(
-        a.manifest, a.out, config, a.model_config, a.variant, a.ablation, a.maps, init=a.init
+        a.manifest,
+        a.out,
+        config,
+        a.model_config,
+        a.variant,
+        a.ablation,
+        a.maps,
+        init=a.init,
+        accept_precision=a.accept_precision,
     )
     print(to_strict_json(summary))
     return 0

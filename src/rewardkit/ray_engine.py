@@ -692,6 +692,7 @@ def inspect_images_ray(
     # folder, its classes and size, and whether it is the embedded default.
     probe = Inspector.from_pretrained(model, "cpu")
     classes, size = probe.classes, probe.rfnet.config.resolution
+    accept_threshold = probe.accept_threshold
     check_domain = embedded_default_in_use(probe)
     del probe
     device = "cuda" if gpus_per_actor > 0 else "cpu"
@@ -737,7 +738,9 @@ def inspect_images_ray(
         notes = [u for u in t["unlike"].to_pylist() if u]
         if notes:
             warn_unlike_adworld(notes[0], INSPECTOR_HINT)  # the first in input order
-    counts = write_verdicts(out, rows, kept, probs.astype(np.float32), classes, skipped)
+    counts = write_verdicts(
+        out, rows, kept, probs.astype(np.float32), classes, skipped, accept_threshold
+    )
     summary = InspectionSummary(str(out), len(kept), skipped, counts, time.perf_counter() - start)
     return summary, run
 

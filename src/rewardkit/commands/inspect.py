@@ -35,6 +35,7 @@ from rewardkit.io import (
 )
 from rewardkit.loading import read_ahead
 from rewardkit.models.inspector import Inspector
+from rewardkit.models.rfnet import verdict_indices
 from rewardkit.scoring import embedded_default_in_use, unlike_adworld, warn_unlike_adworld
 
 INSPECTOR_HINT = (
@@ -211,7 +212,7 @@ def inspect_images(
         bar.update(min(batch_size, rows.num_rows - lo))
     bar.close()
     p_all = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
-    counts = write_verdicts(out, rows, kept, p_all, classes, skipped)
+    counts = write_verdicts(out, rows, kept, p_all, classes, skipped, inspector.accept_threshold)
     return InspectionSummary(str(out), len(kept), skipped, counts, time.perf_counter() - start)
 
 
@@ -243,13 +244,14 @@ def write_verdicts(
     probs: np.ndarray,
     classes: tuple[str, ...],
     skipped: list[dict],
+    accept_threshold: float | None = None,
 ) -> dict[str, int]:
     """Write ``out`` (the inspected rows ``kept``, in that order, with their verdicts and
     probabilities ``probs`` (len(kept), C)) and ``<stem>.skipped.json`` when rows were
     skipped; returns the count of each verdict."""
     paths, products = rows["path"].to_pylist(), rows["product_path"].to_pylist()
     captions = rows["caption"].to_pylist()
-    verdict = [classes[k] for k in probs.argmax(1)] if len(probs) else []
+    verdict = [classes[k] for k in verdict_indices(probs, classes, accept_threshold)]
     cols = {
         "path": [paths[i] for i in kept],
         "product_path": [products[i] for i in kept],

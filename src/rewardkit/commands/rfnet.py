@@ -24,7 +24,7 @@ import yaml
 from rewardkit.commands.devices import autocast
 from rewardkit.data.keys import TrainingKeys, check_held_out, write_training_keys
 from rewardkit.io import write_json_atomic, write_text_atomic
-from rewardkit.models.rfnet import RFNet, RFNetConfig
+from rewardkit.models.rfnet import RFNet, RFNetConfig, verdict_indices
 from rewardkit.training.distributed import is_main_process
 from rewardkit.training.inspection_store import prepare_inspection_store
 from rewardkit.training.rfnet import (
@@ -46,6 +46,7 @@ __all__ = [
     "oracle_labels",
     "oracle_verdicts",
     "predict_on_device",
+    "set_operating_point",
     "train_rfnet_command",
 ]
 
@@ -156,9 +157,13 @@ def train_rfnet_command(
     progress: bool = True,
     init: str | Path | None = None,
     in_memory: bool = False,
+    accept_precision: float | None = None,
 ) -> dict:
     """Train one variant into ``out`` or, with ``ablation``, all into ``out/<variant>``;
     ``init``: fine-tune that RFNet folder (one variant: its own architecture and inputs).
+    ``accept_precision``: give each trained model the operating point with the highest
+    Available recall at that precision on the validation split
+    (:func:`set_operating_point`).
 
     The inputs are prepared once into ``out/data_cache`` and read row by row
     (:mod:`rewardkit.training.inspection_store`); ``in_memory`` decodes them whole into
@@ -173,13 +178,17 @@ def train_rfnet_command(
             data, Path(out), base, config, init=init, progress=progress, degraded=degraded
         )
         _record_keys(samples, Path(out) / "model", init)
+        run = {"model": str(Path(out) / "model"), "from": str(init), "steps": result.steps,
+               "seconds": round(result.seconds, 1), "metrics": result.metrics}  # fmt: skip
+        if accept_precision is not None:
+            run["operating_point"] = set_operating_point(
+                Path(out) / "model", data, accept_precision
+            )
         return {
             "samples": len(data),
             "split": {s: data.split.count(s) for s in set(data.split)},
-            "runs": {"init": {"model": str(Path(out) / "model"), "from": str(init),
-                              "steps": result.steps, "seconds": round(result.seconds, 1),
-                              "metrics": result.metrics}},
-        }  # fmt: skip
+            "runs": {"init": run},
+        }
     if variant not in VARIANTS:
         raise ValueError(f"--variant: expected one of {sorted(VARIANTS)}; got {variant!r}")
     base = _model_config(model_config)
@@ -196,10 +205,33 @@ def train_rfnet_command(
         _record_keys(samples, run_dir / "model", None)
         runs[name] = {"model": str(run_dir / "model"), "steps": result.steps,
                       "seconds": round(result.seconds, 1), "metrics": result.metrics}  # fmt: skip
+        if accept_precision is not None:
+            runs[name]["operating_point"] = set_operating_point(
+                run_dir / "model", data, accept_precision
+            )
     summary["runs"] = runs
     if ablation and is_main_process():
         write_json_atomic(Path(out) / "runs.json", summary)
     return summary
+
+
+def set_operating_point(model_dir: Path, data, min_precision: float) -> dict:
+    """Choose the model's accept threshold on the ``val`` rows of ``data``
+    (:func:`~rewardkit.training.rfnet.choose_accept_threshold`) and write it into its
+    ``config.json`` (atomically; the weights and other files are untouched). Returns the
+    choice, with the validation precision and recall it gives."""
+    from rewardkit.training.rfnet import choose_accept_threshold
+
+    rows = data.rows("val")
+    if len(rows) == 0:
+        raise ValueError("--accept-precision: no validation samples to choose a threshold on")
+    model = RFNet.from_pretrained(model_dir)
+    probs = predict_on_device(model, data, rows)
+    choice = choose_accept_threshold(probs, data.labels[rows], data.classes, min_precision)
+    if is_main_process():
+        config = dataclasses.replace(model.config, accept_threshold=choice["accept_threshold"])
+        write_text_atomic(Path(model_dir) / "config.json", config.to_json())
+    return choice
 
 
 def oracle_labels(samples: pa.Table, images=None, progress: bool = True) -> list[str | None]:
@@ -289,9 +321,10 @@ def _evaluate_model(
         rows = data.rows("test") if "test" in data.split else None
         probs = predict_on_device(model, data, rows, device, mixed_precision)
         labels = data.labels if rows is None else data.labels[rows]
-        out[name] = evaluate_rfnet(probs, labels, data.classes)
+        threshold = model.config.accept_threshold  # the model's operating point
+        out[name] = evaluate_rfnet(probs, labels, data.classes, threshold)
         if oracle is not None:
-            pred = [data.classes[k] for k in probs.argmax(1).tolist()]
+            pred = [data.classes[k] for k in verdict_indices(probs, data.classes, threshold)]
             index = range(len(data)) if rows is None else rows.tolist()
             out[name].update(agreement_with_oracle(pred, [oracle[name][i] for i in index]))
     return out

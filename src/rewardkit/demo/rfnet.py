@@ -24,7 +24,7 @@ from rewardkit.data.keys import check_held_out
 from rewardkit.demo.run import held_out_note
 from rewardkit.io import read_image_rgb
 from rewardkit.models.defaults import default_model_path
-from rewardkit.models.rfnet import RFNet
+from rewardkit.models.rfnet import RFNet, verdict_indices
 from rewardkit.report.html import card, esc, figure_tag, table_html
 from rewardkit.training.rfnet import (
     VARIANTS,
@@ -88,9 +88,12 @@ def rfnet_section(
         results[name] = {}
         for cond, data in (("clean", clean), ("degraded", degraded)):
             probs = predict_on_device(model, data, None, device, mixed_precision)
-            results[name][cond] = evaluate_rfnet(probs, data.labels, data.classes)
+            threshold = model.config.accept_threshold  # the model's operating point
+            results[name][cond] = evaluate_rfnet(probs, data.labels, data.classes, threshold)
             if oracle is not None:
-                verdicts = [data.classes[k] for k in probs.argmax(1).tolist()]
+                verdicts = [
+                    data.classes[k] for k in verdict_indices(probs, data.classes, threshold)
+                ]
                 results[name][cond].update(agreement_with_oracle(verdicts, oracle[cond]))
             if name == "RFNet (shipped)" and cond == "clean":
                 probs_full = probs
@@ -111,7 +114,7 @@ def rfnet_section(
     main = results["RFNet (shipped)"]["clean"]
     figure = _confusion_figure(main["confusion"], main["classes"], "RFNet, clean renders")
 
-    verdicts = probs_full.argmax(1).numpy()
+    verdicts = verdict_indices(probs_full, clean.classes, full.accept_threshold)
     classes = list(clean.classes)
     gallery = []
     for k, name in enumerate(classes):

@@ -151,7 +151,9 @@ class OracleJudge:
 
 
 class InspectorJudge:
-    """An RFNet inspector as a judge: its verdict (argmax class), score P(Available)."""
+    """An RFNet inspector as a judge: its verdict (at the model's operating point: the most
+    probable class, or Available when P(Available) >= its ``accept_threshold``), score
+    P(Available)."""
 
     name = "inspector"
 
@@ -168,8 +170,7 @@ class InspectorJudge:
         with torch.no_grad():
             probs = torch.softmax(self.inspector(p, g, list(context["captions"])), dim=-1)
         classes = self.inspector.classes
-        labels = [classes[k] for k in probs.argmax(-1).tolist()]
-        return labels, probs[:, classes.index(AVAILABLE)]
+        return self.inspector.verdicts(probs), probs[:, classes.index(AVAILABLE)]
 
 
 def products_on_white(photos: Sequence[np.ndarray], size: int) -> torch.Tensor:

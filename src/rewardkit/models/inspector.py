@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewardkit.models.rfnet import AVAILABLE, RFNet
+from rewardkit.models.rfnet import AVAILABLE, RFNet, verdict_indices
 
 __all__ = ["INSPECTOR_FILE", "Inspector"]
 
@@ -52,6 +52,16 @@ class Inspector(nn.Module):
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.rfnet.config.classes)
+
+    @property
+    def accept_threshold(self) -> float | None:
+        """The operating point in the RFNet's config (None: the most probable class)."""
+        return self.rfnet.config.accept_threshold
+
+    def verdicts(self, probs) -> list[str]:
+        """Class names for class probabilities (N, C), at the model's operating point."""
+        classes = self.classes
+        return [classes[k] for k in verdict_indices(probs, classes, self.accept_threshold)]
 
     @property
     def device(self) -> torch.device:

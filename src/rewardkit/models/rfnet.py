@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -53,6 +55,7 @@ __all__ = [
     "SMALL_RESNET",
     "count_parameters",
     "sincos_positions_2d",
+    "verdict_indices",
     "RFNet",
     "RFNetConfig",
 ]
@@ -125,6 +128,11 @@ class RFNetConfig:
     classes: tuple[str, ...] = CLASSES  # RF1M's five classes + Unsuitable; must hold "Available"
     modalities: tuple[str, ...] = MODALITIES  # inputs used; ("generated",) = image-only baseline
     dropout: float = 0.1  # in attention and feed-forward layers (RF1M-scale data needs little)
+    # The operating point: the verdict is Available when P(Available) >= this, else the most
+    # probable defect. None: the most probable class. Chosen on validation images
+    # (``train rfnet --accept-precision``); every verdict (inspect, Recurrent Generation's
+    # accept test, the service) follows it.
+    accept_threshold: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -167,6 +175,11 @@ class RFNetConfig:
             raise ValueError(f"resolution: must be >= 32 px; got {self.resolution}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1); got {self.dropout}")
+        if self.accept_threshold is not None:
+            t = float(self.accept_threshold)
+            if not 0.0 < t < 1.0:
+                raise ValueError(f"accept_threshold: must be in (0, 1) or null; got {t}")
+            set_(self, "accept_threshold", t)
         classes = tuple(str(c) for c in self.classes)
         if len(set(classes)) != len(classes) or len(classes) < 2:
             raise ValueError(f"classes: need >= 2 distinct names; got {classes}")
@@ -220,6 +233,10 @@ class RFNetConfig:
         out["backbone"] = json.loads(json.dumps(self.backbone))  # deep copy, plain types
         out["classes"], out["modalities"] = list(self.classes), list(self.modalities)
         return out
+
+    def to_json(self) -> str:
+        """A model folder's ``config.json``: ``model_type: rfnet`` and the config."""
+        return json.dumps({"model_type": MODEL_TYPE, **self.to_dict()}, indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RFNetConfig:
@@ -519,8 +536,7 @@ class RFNet(nn.Module):
         def write(tmp: Path) -> None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-            config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / CONFIG_FILE).write_text(self.config.to_json())
 
         return write_folder_atomic(path, write)
 
@@ -617,6 +633,27 @@ class RFNet(nn.Module):
         _check_loading_info(info, folder)
         model.backbone.load_state_dict(resnet.state_dict(), strict=True)
         return model
+
+
+def verdict_indices(
+    probs: np.ndarray | torch.Tensor, classes: Sequence[str], accept_threshold: float | None
+) -> np.ndarray:
+    """Verdict class indices (N,) for class probabilities ``probs`` (N, C): the most probable
+    class or, with ``accept_threshold``, Available exactly when P(Available) >= it and the
+    most probable defect otherwise (an operating point chosen on validation)."""
+    p = (
+        probs.detach().float().cpu().numpy()
+        if isinstance(probs, torch.Tensor)
+        else np.asarray(probs)
+    )
+    if p.ndim != 2 or p.shape[1] != len(classes):
+        raise ValueError(f"probs: expected shape (N, {len(classes)}); got {p.shape}")
+    if accept_threshold is None or len(p) == 0:
+        return p.argmax(1) if len(p) else np.zeros(0, dtype=np.int64)
+    a = list(classes).index(AVAILABLE)
+    defects = p.copy()
+    defects[:, a] = -np.inf
+    return np.where(p[:, a] >= accept_threshold, a, defects.argmax(1))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -245,9 +245,9 @@ class InspectAPI(_Endpoint):
             out.append({
                 "classes": list(self.classes),
                 "results": [
-                    {"verdict": self.classes[int(p.argmax())],
+                    {"verdict": v,
                      "probabilities": dict(zip(self.classes, map(float, p), strict=True))}
-                    for p in rows
+                    for v, p in zip(self.inspector.verdicts(rows), rows, strict=True)
                 ],
             })  # fmt: skip
         return out

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rewardkit.data.samples import load_product_rgb, load_resized
-from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig
+from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig, verdict_indices
 from rewardkit.training.inspection_store import CAPTION_BATCH, InspectionStore
 from rewardkit.training.inspection_store import predict_maps as _predict_maps
 from rewardkit.training.loop import (
@@ -399,6 +399,51 @@ def degrade_inspection_data(
     return dataclasses.replace(data, generated=generated, depth=depth, saliency=saliency)
 
 
+def choose_accept_threshold(
+    probs: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    classes: tuple[str, ...],
+    min_precision: float,
+) -> dict:
+    """The operating point with the highest Available recall whose precision on these
+    (validation) samples is >= ``min_precision``: ``{"accept_threshold", "precision",
+    "recall", "accepted"}``. The candidates are the samples' own P(Available) values.
+
+    Raises:
+        ValueError: No threshold reaches ``min_precision`` (naming the best precision), or
+            there is no Available sample.
+    """
+    p = probs.numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    a = classes.index(AVAILABLE)
+    positive = y == a
+    if not positive.any():
+        raise ValueError("no Available sample to choose an accept threshold on")
+    score = p[:, a]
+    order = np.argsort(-score, kind="stable")
+    s, tp = score[order], np.cumsum(positive[order])
+    last = np.r_[s[1:] != s[:-1], True]  # accept everything down to each distinct score
+    accepted = np.nonzero(last)[0] + 1
+    precision, recall = tp[last] / accepted, tp[last] / positive.sum()
+    ok = np.nonzero(precision >= min_precision)[0]
+    if len(ok) == 0:
+        raise ValueError(
+            f"--accept-precision {min_precision}: no threshold reaches it on the validation "
+            f"samples (best precision {precision.max():.3f})"
+        )
+    k = ok[np.argmax(recall[ok])]
+    # The threshold sits between the last accepted score and the next one down.
+    nxt = s[accepted[k]] if accepted[k] < len(s) else 0.0
+    threshold = float(min(max((s[accepted[k] - 1] + nxt) / 2, 1e-6), 1 - 1e-6))
+    return {
+        "accept_threshold": threshold,
+        "precision": float(precision[k]),
+        "recall": float(recall[k]),
+        "accepted": int(accepted[k]),
+        "samples": int(len(y)),
+    }
+
+
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     """AP: mean of the precision at the rank of each positive (scores sorted descending;
     tied scores are taken as one threshold)."""
@@ -415,11 +460,18 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((precision * recall_gain).sum())
 
 
-def evaluate_rfnet(probs: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict:
-    """Available-vs-not P/R/F1/AP, accuracy and the confusion matrix (rows = truth)."""
+def evaluate_rfnet(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    classes: tuple[str, ...],
+    accept_threshold: float | None = None,
+) -> dict:
+    """Available-vs-not P/R/F1/AP, accuracy and the confusion matrix (rows = truth), of the
+    verdicts at ``accept_threshold`` (the model's operating point; None: the most probable
+    class)."""
     probs_np, labels_np = probs.numpy(), labels.numpy()
     a = classes.index(AVAILABLE)
-    pred = probs_np.argmax(1)
+    pred = verdict_indices(probs_np, classes, accept_threshold)
     is_pos, said_pos = labels_np == a, pred == a
     tp = int((is_pos & said_pos).sum())
     precision = tp / max(1, int(said_pos.sum()))

@@ -108,8 +108,8 @@ class RFNetObjective:
             probs = torch.stack(
                 [torch.softmax(i(p, g, captions), dim=-1) for i in self.inspectors]
             ).mean(0)
-        classes = self.classes
-        return [classes[k] for k in probs.argmax(-1).tolist()], probs[:, classes.index(AVAILABLE)]
+        classes = self.classes  # verdicts at the first inspector's operating point
+        return self.inspectors[0].verdicts(probs), probs[:, classes.index(AVAILABLE)]
 
 
 class SocialObjective:
