@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     lab = wsub.add_parser("label", help="run the oracle over the images of a manifest")
     lab.add_argument("--manifest", required=True, help="Parquet with path, product_path, ...")
     lab.add_argument("--out", required=True, help="output Parquet, one row per image")
+    lab.add_argument(
+        "--training-manifest", default=None,
+        help="also write the judged rows with label = the oracle's verdict, a manifest that "
+        "`train rfnet --manifest` takes (the data loop: generate, label, train the inspector)",
+    )  # fmt: skip
 
     c = wsub.add_parser("community", help="simulate a creative community and its event logs")
     c.add_argument("--users", type=_positive(int), required=True)
@@ -608,8 +613,10 @@ def _world_render(a: argparse.Namespace) -> int:
 def _world_label(a: argparse.Namespace) -> int:
     from rewardkit.world.export import label_manifest
 
-    table, errors = label_manifest(a.manifest, a.out)
+    table, errors = label_manifest(a.manifest, a.out, training_out=a.training_manifest)
     summary: dict = {"out": a.out, "labelled": table.num_rows - errors, "skipped": errors}
+    if a.training_manifest:
+        summary["training_manifest"] = a.training_manifest
     if "label" in table.column_names:
         pairs = [
             (t, p)

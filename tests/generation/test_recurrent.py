@@ -161,6 +161,12 @@ def test_generate_cli_until_accepted_with_the_oracle(tmp_path, tiny_generator, p
         assert r["best_effort"] == (not r["accepted"])
     # The log is a manifest the oracle and the inspector accept.
     assert main(["world", "label", "--manifest", str(out / "attempts.parquet"),
-                 "--out", str(tmp_path / "labels.parquet")]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "labels.parquet"),
+                 "--training-manifest", str(tmp_path / "train.parquet")]) == 0  # fmt: skip
     labels = pq.read_table(tmp_path / "labels.parquet").column("oracle_label").to_pylist()
     assert labels == [r["verdict"] for r in attempts]
+    # ... and, labelled, a training manifest that `train rfnet` reads (the data loop).
+    from rewardkit.commands.rfnet import load_samples
+
+    samples = load_samples(tmp_path / "train.parquet")
+    assert samples.num_rows == len(attempts) and samples["label"].to_pylist() == labels

@@ -93,8 +93,19 @@ def test_label_manifest_round_trip_and_bad_rows(tmp_path):
     (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
     rows[2]["path"] = "images/bad.png"
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "user.parquet")
-    out, errors = label_manifest(tmp_path / "user.parquet", None, progress=False)
+    training = tmp_path / "elsewhere" / "train.parquet"
+    training.parent.mkdir()
+    out, errors = label_manifest(
+        tmp_path / "user.parquet", None, progress=False, training_out=training
+    )
     assert errors == 2
+    # The training manifest: the 8 judged rows, label = the oracle's, paths absolute.
+    train = pq.read_table(training)
+    judged = [i for i, v in enumerate(out["oracle_label"].to_pylist()) if v is not None]
+    assert train.num_rows == 8 and judged == [0, *range(3, 10)]
+    assert train["label"].to_pylist() == [out["oracle_label"][i].as_py() for i in judged]
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in train["path"].to_pylist())
+    assert train["caption"].to_pylist() == [rows[i]["caption"] for i in judged]
     errs = out["error"].to_pylist()
     assert "row 1" in errs[1] and "missing.png" in errs[1]
     assert "row 2" in errs[2] and "bad.png: not an image file" in errs[2]

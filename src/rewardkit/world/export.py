@@ -252,12 +252,20 @@ def judge_row(
 
 
 def label_manifest(
-    manifest: str | Path, out: str | Path | None = None, progress: bool = True
+    manifest: str | Path,
+    out: str | Path | None = None,
+    progress: bool = True,
+    training_out: str | Path | None = None,
 ) -> tuple[pa.Table, int]:
     """Run the oracle over every image of a manifest.
 
     Bad rows (missing or unreadable image or product photo, no size) are kept with an
     ``error`` message and a null label, and counted, instead of stopping the run.
+
+    Args:
+        training_out: Also write a training manifest there (``train rfnet --manifest``): the
+            manifest's rows the oracle judged, paths made absolute, ``label`` = its verdict
+            (the annotators' role in the data loop: generate, label, train the inspector).
 
     Returns:
         (table, n_errors); the table is also written to ``out`` if given.
@@ -288,4 +296,26 @@ def label_manifest(
     result = pa.Table.from_pylist(rows_out, schema=pa.schema(schema_fields))
     if out is not None:
         write_parquet_atomic(out, result)
+    if training_out is not None:
+        write_parquet_atomic(training_out, oracle_training_manifest(manifest, table, result))
     return result, errors
+
+
+def oracle_training_manifest(manifest: Path, table: pa.Table, labels: pa.Table) -> pa.Table:
+    """``table`` (read from ``manifest``) with ``label`` = the oracle's verdict in ``labels``
+    (:func:`label_manifest`), the rows it could not judge left out, and ``path`` and
+    ``product_path`` absolute."""
+    keep = [i for i, v in enumerate(labels["oracle_label"].to_pylist()) if v is not None]
+    kept = table.take(keep)
+    root = Path(manifest).parent.absolute()
+    for name in ("path", "product_path", "depth_path", "saliency_path"):
+        if name in kept.column_names:
+            values = [v if not v or Path(v).is_absolute() else str(root / v)
+                      for v in kept[name].to_pylist()]  # fmt: skip
+            kept = kept.set_column(
+                kept.column_names.index(name), name, pa.array(values, pa.string())
+            )
+    verdicts = pa.array([labels["oracle_label"][i].as_py() for i in keep], pa.string())
+    if "label" in kept.column_names:
+        kept = kept.drop_columns(["label"])
+    return kept.append_column("label", verdicts)
