@@ -317,11 +317,11 @@ def _evaluate_model(
     mixed_precision: str = "no",
 ) -> dict:
     out = {}
+    threshold = model.config.accept_threshold  # the model's operating point
     for name, data in (("clean", clean), ("degraded", degraded)):
         rows = data.rows("test") if "test" in data.split else None
         probs = predict_on_device(model, data, rows, device, mixed_precision)
         labels = data.labels if rows is None else data.labels[rows]
-        threshold = model.config.accept_threshold  # the model's operating point
         out[name] = evaluate_rfnet(probs, labels, data.classes, threshold)
         if oracle is not None:
             pred = [data.classes[k] for k in verdict_indices(probs, data.classes, threshold)]

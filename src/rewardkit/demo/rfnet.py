@@ -86,9 +86,9 @@ def rfnet_section(
     results, probs_full = {}, None
     for name, model in models.items():
         results[name] = {}
+        threshold = model.config.accept_threshold  # the model's operating point
         for cond, data in (("clean", clean), ("degraded", degraded)):
             probs = predict_on_device(model, data, None, device, mixed_precision)
-            threshold = model.config.accept_threshold  # the model's operating point
             results[name][cond] = evaluate_rfnet(probs, data.labels, data.classes, threshold)
             if oracle is not None:
                 verdicts = [

@@ -648,8 +648,8 @@ def verdict_indices(
     )
     if p.ndim != 2 or p.shape[1] != len(classes):
         raise ValueError(f"probs: expected shape (N, {len(classes)}); got {p.shape}")
-    if accept_threshold is None or len(p) == 0:
-        return p.argmax(1) if len(p) else np.zeros(0, dtype=np.int64)
+    if accept_threshold is None:
+        return p.argmax(1)
     a = list(classes).index(AVAILABLE)
     defects = p.copy()
     defects[:, a] = -np.inf

@@ -419,12 +419,8 @@ def choose_accept_threshold(
     positive = y == a
     if not positive.any():
         raise ValueError("no Available sample to choose an accept threshold on")
-    score = p[:, a]
-    order = np.argsort(-score, kind="stable")
-    s, tp = score[order], np.cumsum(positive[order])
-    last = np.r_[s[1:] != s[:-1], True]  # accept everything down to each distinct score
-    accepted = np.nonzero(last)[0] + 1
-    precision, recall = tp[last] / accepted, tp[last] / positive.sum()
+    s, accepted, tp = _ranked_counts(p[:, a], positive)
+    precision, recall = tp / accepted, tp / positive.sum()
     ok = np.nonzero(precision >= min_precision)[0]
     if len(ok) == 0:
         raise ValueError(
@@ -451,13 +447,18 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos = int(positive.sum())
     if n_pos == 0:
         return float("nan")
+    _, accepted, tp = _ranked_counts(scores, positive)
+    recall_gain = np.diff(np.r_[0, tp]) / n_pos
+    return float((tp / accepted * recall_gain).sum())
+
+
+def _ranked_counts(scores: np.ndarray, positive: np.ndarray):
+    """Scores sorted descending, and at each distinct score (tied scores are one threshold)
+    how many samples score at or above it and how many of those are positive."""
     order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], positive[order]
-    tp = np.cumsum(y)
+    s, tp = scores[order], np.cumsum(positive[order])
     last = np.r_[s[1:] != s[:-1], True]  # end of each run of tied scores
-    precision = tp[last] / (np.nonzero(last)[0] + 1)
-    recall_gain = np.diff(np.r_[0, tp[last]]) / n_pos
-    return float((precision * recall_gain).sum())
+    return s, np.nonzero(last)[0] + 1, tp[last]
 
 
 def evaluate_rfnet(

@@ -108,8 +108,8 @@ class RFNetObjective:
             probs = torch.stack(
                 [torch.softmax(i(p, g, captions), dim=-1) for i in self.inspectors]
             ).mean(0)
-        classes = self.classes  # verdicts at the first inspector's operating point
-        return self.inspectors[0].verdicts(probs), probs[:, classes.index(AVAILABLE)]
+        # Verdicts at the first inspector's operating point.
+        return self.inspectors[0].verdicts(probs), probs[:, self.classes.index(AVAILABLE)]
 
 
 class SocialObjective:
