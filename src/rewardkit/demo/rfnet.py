@@ -1,7 +1,8 @@
 """The demo's RFNet stage: inspect the demo's renders with the shipped inspector.
 
 The renders of the demo's first stage are products the shipped RFNet never saw. The stage
-inspects them (clean and degraded), compares with the shipped image-only baseline, shows the
+inspects them (clean and degraded), compares with the render-trained RFNet the shipped one
+was fine-tuned from (on generated images) and the shipped image-only baseline, shows the
 confusion matrix as a picture and examples of each verdict, and reprints the baseline and
 ablation tables measured when the shipped models were trained (``MODELS.md`` beside them).
 """
@@ -71,13 +72,15 @@ def rfnet_section(
 
     samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     folder = default_model_path("rfnet")
+    renders_only = default_model_path("rfnet-renders")
     baseline = default_model_path("rfnet-image-only")
     held_out = check_held_out(
-        {"rfnet": folder, "rfnet-image-only": baseline},
+        {"rfnet": folder, "rfnet-renders": renders_only, "rfnet-image-only": baseline},
         product_keys=samples["product_key"].to_pylist(), prompts=samples["prompt"].to_pylist(),
         allow_overlap=allow_overlap, where="demo RFNet stage",
     )  # fmt: skip
     models = {"RFNet (shipped)": RFNet.from_pretrained(folder)}
+    models["RFNet, renders only (shipped)"] = RFNet.from_pretrained(renders_only)
     models["image-only baseline (shipped)"] = RFNet.from_pretrained(baseline)
     full = next(iter(models.values())).config
     clean = prepare_inspection_data(samples, full, progress=False)
@@ -136,7 +139,7 @@ def rfnet_section(
 
     measured = folder / "MODELS.md"
     tables = ""
-    ablation_file = folder / "ablation.md"
+    ablation_file = renders_only / "ablation.md"  # measured on the render-trained pair
     if ablation_file.is_file():
         tables = f"<pre>{esc(ablation_file.read_text())}</pre>"
     body = (
@@ -149,8 +152,8 @@ def rfnet_section(
         + held_out_note(held_out)
         + table
         + figure
-        + "<h3>Baseline and modality ablation (measured when the shipped models were "
-        "trained)</h3>"
+        + "<h3>Baseline and modality ablation (measured when the render-trained models "
+        "were trained)</h3>"
         + (tables or f"<p class='muted'>see {esc(measured)}</p>")
         + "<h3>Examples of each verdict</h3>"
         + "".join(gallery)

@@ -11,8 +11,13 @@ aesthetic          ``aesthetic``: a linear head on the dual encoder's image embe
                    fitted to a generic photo-aesthetic rating (not the community's taste)
 depth              ``depth``: a small DPT trained on AdWorld's ground-truth depth maps
 saliency           ``saliency``: a small Segformer trained on AdWorld's saliency maps
-rfnet              ``rfnet``: the RFNet inspector (small ResNet, all five inputs)
-rfnet-image-only   ``rfnet-image-only``: the same backbone on the generated image alone
+rfnet              ``rfnet``: the RFNet inspector (small ResNet, all five inputs), trained on
+                   renders, then fine-tuned on oracle-labelled generated images (the data
+                   loop); its accept threshold is chosen at 90% Available precision
+rfnet-renders      ``rfnet-renders``: the same architecture trained on renders only (the
+                   ``rfnet`` shipped before 2026-12-02; its ``ablation.md``)
+rfnet-image-only   ``rfnet-image-only``: the render-trained backbone on the generated image
+                   alone (the paper's baseline)
 generator          ``generator``: the small SD + ControlNet inpainting generator
 generator-rfft     ``generator-rfft``: its ControlNet fine-tuned by RFFT (RFNet + CC); only
                    the ControlNet is stored, the rest comes from ``generator``
@@ -39,6 +44,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "depth": "depth",
     "saliency": "saliency",
     "rfnet": "rfnet",
+    "rfnet-renders": "rfnet-renders",
     "rfnet-image-only": "rfnet-image-only",
     "generator": "generator",
     "generator-rfft": "generator-rfft",
