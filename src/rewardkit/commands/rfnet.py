@@ -338,7 +338,7 @@ def _tables(results: dict[str, dict]) -> str:
     lines = []
     for cond in ("clean", "degraded"):
         lines += [
-            f"### RFNet vs image-only baseline ({cond} held-out renders)",
+            f"### RFNet vs image-only baseline ({cond} held-out images)",
             "",
             "| model | P | R | F1 | AP | accuracy (all classes) |",
             "|---|--:|--:|--:|--:|--:|",
