@@ -51,16 +51,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inspector_routes import aligned_inputs, labelled_table, scores  # noqa: E402
 
 from rewardkit.models.rfnet import CLASSES  # noqa: E402
+from rewardkit.world.oracle import Thresholds, decide  # noqa: E402
 
-# The oracle's measurements as regression targets, in units of the decision threshold
-# (world.oracle.Thresholds): (column, threshold, transform). |t| > 1 crosses the threshold
-# for the signed ones; contrast and clutter are (v - threshold) / threshold.
+# The oracle's measurements as regression targets, in units of their decision threshold
+# (``world.oracle.Thresholds``, same field names): |t| > 1 crosses the threshold for the signed
+# ones; contrast and clutter are (v - threshold) / threshold; the area is a log2 ratio.
 AUX = (
-    ("contact_gap", 0.035, "signed"), ("contrast", 0.26, "offset"),
-    ("clutter", 0.25, "offset"), ("hallucinated_area", 0.15, "log2"),
-    ("scale_error", 0.45, "signed"), ("truncation", 0.03, "signed"),
-    ("matte_defect", 0.05, "signed"),
+    ("contact_gap", "signed"), ("contrast", "offset"), ("clutter", "offset"),
+    ("hallucinated_area", "log2"), ("scale_error", "signed"), ("truncation", "signed"),
+    ("matte_defect", "signed"),
 )  # fmt: skip
+LOG_EPS = 0.01  # keeps log2 finite at an area of 0
+
+
+def to_target(v: np.ndarray, name: str, kind: str) -> np.ndarray:
+    limit = getattr(Thresholds(), name)
+    if kind == "signed":
+        return v / limit
+    if kind == "offset":
+        return (v - limit) / limit
+    return np.log2((v + LOG_EPS) / (limit + LOG_EPS))  # > 0 exactly above the limit
+
+
+def from_target(t: float, name: str, kind: str) -> float:
+    limit = getattr(Thresholds(), name)
+    if kind == "signed":
+        return t * limit
+    if kind == "offset":
+        return t * limit + limit
+    return 2.0**t * (limit + LOG_EPS) - LOG_EPS
 
 
 def aux_targets(folders: list[Path], work: Path) -> torch.Tensor:
@@ -71,35 +90,24 @@ def aux_targets(folders: list[Path], work: Path) -> torch.Tensor:
     out = []
     for f in folders:
         t = pq.read_table(work / f"labels-{f.name}.parquet")
-        keep = [i for i, v in enumerate(t.column("oracle_label").to_pylist()) if v is not None]
-        cols = []
-        for name, limit, kind in AUX:
-            v = np.array([t.column(name)[i].as_py() for i in keep], dtype=np.float64)
-            if kind == "signed":
-                v = v / limit
-            elif kind == "offset":
-                v = (v - limit) / limit
-            else:
-                v = np.log2((v + 0.01) / (limit + 0.01))  # > 0 exactly above the limit
-            cols.append(np.clip(v, -4, 4))
+        keep = np.array([v is not None for v in t.column("oracle_label").to_pylist()])
+        cols = [
+            np.clip(to_target(t.column(name).to_numpy(zero_copy_only=False)[keep], name, kind),
+                    -4, 4)
+            for name, kind in AUX
+        ]  # fmt: skip
         out.append(np.stack(cols, 1))
     return torch.from_numpy(np.concatenate(out)).float()
 
 
 def decide_from_aux(pred: torch.Tensor) -> torch.Tensor:
-    """The oracle's decision order on predicted measurements (N, len(AUX)) -> class index."""
-    col = {name: pred[:, i] for i, (name, _, _) in enumerate(AUX)}
-    out = torch.full((len(pred),), CLASSES.index("Available"), dtype=torch.long)
-    rules = [  # applied last to first so that the first matching rule wins
-        ("Size Mismatch", col["scale_error"].abs() > 1),
-        ("Shape Hallucination", col["hallucinated_area"] > 0),
-        ("Indistinctiveness", (col["contrast"] < 0) | (col["clutter"] > 0)),
-        ("Space Mismatch", col["contact_gap"].abs() > 1),
-        ("Unsuitable", (col["truncation"] > 1) | (col["matte_defect"] > 1)),
-    ]
-    for name, hit in rules:
-        out[hit] = CLASSES.index(name)
-    return out
+    """The oracle's own decision order (``world.oracle.decide``) on predicted measurements
+    (N, len(AUX)) -> class index."""
+    rows = pred.double().tolist()
+    return torch.tensor([
+        CLASSES.index(decide({n: from_target(v, n, k) for (n, k), v in zip(AUX, r, strict=True)}))
+        for r in rows
+    ])  # fmt: skip
 
 
 SIDE = 64  # the AdWorld generator's output side
