@@ -115,8 +115,13 @@ def main() -> None:
         "depth": pretrain,
         "saliency": pretrain,
         "social-reward": social,
-        "rfnet": keys((PRETRAIN, "train"), (RFNET_HARD, "train"), (I23_TRAIN, "train"),
-                      (I23_VAL, "train"), (I23_LOOP, "train")),  # fmt: skip
+        "rfnet": keys(
+            (PRETRAIN, "train"),
+            (RFNET_HARD, "train"),
+            (I23_TRAIN, "train"),
+            (I23_VAL, "train"),
+            (I23_LOOP, "train"),
+        ),  # fmt: skip
         "rfnet-renders": keys((PRETRAIN, "train"), (RFNET_HARD, "train")),
         "rfnet-image-only": keys((PRETRAIN, "train"), (RFNET_HARD, "train")),
         "generator": generator,

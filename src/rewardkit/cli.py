@@ -212,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     rf.add_argument("--out", required=True, help="run folder (with --ablation: one per variant)")
     rf.add_argument("--config", default=None, help="training YAML (RFNetTrainConfig fields)")
-    rf.add_argument("--model-config", default=None, help="RFNet architecture YAML")
+    rf.add_argument(
+        "--model-config", default=None,
+        help="RFNet architecture: a YAML of RFNetConfig fields, or a preset: small (default), "
+        "paper (the published sizes), aligned (early fusion of the generated image with the "
+        "product as placed, beyond the paper)",
+    )  # fmt: skip
     rf.add_argument("--variant", default="full", help="full, image-only, no-<modality>")
     rf.add_argument(
         "--ablation", action="store_true", help="train full, image-only and every no-<modality>"
@@ -405,6 +410,16 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--out", required=True, help="verdicts Parquet")
     ins.add_argument("--product", default=None, help="product photo, for a folder input")
     ins.add_argument("--caption", default=None, help="product caption, for a folder input")
+    ins.add_argument(
+        "--height-cm", type=_positive(float), default=None,
+        help="product height in cm, for a folder input (read by early-fusion inspectors; "
+        "default: 'N cm' in --caption)",
+    )  # fmt: skip
+    ins.add_argument(
+        "--fill", type=_positive(float), default=None,
+        help="longest product side / frame side the images were generated at, for a folder "
+        "input (early-fusion inspectors; default: the generator's 0.4)",
+    )  # fmt: skip
     ins.add_argument("--batch-size", type=_positive(int), default=64)
     ins.add_argument(
         "--workers", type=_non_negative_int, default=2,
@@ -966,7 +981,7 @@ def _inspect(a: argparse.Namespace) -> int:
     from rewardkit.models.inspector import Inspector
 
     ray = _ray_options(a)
-    rows = read_inspection_input(a.input, a.product, a.caption)
+    rows = read_inspection_input(a.input, a.product, a.caption, a.height_cm, a.fill)
     model = a.model or default_model_path("rfnet")
     if ray:
         from rewardkit.ray_engine import inspect_images_ray

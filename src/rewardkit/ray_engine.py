@@ -608,19 +608,23 @@ class _InspectDecode:
     inspector's size, read by the local path's reader; the reason a row cannot be read; and
     why its image is unlike AdWorld (when checking)."""
 
-    def __init__(self, size: int, check_domain: bool) -> None:
-        self.size, self.check_domain = size, check_domain
+    def __init__(self, size: int, check_domain: bool, aligned: bool = False) -> None:
+        self.size, self.check_domain, self.aligned = size, check_domain, aligned
 
     def __call__(self, batch: dict) -> dict:
         from rewardkit.commands.inspect import _BatchReader
 
         paths = [str(p) if p else "" for p in batch["path"]]
         n, s = len(paths), self.size
+        fills = None
+        if self.aligned:  # early fusion: the placed product and mask beside the photo
+            fills = [None if f != f else float(f) for f in batch["fill"]]
         reader = _BatchReader(
             paths, [str(p) if p else "" for p in batch["product_path"]],
-            [str(e) if e else None for e in batch["error"]], s, self.check_domain,
+            [str(e) if e else None for e in batch["error"]], s, self.check_domain, fills,
         )  # fmt: skip
-        gen, prod = np.zeros((n, s, s, 3), np.uint8), np.zeros((n, s, s, 3), np.uint8)
+        channels = 7 if self.aligned else 3
+        gen, prod = np.zeros((n, s, s, 3), np.uint8), np.zeros((n, s, s, channels), np.uint8)
         errors, unlike = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
         for j in range(n):  # one row at a time: its own reason and domain note
             g, p, idx, bad, why = reader((j, j + 1))
@@ -629,7 +633,7 @@ class _InspectDecode:
             else:
                 errors[j] = bad[0]["reason"]
         return {"row": batch["row"], "caption": batch["caption"], "gen": gen, "prod": prod,
-                "error": errors, "unlike": unlike}  # fmt: skip
+                "height_cm": batch["height_cm"], "error": errors, "unlike": unlike}  # fmt: skip
 
 
 class _Inspect(ShardActor):
@@ -659,6 +663,7 @@ class _Inspect(ShardActor):
             self.inspector, torch.from_numpy(np.ascontiguousarray(batch["gen"])),
             torch.from_numpy(np.ascontiguousarray(batch["prod"])),
             [str(c) for c in batch["caption"]], self.mixed_precision,
+            [float(h) for h in batch["height_cm"]] if self.inspector.uses_placement else None,
         )  # fmt: skip
         out = {"row": batch["row"], "unlike": batch["unlike"]}
         for k in range(self.n_classes):
@@ -682,7 +687,12 @@ def inspect_images_ray(
     :func:`~rewardkit.commands.inspect.read_inspection_input`, the local run's outputs
     (``out`` and ``<stem>.skipped.json``, see :func:`~rewardkit.commands.inspect.write_verdicts`).
     Returns (InspectionSummary, ShardRun)."""
-    from rewardkit.commands.inspect import INSPECTOR_HINT, InspectionSummary, write_verdicts
+    from rewardkit.commands.inspect import (
+        INSPECTOR_HINT,
+        InspectionSummary,
+        placement_columns,
+        write_verdicts,
+    )
     from rewardkit.models.inspector import Inspector
     from rewardkit.scoring import embedded_default_in_use, warn_unlike_adworld
 
@@ -694,28 +704,37 @@ def inspect_images_ray(
     classes, size = probe.classes, probe.rfnet.config.resolution
     accept_threshold = probe.accept_threshold
     check_domain = embedded_default_in_use(probe)
-    del probe
-    device = "cuda" if gpus_per_actor > 0 else "cpu"
+    aligned = probe.uses_placement
     n = rows.num_rows
     text = {c: rows[c].to_pylist() for c in ("path", "product_path", "caption")}
     errors = rows["error"].to_pylist() if "error" in rows.column_names else [None] * n
+    fills, heights = placement_columns(probe, rows, errors)  # rows without a height: errors
+    del probe
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
     fingerprint = _fingerprint(
         "inspect", _model_digest(model), shard_rows, device, mixed_precision,
         rows=list(zip(text["path"], text["product_path"], text["caption"], errors,
                       strict=True)),
     )  # fmt: skip
+    if aligned:  # early fusion also reads where each product was placed and its height
+        fingerprint = _fingerprint(fingerprint, rows=list(zip(fills, heights, strict=True)))
     source = pa.table({
         "path": pa.array([p or "" for p in text["path"]], pa.string()),
         "product_path": pa.array([p or "" for p in text["product_path"]], pa.string()),
         "caption": pa.array(text["caption"], pa.string()),
         "error": pa.array([e or "" for e in errors], pa.string()),
+        "fill": pa.array([float("nan") if f is None else f for f in fills or [None] * n],
+                         pa.float64()),
+        "height_cm": pa.array([float("nan") if h is None else h for h in heights or [None] * n],
+                              pa.float64()),
     })  # fmt: skip
     run = run_shards(
         source, _shard_dir(out), fingerprint, _Inspect,
         {"model": str(model), "device": device, "mixed_precision": mixed_precision},
         batch_size=batch_size, shard_rows=shard_rows, actors=actors,
         gpus_per_actor=gpus_per_actor, address=address,
-        decode=_InspectDecode(size, check_domain), progress=progress, desc="inspect (ray)",
+        decode=_InspectDecode(size, check_domain, aligned), progress=progress,
+        desc="inspect (ray)",
         unit="img",
     )  # fmt: skip
     t = run.table()

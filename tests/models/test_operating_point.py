@@ -89,6 +89,7 @@ class _Fixed(torch.nn.Module):
     accept_threshold = Inspector.accept_threshold
     verdicts = Inspector.verdicts
     device = Inspector.device
+    uses_placement = Inspector.uses_placement
 
     def forward(self, product, generated, captions):
         return self.probs.log()

@@ -47,6 +47,7 @@ __all__ = [
     "InspectionSummary",
     "inspect_batch",
     "inspect_images",
+    "placement_columns",
     "read_inspection_input",
     "write_verdicts",
 ]
@@ -74,13 +75,24 @@ class InspectionSummary:
 
 
 def read_inspection_input(
-    source: str | Path, product: str | Path | None = None, caption: str | None = None
+    source: str | Path,
+    product: str | Path | None = None,
+    caption: str | None = None,
+    height_cm: float | None = None,
+    fill: float | None = None,
 ) -> pa.Table:
-    """Rows (path, product_path, caption, error[, label]) with absolute paths, from a
-    manifest or a folder of one product's generated images (``product`` and ``caption``
-    required then). ``error`` is null, or why the row cannot be inspected: a folder's entries
-    that are not images (other files, hidden files, broken links) and manifest rows without
-    a path are rows with their reason, so the run lists them with the unreadable ones."""
+    """Rows (path, product_path, caption, height_cm, fill, error[, label]) with absolute
+    paths, from a manifest or a folder of one product's generated images (``product`` and
+    ``caption`` required then; ``height_cm`` and ``fill`` given once too). ``error`` is null,
+    or why the row cannot be inspected: a folder's entries that are not images (other files,
+    hidden files, broken links) and manifest rows without a path are rows with their reason,
+    so the run lists them with the unreadable ones.
+
+    ``height_cm`` (a manifest's ``product_height_cm``, else "N cm" in the caption) and
+    ``fill`` (where the product was placed; null: the generator's default) are read by
+    early-fusion inspectors only; null when unknown."""
+    from rewardkit.data.keys import height_from_row
+
     source = Path(source)
     if source.is_dir():
         if product is None or caption is None:
@@ -90,11 +102,17 @@ def read_inspection_input(
             raise ValueError(f"{source}: no images ({', '.join(IMAGE_SUFFIXES)})")
         entries = sorted([(f, None) for f in files] + others, key=lambda e: str(e[0]))
         n = len(entries)
+        if fill is not None and not 0.05 <= fill <= 1.0:
+            raise ValueError(f"--fill: must be in [0.05, 1]; got {fill}")
+        if height_cm is None:
+            height_cm = height_from_row({"caption": caption})
         return pa.table(
             {
                 "path": [str(f) for f, _ in entries],
                 "product_path": [str(Path(product))] * n,
                 "caption": [caption] * n,
+                "height_cm": pa.array([height_cm] * n, pa.float64()),
+                "fill": pa.array([fill] * n, pa.float64()),
                 "error": pa.array([why for _, why in entries], pa.string()),
             }
         )
@@ -116,12 +134,23 @@ def read_inspection_input(
         None if (p and q) else f"empty {'path' if not p else 'product_path'}"
         for p, q in zip(paths, products, strict=True)
     ]
+    captions = ["" if c is None else str(c) for c in table["caption"].to_pylist()]
+    given = (
+        table["product_height_cm"].to_pylist()
+        if "product_height_cm" in table.column_names
+        else [None] * len(paths)
+    )
+    fills = table["fill"].to_pylist() if "fill" in table.column_names else [None] * len(paths)
     cols = {
         "path": pa.array(paths, pa.string()),
         "product_path": pa.array(products, pa.string()),
-        "caption": ["" if c is None else str(c) for c in table["caption"].to_pylist()],
+        "caption": captions,
+        "height_cm": pa.array(
+            [height_from_row({"product_height_cm": h, "caption": c})
+             for h, c in zip(given, captions, strict=True)], pa.float64()),
+        "fill": pa.array([None if f is None else float(f) for f in fills], pa.float64()),
         "error": pa.array(errors, pa.string()),
-    }
+    }  # fmt: skip
     if "label" in table.column_names:
         cols["label"] = table["label"].to_pylist()
     return pa.table(cols)
@@ -130,12 +159,16 @@ def read_inspection_input(
 class _BatchReader:
     """Rows ``[lo, hi)`` decoded at the inspector's size (run in a loader process): the
     generated images and product photos (B, S, S, 3) uint8, the rows kept, the rows skipped
-    with their reason, and why the first image unlike AdWorld is (when checking)."""
+    with their reason, and why the first image unlike AdWorld is (when checking).
 
-    def __init__(self, paths, products, errors, size: int, check_domain: bool) -> None:
+    With ``fills`` (an early-fusion inspector) each product entry is (S, S, 7): the photo on
+    white, then the product as placed at the row's fill on white and its mask
+    (``world.placement.placed_on_white``)."""
+
+    def __init__(self, paths, products, errors, size: int, check_domain: bool, fills=None) -> None:
         self.paths, self.products, self.errors = paths, products, errors
-        self.size, self.check_domain = size, check_domain
-        self.products_seen: dict[str, np.ndarray] = {}  # a folder's one photo is read once
+        self.size, self.check_domain, self.fills = size, check_domain, fills
+        self.products_seen: dict = {}  # a folder's one photo is read once
 
     def __call__(self, span: tuple[int, int]):
         gen, prod, idx, bad, unlike = [], [], [], [], None
@@ -146,11 +179,12 @@ class _BatchReader:
                     raise ValueError(self.errors[i])
                 decoded = decode_image(path, "RGB", target_side=self.size)
                 g_i = fit_square(decoded, self.size)  # (S, S, 3)
-                if product not in self.products_seen:
+                fill = None if self.fills is None else self.fills[i]
+                if (product, fill) not in self.products_seen:
                     if len(self.products_seen) >= 256:
                         self.products_seen.clear()
-                    self.products_seen[product] = load_product_rgb(product, self.size)
-                p_i = self.products_seen[product]  # (S, S, 3) on white
+                    self.products_seen[(product, fill)] = self._product(product, fill)
+                p_i = self.products_seen[(product, fill)]  # (S, S, 3 or 7)
             except (OSError, ValueError) as err:  # unreadable or missing: skip, count, report
                 reason = str(err).removeprefix(f"{path}: ")
                 bad.append({"row": i, "path": path or "", "reason": reason})
@@ -163,6 +197,17 @@ class _BatchReader:
         if not idx:
             return None, None, idx, bad, unlike
         return torch.from_numpy(np.stack(gen)), torch.from_numpy(np.stack(prod)), idx, bad, unlike
+
+    def _product(self, path: str, fill: float | None) -> np.ndarray:
+        photo = load_product_rgb(path, self.size)  # (S, S, 3) on white
+        if self.fills is None:
+            return photo
+        from rewardkit.world.export import load_product_photo
+        from rewardkit.world.placement import DEFAULT_FILL, placed_on_white
+
+        f = DEFAULT_FILL if fill is None or fill != fill else float(fill)
+        placed = placed_on_white(load_product_photo(path), self.size, f)  # (S, S, 4)
+        return np.concatenate([photo, placed], axis=2)
 
 
 def inspect_images(
@@ -194,7 +239,8 @@ def inspect_images(
     paths, products = rows["path"].to_pylist(), rows["product_path"].to_pylist()
     captions = rows["caption"].to_pylist()
     errors = rows["error"].to_pylist() if "error" in rows.column_names else [None] * len(paths)
-    reader = _BatchReader(paths, products, errors, size, check_domain)
+    fills, heights = placement_columns(inspector, rows, errors)
+    reader = _BatchReader(paths, products, errors, size, check_domain, fills)
     starts = list(range(0, rows.num_rows, batch_size))
     batches = read_ahead(reader, [(lo, lo + batch_size) for lo in starts], workers,
                          pin=device.type == "cuda")  # fmt: skip
@@ -205,9 +251,10 @@ def inspect_images(
             warn_unlike_adworld(unlike, INSPECTOR_HINT)
             check_domain = False  # once per run
         if idx:
-            probs.append(
-                inspect_batch(inspector, gen, prod, [captions[i] for i in idx], mixed_precision)
-            )
+            h = None if heights is None else [heights[i] for i in idx]
+            probs.append(inspect_batch(
+                inspector, gen, prod, [captions[i] for i in idx], mixed_precision, h
+            ))  # fmt: skip
             kept.extend(idx)
         bar.update(min(batch_size, rows.num_rows - lo))
     bar.close()
@@ -216,24 +263,53 @@ def inspect_images(
     return InspectionSummary(str(out), len(kept), skipped, counts, time.perf_counter() - start)
 
 
+def placement_columns(inspector: Inspector, rows: pa.Table, errors: list):
+    """(fills, heights) per row for an early-fusion inspector, (None, None) otherwise. A row
+    without a height when the inspector reads one gets that as its ``errors`` entry (it is
+    skipped and listed, not guessed)."""
+    if not inspector.uses_placement:
+        return None, None
+    n = rows.num_rows
+    fills = rows["fill"].to_pylist() if "fill" in rows.column_names else [None] * n
+    heights = rows["height_cm"].to_pylist() if "height_cm" in rows.column_names else [None] * n
+    if "height" in inspector.rfnet.config.modalities:
+        for i, h in enumerate(heights):
+            if errors[i] is None and (h is None or not h > 0):
+                errors[i] = (
+                    "no product height (product_height_cm, 'N cm' in the caption, or "
+                    "--height-cm); this inspector reads it"
+                )
+    return fills, heights
+
+
 def inspect_batch(
     inspector: Inspector,
     gen: torch.Tensor,
     prod: torch.Tensor,
     captions: list[str],
     mixed_precision: str = "no",
+    heights: list[float] | None = None,
 ) -> np.ndarray:
     """Class probabilities (B, C) float32 for generated images and product photos (B, S, S,
     3) uint8 at the inspector's size, one caption each: the model's forward on its device,
-    under autocast at ``mixed_precision``. The local run and the Ray actors
+    under autocast at ``mixed_precision``. For an early-fusion inspector ``prod`` is (B, S,
+    S, 7) (the photo, then the placed product and its mask: ``_BatchReader`` with fills) and
+    ``heights`` the products' heights in cm. The local run and the Ray actors
     (``inspect --engine ray``) both call it."""
     from rewardkit.commands.devices import autocast
 
     device = inspector.device
     g = gen.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
     p = prod.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    placed = None
+    if p.shape[1] == 7:
+        p, placed = p[:, :3], p[:, 3:]
+    extra = ()
+    if inspector.uses_placement:
+        h = None if heights is None else torch.tensor(heights, dtype=torch.float32, device=device)
+        extra = (placed, h)
     with torch.no_grad(), autocast(device, mixed_precision):
-        logits = inspector(p, g, captions)  # (B, C)
+        logits = inspector(p, g, captions, *extra)  # (B, C)
     return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
 

@@ -28,6 +28,7 @@ from rewardkit.models.rfnet import RFNet, RFNetConfig, verdict_indices
 from rewardkit.training.distributed import is_main_process
 from rewardkit.training.inspection_store import prepare_inspection_store
 from rewardkit.training.rfnet import (
+    EARLY_VARIANTS,
     VARIANTS,
     InspectionData,
     RFNetTrainConfig,
@@ -35,6 +36,7 @@ from rewardkit.training.rfnet import (
     evaluate_rfnet,
     prepare_inspection_data,
     train_rfnet,
+    variants_for,
 )
 
 DATA_CACHE = "data_cache"  # the prepared inputs, inside the run folder
@@ -76,9 +78,17 @@ def load_samples(source: str | Path | Sequence[str | Path], split: bool = True) 
     return split_by_product(table) if split else table
 
 
+MODEL_PRESETS = {"small": RFNetConfig.small, "paper": RFNetConfig.paper,
+                 "aligned": RFNetConfig.aligned}  # fmt: skip
+
+
 def _model_config(path: str | Path | None) -> RFNetConfig:
+    """``--model-config``: a preset name (:data:`MODEL_PRESETS`) or an architecture YAML
+    (fields over the small preset's)."""
     if path is None:
         return RFNetConfig.small()
+    if str(path) in MODEL_PRESETS and not Path(path).exists():
+        return MODEL_PRESETS[str(path)]()
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -189,18 +199,19 @@ def train_rfnet_command(
             "split": {s: data.split.count(s) for s in set(data.split)},
             "runs": {"init": run},
         }
-    if variant not in VARIANTS:
-        raise ValueError(f"--variant: expected one of {sorted(VARIANTS)}; got {variant!r}")
     base = _model_config(model_config)
+    variants = variants_for(base)
+    if variant not in variants:
+        raise ValueError(f"--variant: expected one of {sorted(variants)}; got {variant!r}")
     samples = load_samples(manifest)
-    full = dataclasses.replace(base, modalities=VARIANTS["full"])
+    full = dataclasses.replace(base, modalities=variants["full"])
     data, degraded = _training_data(samples, full, config, maps, Path(out), progress, in_memory)
-    names = list(VARIANTS) if ablation else [variant]
+    names = list(variants) if ablation else [variant]
     summary = {"samples": len(data), "split": {s: data.split.count(s) for s in set(data.split)}}
     runs = {}
     for name in names:
         run_dir = Path(out) / name if ablation else Path(out)
-        cfg = dataclasses.replace(base, modalities=VARIANTS[name])
+        cfg = dataclasses.replace(base, modalities=variants[name])
         result = train_rfnet(data, run_dir, cfg, config, progress=progress, degraded=degraded)
         _record_keys(samples, run_dir / "model", None)
         runs[name] = {"model": str(run_dir / "model"), "steps": result.steps,
@@ -409,7 +420,9 @@ def eval_rfnet_command(
     samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     if runs is not None:
         folders = {
-            n: Path(runs) / n / "model" for n in VARIANTS if (Path(runs) / n / "model").is_dir()
+            n: Path(runs) / n / "model"
+            for n in {**VARIANTS, **EARLY_VARIANTS}
+            if (Path(runs) / n / "model").is_dir()
         }
         if not folders:
             raise FileNotFoundError(f"{runs}: no <variant>/model folders (train with --ablation)")
@@ -422,8 +435,11 @@ def eval_rfnet_command(
         allow_overlap=allow_overlap, where=str(manifest),
     )  # fmt: skip
     models = {n: RFNet.from_pretrained(f) for n, f in folders.items()}
-    widest = dataclasses.replace(next(iter(models.values())).config, modalities=VARIANTS["full"])
-    clean = prepare_inspection_data(samples, widest, maps=maps, progress=progress)
+    first = next(iter(models.values())).config
+    needed = {m for f in models.values() for m in variants_for(f.config)["full"]}
+    clean = prepare_inspection_data(
+        samples, first, maps=maps, progress=progress, modalities=tuple(needed)
+    )
     degraded = degrade_inspection_data(clean, seed, predict_maps=maps == "predicted")
     oracle = oracle_verdicts(samples, degraded, progress)  # judges what the models saw
     results = {

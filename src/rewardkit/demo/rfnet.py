@@ -83,7 +83,8 @@ def rfnet_section(
     models["RFNet, renders only (shipped)"] = RFNet.from_pretrained(renders_only)
     models["image-only baseline (shipped)"] = RFNet.from_pretrained(baseline)
     full = next(iter(models.values())).config
-    clean = prepare_inspection_data(samples, full, progress=False)
+    needed = tuple({m for model in models.values() for m in model.config.modalities})
+    clean = prepare_inspection_data(samples, full, progress=False, modalities=needed)
     degraded = degrade_inspection_data(clean, seed=1)
     oracle = oracle_verdicts(samples, degraded, progress=False)
     results, probs_full = {}, None

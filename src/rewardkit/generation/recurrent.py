@@ -167,8 +167,14 @@ class InspectorJudge:
         g = images.to(device).float()
         if g.shape[-1] != size:
             g = torch.nn.functional.interpolate(g, size=(size, size), mode="bilinear")
+        extra = ()
+        if self.inspector.uses_placement:  # early fusion: where the product sits, its height
+            extra = self.inspector.placement_inputs(
+                context["photos"], context["fills"], context["heights"]
+            )
         with torch.no_grad():
-            probs = torch.softmax(self.inspector(p, g, list(context["captions"])), dim=-1)
+            logits = self.inspector(p, g, list(context["captions"]), *extra)
+            probs = torch.softmax(logits, dim=-1)
         classes = self.inspector.classes
         return self.inspector.verdicts(probs), probs[:, classes.index(AVAILABLE)]
 

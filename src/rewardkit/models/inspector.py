@@ -14,8 +14,10 @@ folder, or absolute), the embedded defaults otherwise.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,15 +102,62 @@ class Inspector(nn.Module):
         """Record which extractor folders this RFNet was trained with."""
         (Path(folder) / INSPECTOR_FILE).write_text(json.dumps(pointers, indent=2) + "\n")
 
+    @property
+    def uses_placement(self) -> bool:
+        """Whether the RFNet reads where the product was placed and its height (early
+        fusion: ``placed`` / ``heights`` must then be given to :meth:`forward`)."""
+        return bool({"placed", "height"} & set(self.rfnet.config.modalities))
+
+    def placement_inputs(
+        self, photos: Sequence[np.ndarray], fills: Sequence[float | None],
+        heights: Sequence[float | None],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """``placed`` (B, 4, R, R) float in [0, 1] and ``heights`` (B,) for :meth:`forward`
+        from RGBA product photos, their placement fills (None: the generator's default) and
+        heights in cm; (None, None) when the RFNet reads neither."""
+        if not self.uses_placement:
+            return None, None
+        from rewardkit.world.placement import DEFAULT_FILL, placed_on_white
+
+        size = self.rfnet.config.resolution
+        placed = None
+        if "placed" in self.rfnet.config.modalities:
+            layers = [
+                placed_on_white(p, size, DEFAULT_FILL if f is None else float(f))
+                for p, f in zip(photos, fills, strict=True)
+            ]
+            placed = torch.from_numpy(np.stack(layers)).permute(0, 3, 1, 2).float() / 255.0
+        h = None
+        if "height" in self.rfnet.config.modalities:
+            missing = [i for i, v in enumerate(heights) if v is None or not v > 0]
+            if missing:
+                raise ValueError(
+                    f"image {missing[0]}: no product height (cm); this inspector reads it"
+                )
+            h = torch.tensor([float(v) for v in heights], dtype=torch.float32)
+        return placed, h
+
     def forward(
-        self, product: torch.Tensor, generated: torch.Tensor, captions: list[str]
+        self,
+        product: torch.Tensor,
+        generated: torch.Tensor,
+        captions: list[str],
+        placed: torch.Tensor | None = None,
+        heights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, C) for product photos (B, 3, H, W) composited on white, generated
-        images (B, 3, H, W) in [0, 1] and one caption per image. Inputs on another device
-        are moved to the inspector's (differentiably)."""
+        images (B, 3, H, W) in [0, 1] and one caption per image; an early-fusion RFNet also
+        reads ``placed`` (B, 4, H, W) and ``heights`` (B,) (:meth:`placement_inputs`).
+        Inputs on another device are moved to the inspector's (differentiably)."""
         if len(captions) != generated.shape[0]:
             raise ValueError(f"got {generated.shape[0]} images but {len(captions)} captions")
         product, generated = product.to(self.device), generated.to(self.device)
+        if self.uses_placement:
+            return self.rfnet(
+                product=product, generated=generated,
+                placed=None if placed is None else placed.to(self.device),
+                height_cm=None if heights is None else torch.as_tensor(heights).to(self.device),
+            )  # fmt: skip
         inputs = {"product": product, "generated": generated}
         inputs["depth"] = self.depth(generated) if self.depth is not None else None
         inputs["saliency"] = self.saliency(generated) if self.saliency is not None else None
@@ -120,8 +169,13 @@ class Inspector(nn.Module):
         return self.rfnet(**inputs, caption_tokens=tokens, caption_mask=mask)
 
     def available_log_prob(
-        self, product: torch.Tensor, generated: torch.Tensor, captions: list[str]
+        self,
+        product: torch.Tensor,
+        generated: torch.Tensor,
+        captions: list[str],
+        placed: torch.Tensor | None = None,
+        heights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log P(Available) per image (B,): the reward RFFT maximises."""
-        logits = self(product, generated, captions)
+        logits = self(product, generated, captions, placed, heights)
         return torch.log_softmax(logits, dim=-1)[:, self.classes.index(AVAILABLE)]

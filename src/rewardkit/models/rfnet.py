@@ -48,7 +48,11 @@ from rewardkit.models.social_reward import _check_loading_info, _quiet_progress
 from rewardkit.world.scene import CLASSES
 
 __all__ = [
+    "ALIGNED_MODALITIES",
+    "ALL_MODALITIES",
     "AVAILABLE",
+    "EARLY_MODALITIES",
+    "FUSIONS",
     "IMAGE_MODALITIES",
     "MODALITIES",
     "RESNET50",
@@ -62,6 +66,13 @@ __all__ = [
 
 AVAILABLE = "Available"
 MODALITIES = ("product", "generated", "depth", "saliency", "caption")
+# Early fusion's inputs beyond the paper: the product as placed on the canvas (RGB on white +
+# its placement mask, aligned with the generated image) and its real height in cm.
+ALIGNED_MODALITIES = ("placed", "height")
+ALL_MODALITIES = (*MODALITIES, *ALIGNED_MODALITIES)
+EARLY_MODALITIES = ("product", "generated", "placed", "height")
+FUSIONS = ("late", "early")
+HEIGHT_SCALE_CM = 30.0  # early fusion reads log(height / this)
 IMAGE_MODALITIES = ("product", "generated", "depth", "saliency")
 MAP_MODALITIES = ("depth", "saliency")  # one-channel maps, repeated to 3 channels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -133,6 +144,13 @@ class RFNetConfig:
     # (``train rfnet --accept-precision``); every verdict (inspect, Recurrent Generation's
     # accept test, the service) follows it.
     accept_threshold: float | None = None
+    # "late": the paper's RFNet (each image encoded alone, tokens fused by attention).
+    # "early" (beyond the paper): the generated image and the product as placed on the canvas
+    # (RGB + mask) stacked as channels of one full-resolution CNN, the photo in a branch, the
+    # product's height as a number (modalities from EARLY_MODALITIES; ``width`` is then the
+    # CNN's first-stage channels and ``backbone``, ``heads``, ``n_filter``, ``n_fusion`` and
+    # ``caption_dim`` are unused). See :meth:`aligned`.
+    fusion: str = "late"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -186,17 +204,30 @@ class RFNetConfig:
         if AVAILABLE not in classes:
             raise ValueError(f"classes: must include {AVAILABLE!r} (the reward); got {classes}")
         set_(self, "classes", classes)
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion: one of {FUSIONS}; got {self.fusion!r}")
         mods = (
             tuple(self.modalities) if not isinstance(self.modalities, str) else (self.modalities,)
         )
-        bad = [m for m in mods if m not in MODALITIES]
+        allowed = MODALITIES if self.fusion == "late" else EARLY_MODALITIES
+        bad = [m for m in mods if m not in allowed]
         if bad or len(set(mods)) != len(mods):
-            raise ValueError(f"modalities: distinct names from {MODALITIES}; got {mods}")
-        if not set(mods) & set(IMAGE_MODALITIES):
+            hint = (
+                f" ({sorted(set(bad) & set(ALIGNED_MODALITIES))} need fusion: early)"
+                if set(bad) & set(ALIGNED_MODALITIES) and self.fusion == "late"
+                else ""
+            )
+            raise ValueError(
+                f"modalities: distinct names from {allowed} with fusion {self.fusion!r}; "
+                f"got {mods}{hint}"
+            )
+        if self.fusion == "late" and not set(mods) & set(IMAGE_MODALITIES):
             raise ValueError(
                 f"modalities: need at least one image in {IMAGE_MODALITIES}; got {mods}"
             )
-        set_(self, "modalities", tuple(m for m in MODALITIES if m in mods))  # canonical order
+        if self.fusion == "early" and "generated" not in mods:
+            raise ValueError(f"modalities: early fusion needs 'generated'; got {mods}")
+        set_(self, "modalities", tuple(m for m in ALL_MODALITIES if m in mods))  # canonical
 
     # -- presets ---------------------------------------------------------------------
 
@@ -206,6 +237,15 @@ class RFNetConfig:
         return cls(
             backbone=dict(RESNET50), width=384, heads=8, n_filter=1, n_fusion=3, resolution=384
         )
+
+    @classmethod
+    def aligned(cls) -> RFNetConfig:
+        """Early fusion of aligned inputs (beyond the paper; ``fusion="early"``): the
+        generated image, the product as placed on the canvas and its mask in one CNN at full
+        resolution (64 -> 4 px, width 32), the padded photo in a small branch, the product's
+        height in cm as a number. Contact, relative size and colour similarity become
+        comparisons within one receptive field instead of across 16-px tokens."""
+        return cls(fusion="early", modalities=EARLY_MODALITIES, width=32, dropout=0.2)
 
     @classmethod
     def small(cls) -> RFNetConfig:
@@ -218,9 +258,9 @@ class RFNetConfig:
 
     def without(self, *names: str) -> RFNetConfig:
         """An ablation: this config without the given modalities."""
-        unknown = [n for n in names if n not in MODALITIES]
+        unknown = [n for n in names if n not in ALL_MODALITIES]
         if unknown:
-            raise ValueError(f"unknown modality {unknown}; expected names from {MODALITIES}")
+            raise ValueError(f"unknown modality {unknown}; expected names from {ALL_MODALITIES}")
         return dataclasses.replace(
             self, modalities=tuple(m for m in self.modalities if m not in names)
         )
@@ -274,6 +314,14 @@ class RFNetConfig:
 # Model
 
 
+def _conv_block(ci: int, co: int, stride: int) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + ReLU, the first with ``stride``."""
+    return nn.Sequential(
+        nn.Conv2d(ci, co, 3, stride, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(),
+        nn.Conv2d(co, co, 3, 1, 1, bias=False), nn.BatchNorm2d(co), nn.ReLU(),
+    )  # fmt: skip
+
+
 def sincos_positions_2d(h: int, w: int, dim: int) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding (h*w, dim): a quarter of the channels each for
     sin/cos of the row and of the column. Parameter-free, so any grid size works."""
@@ -324,6 +372,9 @@ class RFNet(nn.Module):
         super().__init__()
         config = config or RFNetConfig()
         self.config = config
+        if config.fusion == "early":
+            self._init_early()
+            return
         d = config.width
         mods = config.modalities
         self.image_modalities = tuple(m for m in IMAGE_MODALITIES if m in mods)
@@ -358,15 +409,41 @@ class RFNet(nn.Module):
         self.register_buffer("pixel_mean", mean, persistent=False)  # (1, 3, 1, 1)
         self.register_buffer("pixel_std", std, persistent=False)  # (1, 3, 1, 1)
 
+    def _init_early(self) -> None:
+        """Early fusion's modules (``RFNetConfig.aligned``): a scene CNN over the stacked
+        generated image, placed product, mask and two coordinate channels (R -> R/16), a
+        photo branch (R -> R/8), and an MLP head on their mean- and max-pooled features and
+        the numbers (log height, the product's pixel height from the mask)."""
+        c, w, mods = self.config, self.config.width, self.config.modalities
+        self.image_modalities = tuple(m for m in ("product", "generated") if m in mods)
+        self.scene_channels = 3 + (4 if "placed" in mods else 0)
+        self.scene = nn.Sequential(
+            _conv_block(self.scene_channels + 2, w, 1), _conv_block(w, 2 * w, 2),
+            _conv_block(2 * w, 4 * w, 2), _conv_block(4 * w, 4 * w, 2),
+            _conv_block(4 * w, 4 * w, 2),
+        )  # fmt: skip
+        features = 8 * w
+        self.photo = None
+        if "product" in mods:
+            self.photo = nn.Sequential(
+                _conv_block(3, 16, 2), _conv_block(16, 32, 2), _conv_block(32, 64, 2)
+            )
+            features += 128
+        self.n_numbers = int("height" in mods) + int("placed" in mods)
+        self.head = nn.Sequential(
+            nn.Linear(features + self.n_numbers, 128), nn.ReLU(), nn.Dropout(c.dropout),
+            nn.Linear(128, len(c.classes)),
+        )  # fmt: skip
+
     @property
     def device(self) -> torch.device:
         """The device of the model's parameters."""
-        return self.cls_token.device
+        return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         """The floating dtype of the model's parameters."""
-        return self.cls_token.dtype
+        return next(self.parameters()).dtype
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -466,6 +543,8 @@ class RFNet(nn.Module):
         saliency: torch.Tensor | None = None,
         caption_tokens: torch.Tensor | None = None,
         caption_mask: torch.Tensor | None = None,
+        placed: torch.Tensor | None = None,
+        height_cm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, n_classes) over ``config.classes``.
 
@@ -478,10 +557,16 @@ class RFNet(nn.Module):
             saliency: Saliency maps of the generated images, float [B, 1, H, W] in [0, 1].
             caption_tokens: Caption token states, float [B, T, caption_dim].
             caption_mask: [B, T], nonzero at real tokens; None means all tokens are real.
+            placed: Early fusion: the product as placed on the generated image's canvas, on
+                white, with its placement mask, float [B, 4, H, W] in [0, 1]
+                (``world.placement.placed_on_white``).
+            height_cm: Early fusion: the product's real height in cm, float [B].
 
         Raises:
             ValueError: A used input is missing or has the wrong shape or dtype.
         """
+        if self.config.fusion == "early":
+            return self._forward_early(product, generated, placed, height_cm)
         inputs = {
             "product": product, "generated": generated, "depth": depth, "saliency": saliency,
             "caption_tokens": caption_tokens, "caption_mask": caption_mask,
@@ -511,6 +596,66 @@ class RFNet(nn.Module):
             x = layer(x, src_key_padding_mask=key_pad)  # (B, S, D)
         return self.head(x[:, 0])  # (B, n_classes)
 
+    def _forward_early(self, product, generated, placed, height_cm) -> torch.Tensor:
+        """Early fusion (``fusion="early"``): see :meth:`_init_early`."""
+        mods, r = self.config.modalities, self.config.resolution
+        given = {"product": product, "generated": generated, "placed": placed}
+        batch = None
+        for name, c in (("generated", 3), ("product", 3), ("placed", 4)):
+            if name not in mods:
+                continue
+            x = given[name]
+            spec = f"a float tensor [B, {c}, H, W] in [0, 1]"
+            if x is None:
+                raise ValueError(f"RFNet with modalities {mods} needs {name!r} ({spec}); got None")
+            if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != c:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{name}: expected {spec}; got shape {shape}")
+            if not x.is_floating_point():
+                raise ValueError(f"{name}: expected {spec}; got dtype {x.dtype}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(f"{name}: batch size {x.shape[0]} differs from {batch}")
+            batch = x.shape[0]
+        if "height" in mods:
+            if height_cm is None:
+                raise ValueError(
+                    f"RFNet with modalities {mods} needs 'height_cm' (the product's height in "
+                    "cm, a float tensor [B]); got None"
+                )
+            height_cm = torch.as_tensor(height_cm).to(device=self.device, dtype=self.dtype)
+            if tuple(height_cm.shape) != (batch,):
+                raise ValueError(
+                    f"height_cm: expected shape ({batch},); got {tuple(height_cm.shape)}"
+                )
+
+        def sized(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device=self.device, dtype=self.dtype)
+            if tuple(x.shape[-2:]) != (r, r):
+                x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False,
+                                  antialias=True)  # fmt: skip
+            return x
+
+        scene = [sized(generated)]
+        numbers = []
+        if "height" in mods:
+            numbers.append(torch.log(height_cm.clamp_min(1e-3) / HEIGHT_SCALE_CM))
+        if "placed" in mods:
+            p = sized(placed)  # (B, 4, R, R)
+            scene.append(p)
+            numbers.append((p[:, 3] > 0.5).any(2).sum(1).to(p.dtype) / r)  # pixel height
+        x = torch.cat(scene, 1)  # (B, 3 [+ 4], R, R)
+        yy = torch.linspace(-1, 1, r, device=x.device, dtype=x.dtype).view(1, 1, r, 1)
+        xx = torch.linspace(-1, 1, r, device=x.device, dtype=x.dtype).view(1, 1, 1, r)
+        coords = [yy.expand(batch, 1, r, r), xx.expand(batch, 1, r, r)]
+        f = self.scene(torch.cat([x, *coords], 1))  # (B, 4w, R/16, R/16)
+        pooled = [f.mean((2, 3)), f.amax((2, 3))]
+        if self.photo is not None:
+            g = self.photo(sized(product))  # (B, 64, R/8, R/8)
+            pooled += [g.mean((2, 3)), g.amax((2, 3))]
+        if numbers:
+            pooled.append(torch.stack(numbers, 1))
+        return self.head(torch.cat(pooled, 1))  # (B, n_classes)
+
     def available_log_prob(
         self,
         product: torch.Tensor | None = None,
@@ -519,10 +664,14 @@ class RFNet(nn.Module):
         saliency: torch.Tensor | None = None,
         caption_tokens: torch.Tensor | None = None,
         caption_mask: torch.Tensor | None = None,
+        placed: torch.Tensor | None = None,
+        height_cm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log P("Available") per sample, shape (B,): the RFFT reward. Same arguments as
         :meth:`forward`; differentiable with respect to every image input."""
-        logits = self(product, generated, depth, saliency, caption_tokens, caption_mask)
+        logits = self(
+            product, generated, depth, saliency, caption_tokens, caption_mask, placed, height_cm
+        )
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, C)
         return log_probs[:, self.config.classes.index(AVAILABLE)]  # (B,)
 

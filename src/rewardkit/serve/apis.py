@@ -210,18 +210,40 @@ class InspectAPI(_Endpoint):
                 422, f"products: {len(request.products)} photos for {n} images (give 1 or {n})"
             )
         captions = per_image(request.captions, n, "captions", "")
+        fills = heights = None
+        if self.inspector.uses_placement:  # early fusion: where the product sits, its height
+            from rewardkit.data.keys import height_from_row
+
+            fills = per_image(request.fills, n, "fills", None)
+            for i, f in enumerate(fills):
+                if f is not None and not 0.05 <= f <= 1.0:
+                    raise RequestError(422, f"fills[{i}]: must be in [0.05, 1]; got {f}")
+            heights = per_image(request.heights_cm, n, "heights_cm", None)
+            heights = [h if h is not None else height_from_row({"caption": c})
+                       for h, c in zip(heights, captions, strict=True)]  # fmt: skip
+            for i, h in enumerate(heights):
+                if "height" in self.inspector.rfnet.config.modalities and not (h and h > 0):
+                    raise RequestError(
+                        422, f"heights_cm[{i}]: this inspector needs the product's height "
+                        "(heights_cm, or 'N cm' in the caption)",
+                    )  # fmt: skip
+        elif request.fills is not None or request.heights_cm is not None:
+            per_image(request.fills, n, "fills", None)  # still checked for length
+            per_image(request.heights_cm, n, "heights_cm", None)
         with Uploads(self.config.max_pixels) as up:
             paths = [str(up.write(f"images[{i}]", d)) for i, d in enumerate(request.images)]
             photos = [str(up.write(f"products[{i}]", d)) for i, d in enumerate(request.products)]
             products = photos * n if len(photos) == 1 else photos
-            reader = _BatchReader(paths, products, [None] * n, self.size, check_domain=False)
+            reader = _BatchReader(
+                paths, products, [None] * n, self.size, check_domain=False, fills=fills
+            )
             gen, prod, _, bad, _ = reader((0, n))
             if bad:
                 reason = bad[0]["reason"]
                 if str(up.root) in reason:
                     raise RequestError(422, up.message(reason))
                 raise RequestError(422, f"images[{bad[0]['row']}]: {reason}")
-        return gen, prod, captions
+        return gen, prod, captions, heights
 
     def run(self, items: list) -> list:
         import numpy as np
@@ -229,17 +251,21 @@ class InspectAPI(_Endpoint):
 
         from rewardkit.commands.inspect import inspect_batch
 
-        gen = torch.cat([g for g, _, _ in items])
-        prod = torch.cat([p for _, p, _ in items])
-        captions = [c for _, _, texts in items for c in texts]
+        gen = torch.cat([g for g, _, _, _ in items])
+        prod = torch.cat([p for _, p, _, _ in items])
+        captions = [c for _, _, texts, _ in items for c in texts]
+        heights = None
+        if self.inspector.uses_placement:
+            heights = [h for *_, hs in items for h in hs]
         step = self.config.forward_batch
         probs = np.concatenate([
             inspect_batch(self.inspector, gen[i : i + step], prod[i : i + step],
-                          captions[i : i + step], self.config.mixed_precision)
+                          captions[i : i + step], self.config.mixed_precision,
+                          None if heights is None else heights[i : i + step])
             for i in range(0, len(captions), step)
         ])  # fmt: skip
         out, start = [], 0
-        for g, _, _ in items:
+        for g, *_ in items:
             rows = probs[start : start + len(g)]
             start += len(g)
             out.append({

@@ -35,7 +35,7 @@ from rewardkit.serve.review import review_router
 
 __all__ = ["BodyLimitMiddleware", "build_server", "run_server"]
 
-LIST_FIELDS = ("images", "prompts", "products", "captions")  # repeated in a multipart form
+LIST_FIELDS = ("images", "prompts", "products", "captions", "heights_cm", "fills")  # repeated
 LITSERVE_HEALTH = "/health/workers"  # LitServe's own plain-text check, kept beside ours
 
 
@@ -61,8 +61,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 class BodyLimitMiddleware:
     """Refuse request bodies over ``max_bytes`` (413, one line), and turn multipart forms
-    sent to /v1/* into the JSON body the endpoints read (files as base64; ``images``,
-    ``prompts``, ``products`` and ``captions`` repeat, other fields are single)."""
+    sent to /v1/* into the JSON body the endpoints read (files as base64; the fields of
+    :data:`LIST_FIELDS` repeat, other fields are single)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app

@@ -71,6 +71,16 @@ class InspectRequest(BaseModel):
     captions: list[str] = Field(
         default_factory=lambda: [""], description="the product caption of each image, or one"
     )
+    heights_cm: list[float] | None = Field(
+        default=None,
+        description="the product's real height in cm per image, or one (early-fusion "
+        "inspectors read it; default: 'N cm' in the caption)",
+    )
+    fills: list[float] | None = Field(
+        default=None,
+        description="product size / frame each image was generated at, or one (early-fusion "
+        "inspectors; default 0.4)",
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -101,7 +111,7 @@ class GenerateRequest(BaseModel):
     )
 
 
-def per_image(values: list[str] | None, n: int, field: str, default: str) -> list[str]:
+def per_image(values: list | None, n: int, field: str, default) -> list:
     """``values`` for ``n`` images: one each, or one for all (None: ``default`` for all)."""
     if values is None:
         return [default] * n

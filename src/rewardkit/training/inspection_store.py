@@ -39,6 +39,8 @@ from rewardkit.training.rowfiles import META_FILE, RowFile, RowWriter, build_key
 __all__ = [
     "CAPTION_BATCH",
     "CHUNK_ROWS",
+    "aligned_rows",
+    "row_heights",
     "MAP_BATCH",
     "InspectionStore",
     "RowFile",
@@ -47,12 +49,12 @@ __all__ = [
     "store_key",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: early fusion's "placed" images and "height_cm" numbers
 # A multiple of the extractors' batch (MAP_BATCH), so the maps are predicted over the same
 # batches as in memory; 512 rows at 384 px hold ~0.5 GB of decoded pixels at once.
 CHUNK_ROWS = 512
 DEGRADED_PREFIX = "degraded_"
-IMAGE_ARRAYS = ("product", "generated", "depth", "saliency")
+IMAGE_ARRAYS = ("product", "generated", "depth", "saliency", "placed")
 
 
 class InspectionStore:
@@ -78,6 +80,9 @@ class InspectionStore:
             file = own if own.is_file() else clean
             if file.is_file():
                 self.files[name] = RowFile(file)
+        self.height_cm: torch.Tensor | None = None  # (N,) float32, early fusion's number
+        if (self.folder / "height_cm.npy").is_file():
+            self.height_cm = torch.from_numpy(self._load("height_cm").astype(np.float32))
         self.caption_index: np.ndarray | None = None
         if (self.folder / "caption_tokens.npy").is_file():
             self.files["caption_tokens"] = RowFile(self.folder / "caption_tokens.npy")
@@ -121,6 +126,9 @@ class InspectionStore:
         r = np.asarray(rows, dtype=np.int64)
         for name in IMAGE_ARRAYS:
             out[name] = self.files[name].read(r) if name in use and name in self.files else None
+        out["height_cm"] = None
+        if "height" in use and self.height_cm is not None:
+            out["height_cm"] = self.height_cm[torch.as_tensor(r)].numpy()
         out["caption_tokens"] = out["caption_mask"] = None
         if "caption" in use and self.caption_index is not None:
             index = self.caption_index[r]
@@ -144,6 +152,8 @@ def to_model_inputs(arrays: dict, device: torch.device | str = "cpu") -> dict:
     for name in IMAGE_ARRAYS:
         x = arrays[name]
         out[name] = None if x is None else torch.as_tensor(x).to(device).float().div_(255.0)
+    height = arrays.get("height_cm")
+    out["height_cm"] = None if height is None else torch.as_tensor(height).to(device).float()
     tokens, mask = arrays["caption_tokens"], arrays["caption_mask"]
     out["caption_tokens"] = None if tokens is None else torch.as_tensor(tokens).to(device)
     out["caption_mask"] = None if mask is None else torch.as_tensor(mask).to(device).long()
@@ -196,7 +206,10 @@ def store_key(
     h.update(json.dumps(head, sort_keys=True).encode())
     # Per-row values, streamed (a JSON of a million rows' columns would be ~100s of MB).
     identity = "product_key" if "product_key" in cols else "product_path"
-    for column in (identity, "label", "split", "caption"):
+    aligned = [
+        c for c in ("fill", "product_height_cm") if set(config.modalities) & {"placed", "height"}
+    ]
+    for column in (identity, "label", "split", "caption", *aligned):
         h.update(f"\0column:{column}".encode())
         if column not in cols:
             continue
@@ -216,6 +229,52 @@ def store_key(
         for values in columns.values():
             _file_digest(h, values[i])
     return h.hexdigest()
+
+
+def row_heights(table: pa.Table) -> np.ndarray:
+    """Every row's product height in cm (N,) float32: ``product_height_cm``, else "N cm" in
+    its caption (``data.keys.height_from_row``).
+
+    Raises:
+        ValueError: A row with neither (naming the row)."""
+    from rewardkit.data.keys import height_from_row
+
+    cols = [c for c in ("product_height_cm", "caption") if c in table.column_names]
+    out = np.empty(table.num_rows, np.float32)
+    for i, row in enumerate(table.select(cols).to_pylist()):
+        h = height_from_row(row)
+        if h is None or not np.isfinite(h) or h <= 0:
+            raise ValueError(
+                f"row {i}: no product height (column product_height_cm, or 'N cm' in the "
+                "caption); an early-fusion inspector reads it"
+            )
+        out[i] = h
+    return out
+
+
+def aligned_rows(table: pa.Table, rows: range | list[int], size: int) -> np.ndarray:
+    """The product as placed on the canvas, on white, with its mask, for ``rows`` of
+    ``table``: (n, 4, S, S) uint8 (``world.placement.placed_on_white`` of the row's
+    ``product_path`` at its ``fill``; the generator's default fill where the column is
+    absent or null, as ``rewardkit generate`` places products).
+
+    Raises:
+        ValueError: An unreadable photo or a fill outside [0.05, 1] (naming the row)."""
+    from rewardkit.world.export import load_product_photo
+    from rewardkit.world.placement import DEFAULT_FILL, placed_on_white
+
+    photos = table["product_path"]
+    fills = table["fill"] if "fill" in table.column_names else None
+    out = []
+    for i in rows:
+        fill = fills[i].as_py() if fills is not None else None
+        fill = DEFAULT_FILL if fill is None or fill != fill else float(fill)
+        try:
+            layer = placed_on_white(load_product_photo(photos[i].as_py()), size, fill)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"row {i}: {err}") from None
+        out.append(layer.transpose(2, 0, 1))
+    return np.stack(out) if out else np.zeros((0, 4, size, size), np.uint8)
 
 
 # Images per extractor forward: the extractors' activations (Segformer's upsampled decode
@@ -297,6 +356,10 @@ def _build(
     for kind in ("depth", "saliency"):
         if kind in mods:
             writers[kind] = RowWriter(folder / f"{kind}.npy", single, np.uint8)
+    if "placed" in mods:
+        writers["placed"] = RowWriter(folder / "placed.npy", (n, 4, size, size), np.uint8)
+    if "height" in mods:
+        np.save(folder / "height_cm.npy", row_heights(table))
     if degrade_seed is not None:  # maps not predicted (ground truth) are kept as they are
         for name in ("generated", *(("depth", "saliency") if degrade_maps else ())):
             if name in writers:
@@ -313,6 +376,8 @@ def _build(
         generated = torch.from_numpy(gen).permute(0, 3, 1, 2).contiguous()  # (b, 3, S, S)
         writers["generated"].append(generated)
         writers["product"].append(torch.from_numpy(prod).permute(0, 3, 1, 2))
+        if "placed" in writers:
+            writers["placed"].append(aligned_rows(table, rows, size))
         for kind in ("depth", "saliency"):
             if kind not in writers:
                 continue

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rewardkit.data.samples import load_product_rgb, load_resized
-from rewardkit.models.rfnet import AVAILABLE, MODALITIES, RFNet, RFNetConfig, verdict_indices
-from rewardkit.training.inspection_store import CAPTION_BATCH, InspectionStore
+from rewardkit.models.rfnet import (
+    AVAILABLE,
+    EARLY_MODALITIES,
+    MODALITIES,
+    RFNet,
+    RFNetConfig,
+    verdict_indices,
+)
+from rewardkit.training.inspection_store import (
+    CAPTION_BATCH,
+    InspectionStore,
+    aligned_rows,
+    row_heights,
+)
 from rewardkit.training.inspection_store import predict_maps as _predict_maps
 from rewardkit.training.loop import (
     MicroBatch,
@@ -43,6 +56,7 @@ from rewardkit.training.loop import (
 __all__ = [
     "InspectionData",
     "RFNetTrainConfig",
+    "EARLY_VARIANTS",
     "VARIANTS",
     "degrade_inspection_data",
     "average_precision",
@@ -50,6 +64,7 @@ __all__ = [
     "predict_rfnet",
     "prepare_inspection_data",
     "train_rfnet",
+    "variants_for",
 ]
 
 # The paper's two tables: RFNet vs the same backbone on the generated image alone, and the
@@ -59,7 +74,22 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "image-only": ("generated",),
     **{f"no-{m}": tuple(x for x in MODALITIES if x != m) for m in MODALITIES},
 }
+# The same tables for early fusion (``RFNetConfig.aligned``): its own inputs.
+EARLY_VARIANTS: dict[str, tuple[str, ...]] = {
+    "full": EARLY_MODALITIES,
+    "image-only": ("generated",),
+    **{f"no-{m}": tuple(x for x in EARLY_MODALITIES if x != m)
+       for m in EARLY_MODALITIES if m != "generated"},
+}  # fmt: skip
 
+
+def variants_for(config: RFNetConfig) -> dict[str, tuple[str, ...]]:
+    """The variants (name -> modalities) of a config's fusion."""
+    return EARLY_VARIANTS if config.fusion == "early" else VARIANTS
+
+
+SCHEDULES = ("step", "onecycle")
+FLIPPED_INPUTS = ("product", "generated", "depth", "saliency", "placed")
 
 # What degradation changes (the image and the maps predicted from it); product photo and
 # caption stay as they are.
@@ -81,6 +111,19 @@ class RFNetTrainConfig(TrainConfigBase):
     # blur, noise, JPEG) whose depth and saliency are predicted again from the degraded
     # pixels, as at inspection time; False: blur and noise the clean batch on the fly.
     degraded_copy: bool = True
+    # "step": the paper's (lr / 10 at ``lr_drop_at``); "onecycle": a linear warm-up over the
+    # first 10% of steps from lr / 25, then a cosine decay to ~0 (for models trained from
+    # scratch at a high rate, e.g. the early-fusion preset).
+    schedule: str = "step"
+    flip: bool = False  # mirror a random half of each batch (every image input): same verdict
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: one of {SCHEDULES}; got {self.schedule!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: must be in [0, 1); got {self.label_smoothing}")
 
 
 @dataclass
@@ -97,6 +140,8 @@ class InspectionData:
     classes: tuple[str, ...]
     split: list[str]
     paths: list[str]
+    placed: torch.Tensor | None = None  # (N, 4, R, R) uint8: placed product on white + mask
+    height_cm: torch.Tensor | None = None  # (N,) float32: the product's height
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -119,8 +164,11 @@ class InspectionData:
         raw = {
             name: None if x is None or name not in use else x[rows]
             for name, x in (("product", self.product), ("generated", self.generated),
-                            ("depth", self.depth), ("saliency", self.saliency))
+                            ("depth", self.depth), ("saliency", self.saliency),
+                            ("placed", self.placed))
         }  # fmt: skip
+        heights = "height" in use and self.height_cm is not None
+        raw["height_cm"] = self.height_cm[rows] if heights else None
         captions = "caption" in use and self.caption_tokens is not None
         raw["caption_tokens"] = self.caption_tokens[rows] if captions else None
         raw["caption_mask"] = self.caption_mask[rows] if captions else None
@@ -135,6 +183,7 @@ def prepare_inspection_data(
     saliency_model=None,
     caption_encoder=None,
     progress: bool = True,
+    modalities: tuple[str, ...] | None = None,
 ) -> InspectionData:
     """Decode and encode every sample of ``table`` for an RFNet with ``config``.
 
@@ -146,6 +195,8 @@ def prepare_inspection_data(
         depth_model / saliency_model / caption_encoder: Extractors to use instead of the
             embedded defaults (``rewardkit.models.modalities.load_modality``).
         progress: Show a progress bar while decoding.
+        modalities: The inputs to prepare (default ``config.modalities``): several models of
+            other inputs (late and early fusion) can then read one copy.
 
     Raises:
         ValueError: Unknown ``maps``, a label outside ``config.classes`` (naming the row),
@@ -155,7 +206,7 @@ def prepare_inspection_data(
 
     if maps not in ("predicted", "truth"):
         raise ValueError(f"maps must be 'predicted' or 'truth'; got {maps!r}")
-    mods = set(config.modalities)
+    mods = set(config.modalities if modalities is None else modalities)
     size = config.resolution
     classes = tuple(config.classes)
     labels = []
@@ -195,12 +246,17 @@ def prepare_inspection_data(
         encoder = caption_encoder or load_modality("caption")
         captions = [str(c) for c in table["caption"].to_pylist()]
         tokens, mask = _encode_captions(encoder, captions)
+    placed = heights = None
+    if "placed" in mods:
+        placed = torch.from_numpy(aligned_rows(table, range(table.num_rows), size))
+    if "height" in mods:
+        heights = torch.from_numpy(row_heights(table))
     split = table["split"].to_pylist() if "split" in table.column_names else ["test"] * len(paths)
     return InspectionData(
         product=product, generated=generated, depth=depth, saliency=saliency,
         caption_tokens=tokens, caption_mask=mask,
         labels=torch.tensor(labels, dtype=torch.long), classes=classes, split=split,
-        paths=[str(p) for p in paths],
+        paths=[str(p) for p in paths], placed=placed, height_cm=heights,
     )  # fmt: skip
 
 
@@ -310,6 +366,13 @@ def train_rfnet(
                 inputs[key] = torch.where(pick[:, None, None, None], other[key], inputs[key])
         elif inputs["generated"] is not None:
             inputs["generated"] = _degrade(inputs["generated"], config.degrade, gens)
+        if config.flip:  # keyed like the degradation: the same mirror in any process
+            flip = torch.tensor([bool(torch.rand((), generator=g) < 0.5) for g in gens])
+            for key in FLIPPED_INPUTS:
+                if inputs.get(key) is not None:
+                    inputs[key] = torch.where(
+                        flip[:, None, None, None], inputs[key].flip(3), inputs[key]
+                    )
         inputs["labels"] = data.labels[rows]
         return inputs
 
@@ -322,7 +385,7 @@ def train_rfnet(
         labels = inputs.pop("labels")
         logits = model(**inputs)  # (B, C)
         w = None if weight is None else weight.to(logits.device)
-        return F.cross_entropy(logits, labels, weight=w)
+        return F.cross_entropy(logits, labels, weight=w, label_smoothing=config.label_smoothing)
 
     def evaluate() -> dict[str, float]:
         if len(val_rows) == 0:
@@ -332,6 +395,11 @@ def train_rfnet(
         return {"val_accuracy": acc}
 
     def lr_factor(step: int, total: int) -> float:
+        if config.schedule == "onecycle":
+            warm = max(1, round(0.1 * total))
+            if step < warm:
+                return 1 / 25 + (1 - 1 / 25) * step / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
         return 1.0 if step < config.lr_drop_at * total else 0.1
 
     signature = {

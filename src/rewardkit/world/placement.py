@@ -91,3 +91,15 @@ def white_background_to_rgba(rgb: np.ndarray, threshold: int = 245) -> np.ndarra
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
     alpha = np.where((rgb >= threshold).all(axis=2), 0, 255).astype(np.uint8)
     return np.dstack([rgb, alpha])
+
+
+def placed_on_white(cutout: np.ndarray, size: int, fill: float = DEFAULT_FILL) -> np.ndarray:
+    """The product as placed on a ``size`` canvas (``place_product``), composited on white,
+    with its placement mask as a fourth channel: (size, size, 4) uint8 (RGB on white, alpha).
+
+    This is the aligned input of an early-fusion inspector (``RFNetConfig.aligned``): the
+    pixels the generator was asked to keep, in the generated image's frame."""
+    layer, _ = place_product(cutout, size, fill)
+    a = layer[..., 3:4].astype(np.float32) / 255.0
+    rgb = layer[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.concatenate([(rgb + 0.5).astype(np.uint8), layer[..., 3:4]], axis=2)

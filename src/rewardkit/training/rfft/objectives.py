@@ -52,6 +52,8 @@ class RFNetObjective:
         self.classes = list(classes)
         self.views, self.shift, self.noise = views, shift, noise
         self._products: dict[str, torch.Tensor] = {}  # (3, S, S) on the inspectors' device
+        # Early-fusion inspectors: the product as placed (4, S, S), keyed by product and fill.
+        self._placed: dict[tuple[str, float | None], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -63,7 +65,24 @@ class RFNetObjective:
         if self.device != device:
             self.inspectors = [i.to(device) for i in self.inspectors]
             self._products = {k: v.to(device) for k, v in self._products.items()}
+            self._placed = {k: v.to(device) for k, v in self._placed.items()}
         return self
+
+    def _placement(self, jobs: list[ProductJob]):
+        """``placed`` and ``heights`` for early-fusion inspectors (None, None otherwise)."""
+        first = next((i for i in self.inspectors if i.uses_placement), None)
+        if first is None:
+            return None, None
+        for j in jobs:
+            if (j.product_key, j.fill) not in self._placed:
+                placed, _ = first.placement_inputs([j.photo], [j.fill], [j.height_cm])
+                if placed is not None:
+                    self._placed[(j.product_key, j.fill)] = placed[0].to(self.device)
+        placed = None
+        if self._placed:
+            placed = torch.stack([self._placed[(j.product_key, j.fill)] for j in jobs])
+        heights = torch.tensor([float(j.height_cm) for j in jobs], device=self.device)
+        return placed, heights
 
     def _product(self, job: ProductJob) -> torch.Tensor:
         # keyed by content: two folders may both hold a 000000.png
@@ -93,10 +112,12 @@ class RFNetObjective:
     ):
         p, g = self._inputs(images, jobs)
         captions = [j.caption for j in jobs]
+        placed, heights = self._placement(jobs)
         views = [g] + [self._jitter(g, rng) for _ in range(self.views - 1)]
-        logp = torch.stack(
-            [i.available_log_prob(p, v, captions) for i in self.inspectors for v in views]
-        ).mean(0)
+        logp = torch.stack([
+            i.available_log_prob(p, v, captions, placed, heights)
+            for i in self.inspectors for v in views
+        ]).mean(0)  # fmt: skip
         return -logp, logp.exp()
 
     def classify(self, images: torch.Tensor, jobs: list[ProductJob]):
@@ -104,10 +125,12 @@ class RFNetObjective:
         class probabilities are averaged."""
         p, g = self._inputs(images, jobs)
         captions = [j.caption for j in jobs]
+        placed, heights = self._placement(jobs)
         with torch.no_grad():
             probs = torch.stack(
-                [torch.softmax(i(p, g, captions), dim=-1) for i in self.inspectors]
-            ).mean(0)
+                [torch.softmax(i(p, g, captions, placed, heights), dim=-1)
+                 for i in self.inspectors]
+            ).mean(0)  # fmt: skip
         # Verdicts at the first inspector's operating point.
         return self.inspectors[0].verdicts(probs), probs[:, self.classes.index(AVAILABLE)]
 
