@@ -18,6 +18,8 @@ then moved with ``.to(device, dtype)`` by this script. Parts (``--parts``):
   N2 = 3, BERT-base captions; DPT-Large depth; Segformer-B0 saliency) on 16 images;
 - ``train_rfnet``: RFNet cross-entropy steps at 16 (maps and caption states precomputed, as
   ``train rfnet`` does);
+- ``inspect_aligned``: the early-fusion inspector (``RFNetConfig.aligned``) at 512 px, a
+  training step at 16 (its CNN runs at full resolution);
 - ``depth``: DPT-Large at 384 px on 16 images;
 - ``generate``: SD 1.5 (9-channel inpainting UNet, ControlNet, VAE, CLIP ViT-L/14 text) at
   512 px, ``generate_images`` with 40 DDIM steps and CFG at batch 4;
@@ -51,7 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PARTS = ("score", "train_reward", "inspect", "train_rfnet", "depth", "generate", "finetune")
+PARTS = ("score", "train_reward", "inspect", "train_rfnet", "inspect_aligned", "depth",
+         "generate", "finetune")  # fmt: skip
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Dense peak TFLOP/s (no sparsity) by device-name pattern: (bf16 tensor cores, tf32 tensor
 # cores, fp32 without tensor cores). First match wins, so longer names come first.
@@ -547,6 +550,46 @@ def part_train_rfnet(ctx: Context) -> dict:
     return _each_dtype(ctx, out, run)
 
 
+def part_inspect_aligned(ctx: Context) -> dict:
+    """The early-fusion inspector (``RFNetConfig.aligned``) at SD 1.5's 512 px (tiny: 32 px):
+    a forward and a training step, random weights. Its full-resolution CNN is the cost that
+    grows with the side (the paper's RFNet resizes to 384)."""
+    import torch.nn.functional as F
+
+    from rewardkit.models.rfnet import RFNet, RFNetConfig
+
+    b, dev = ctx.sizes.rfnet_batch, ctx.device
+    size = 32 if ctx.sizes.tiny else 512
+    cfg = dataclasses.replace(RFNetConfig.aligned(), resolution=size,
+                              width=8 if ctx.sizes.tiny else 32)  # fmt: skip
+    model = RFNet(cfg).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "product": random_images(b, size, dev),
+        "generated": random_images(b + 1, size, dev)[:b],
+        "placed": random_images(b, size, dev, channels=4),
+        "height_cm": (torch.rand(b, generator=gen) * 100 + 5).to(dev),
+    }
+    labels = torch.randint(len(cfg.classes), (b,), generator=gen).to(dev)
+    out: dict = {"config": {"batch": b, "resolution": size, "width": cfg.width,
+                            "parameters": sum(p.numel() for p in model.parameters()),
+                            "bf16": "autocast, fp32 weights"}}  # fmt: skip
+
+    def run(dt: str) -> dict:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step() -> None:
+            with autocast(dev, dt):
+                loss = F.cross_entropy(model.train()(**inputs).float(), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return ctx.bench.run(dt, step, b)
+
+    return _each_dtype(ctx, out, run)
+
+
 def part_depth(ctx: Context) -> dict:
     from rewardkit.models.modalities import DepthEstimator
 
@@ -656,6 +699,7 @@ PART_FUNCTIONS: dict[str, Callable[[Context], dict]] = {
     "train_reward": part_train_reward,
     "inspect": part_inspect,
     "train_rfnet": part_train_rfnet,
+    "inspect_aligned": part_inspect_aligned,
     "depth": part_depth,
     "generate": part_generate,
     "finetune": part_finetune,

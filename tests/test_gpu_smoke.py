@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_smoke.py"
-PARTS = ("score", "train_reward", "inspect", "train_rfnet", "depth", "generate", "finetune")
+PARTS = ("score", "train_reward", "inspect", "train_rfnet", "inspect_aligned", "depth",
+         "generate", "finetune")  # fmt: skip
 DTYPES = ("fp32", "bf16")
 NUMBERS = ("seconds_per_step", "images_per_s", "tflop_per_step", "flop_limit_ratio")
 
