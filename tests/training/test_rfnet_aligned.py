@@ -159,8 +159,8 @@ def test_data_in_memory_and_on_disk_and_training(world, tmp_path):
 
 
 def test_cli_ablation_inspect_eval_and_judges(world, tmp_path, capsys):
-    from rewardkit.generation.recurrent import InspectorJudge, ProductJob
     from rewardkit.generation.product import prepare_product
+    from rewardkit.generation.recurrent import InspectorJudge, ProductJob
     from rewardkit.training.rfft.objectives import RFNetObjective
 
     model_yaml = tmp_path / "early.yaml"
