@@ -233,3 +233,16 @@ def test_cli_ablation_inspect_eval_and_judges(world, tmp_path, capsys):
     loss.sum().backward()
     assert pixels.grad.abs().sum() > 0
     assert np.allclose(reward.detach().numpy(), scores.numpy(), atol=1e-5)
+
+
+def test_inspect_folder_input_takes_height_and_fill(world, tmp_path):
+    from rewardkit.commands.inspect import read_inspection_input
+
+    folder = world / "w" / "images"
+    product = next((world / "w" / "products").iterdir())
+    rows = read_inspection_input(folder, product, "a mug, 12 cm")
+    assert set(rows["height_cm"].to_pylist()) == {12.0} and set(rows["fill"].to_pylist()) == {None}
+    rows = read_inspection_input(folder, product, "a mug", height_cm=30.0, fill=0.5)
+    assert set(rows["height_cm"].to_pylist()) == {30.0} and set(rows["fill"].to_pylist()) == {0.5}
+    with pytest.raises(ValueError, match=r"--fill: must be in \[0.05, 1\]"):
+        read_inspection_input(folder, product, "a mug", fill=2.0)
