@@ -115,7 +115,9 @@ def main() -> None:
         "depth": pretrain,
         "saliency": pretrain,
         "social-reward": social,
-        "rfnet": keys(
+        # The early-fusion inspector: trained from scratch on the generated images alone.
+        "rfnet": keys((I23_TRAIN, "train"), (I23_VAL, "train"), (I23_LOOP, "train")),
+        "rfnet-paper": keys(
             (PRETRAIN, "train"),
             (RFNET_HARD, "train"),
             (I23_TRAIN, "train"),

@@ -246,3 +246,9 @@ def test_inspect_folder_input_takes_height_and_fill(world, tmp_path):
     assert set(rows["height_cm"].to_pylist()) == {30.0} and set(rows["fill"].to_pylist()) == {0.5}
     with pytest.raises(ValueError, match=r"--fill: must be in \[0.05, 1\]"):
         read_inspection_input(folder, product, "a mug", fill=2.0)
+
+
+def test_class_weight_power_is_checked():
+    assert RFNetTrainConfig(lr=1e-3, batch_size=8, epochs=1, class_weight_power=0.5)
+    with pytest.raises(ValueError, match="class_weight_power: must be >= 0"):
+        RFNetTrainConfig(lr=1e-3, batch_size=8, epochs=1, class_weight_power=-1.0)

@@ -11,10 +11,15 @@ aesthetic          ``aesthetic``: a linear head on the dual encoder's image embe
                    fitted to a generic photo-aesthetic rating (not the community's taste)
 depth              ``depth``: a small DPT trained on AdWorld's ground-truth depth maps
 saliency           ``saliency``: a small Segformer trained on AdWorld's saliency maps
-rfnet              ``rfnet``: the RFNet inspector (small ResNet, all five inputs), trained on
-                   renders, then fine-tuned on oracle-labelled generated images (the data
-                   loop); its accept threshold is chosen at 90% Available precision
-rfnet-renders      ``rfnet-renders``: the same architecture trained on renders only (the
+rfnet              ``rfnet``: the inspector, early fusion of aligned inputs
+                   (``RFNetConfig.aligned``: the generated image with the product as placed
+                   and its mask in one CNN, the photo, the height), trained on 5,000
+                   oracle-labelled generated images; accept threshold at 90% Available
+                   precision on its validation split (since 2026-12-03)
+rfnet-paper        ``rfnet-paper``: the paper's RFNet (small ResNet, all five inputs, late
+                   fusion): ``rfnet-renders`` fine-tuned on the same generated images (the
+                   ``rfnet`` shipped on 2026-12-03 before the early-fusion one)
+rfnet-renders      ``rfnet-renders``: the paper's RFNet trained on renders only (the
                    ``rfnet`` shipped before 2026-12-02; its ``ablation.md``)
 rfnet-image-only   ``rfnet-image-only``: the render-trained backbone on the generated image
                    alone (the paper's baseline)
@@ -44,6 +49,7 @@ DEFAULT_MODELS: dict[str, str] = {
     "depth": "depth",
     "saliency": "saliency",
     "rfnet": "rfnet",
+    "rfnet-paper": "rfnet-paper",
     "rfnet-renders": "rfnet-renders",
     "rfnet-image-only": "rfnet-image-only",
     "generator": "generator",
