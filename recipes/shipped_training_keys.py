@@ -9,7 +9,8 @@ so the held-out check can only be stricter than the truth; the one exception is 
 Reward's community, whose test prompts are excluded by the same split hash that curation
 uses (``data/sql/curation_5_pairs.sql``), because MODELS.md reports on them.
 
-    python recipes/shipped_training_keys.py [--models DIR]    # about 10 minutes on 1 core
+    python recipes/shipped_training_keys.py [--models DIR] [--only rfnet,rfnet-paper]
+    # all: about 10 minutes on 1 core
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ COMMUNITY = (7, 500)  # Social Reward's community: seed, prompts
 I23_TRAIN = (23001, 3000, B_HELDOUT)
 I23_VAL = (23002, 400, B_HELDOUT)
 I23_LOOP = (23003, 2000, B_HELDOUT)
+# Products the early-fusion rfnet's operating point for Recurrent Generation was chosen on.
+I23_RG = (23004, 200, B_HELDOUT)
 
 
 def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
@@ -83,56 +86,57 @@ def community_prompts(seed: int, n_prompts: int, split_seed: int = 0) -> list[tu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="src/rewardkit/assets/models")
+    ap.add_argument("--only", default=None, help="comma-separated folders (default: all)")
     a = ap.parse_args()
     root = Path(a.models)
+    only = set(a.only.split(",")) if a.only else None
     t0 = time.perf_counter()
-    worlds = {
-        w: world_keys(*w)
-        for w in (PRETRAIN, RFNET_HARD, GEN_TRAIN, GEN_HELDOUT, RFFT_PROBE, I23_TRAIN, I23_VAL,
-                  I23_LOOP)
-    }  # fmt: skip
+    worlds: dict = {}  # drawn when a model that needs them is written
 
     def keys(*parts: tuple[tuple, str]) -> TrainingKeys:
         k = TrainingKeys()
         for world, role in parts:
+            if world not in worlds:
+                worlds[world] = world_keys(*world)
             products, prompts = worlds[world]
             k.add("product", products, role)
             k.add("prompt", prompts, role)
         return k
 
-    pretrain = keys((PRETRAIN, "train"))
-    community = TrainingKeys()
-    for text, split in community_prompts(*COMMUNITY):
-        if split != "test":
-            community.add_prompts([text], split)
-    social = keys((PRETRAIN, "train"))
-    social.update(community)
-    generator = keys((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"))
-    tuned = keys((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"), (RFFT_PROBE, "selection"))
+    def social() -> TrainingKeys:
+        k = keys((PRETRAIN, "train"))
+        community = TrainingKeys()
+        for text, split in community_prompts(*COMMUNITY):
+            if split != "test":
+                community.add_prompts([text], split)
+        k.update(community)
+        return k
+
+    pretrain = ((PRETRAIN, "train"),)
+    renders = ((PRETRAIN, "train"), (RFNET_HARD, "train"))
+    generated = ((I23_TRAIN, "train"), (I23_VAL, "train"), (I23_LOOP, "train"))
+    generator = ((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"))
+    tuned = (*generator, (RFFT_PROBE, "selection"))
     plan = {
         "dual-encoder": pretrain,
         "aesthetic": pretrain,
         "depth": pretrain,
         "saliency": pretrain,
         "social-reward": social,
-        # The early-fusion inspector: trained from scratch on the generated images alone.
-        "rfnet": keys((I23_TRAIN, "train"), (I23_VAL, "train"), (I23_LOOP, "train")),
-        "rfnet-paper": keys(
-            (PRETRAIN, "train"),
-            (RFNET_HARD, "train"),
-            (I23_TRAIN, "train"),
-            (I23_VAL, "train"),
-            (I23_LOOP, "train"),
-        ),  # fmt: skip
-        "rfnet-renders": keys((PRETRAIN, "train"), (RFNET_HARD, "train")),
-        "rfnet-image-only": keys((PRETRAIN, "train"), (RFNET_HARD, "train")),
+        # The early-fusion inspector: trained from scratch on the generated images alone; its
+        # Recurrent Generation operating point chosen on I23_RG.
+        "rfnet": (*generated, (I23_RG, "selection")),
+        "rfnet-paper": (*renders, *generated),
+        "rfnet-renders": renders,
+        "rfnet-image-only": renders,
         "generator": generator,
         "generator-rfft": tuned,
         "generator-social": tuned,
     }
     report = {}
-    for name, k in plan.items():
-        if (root / name).is_dir():
+    for name, parts in plan.items():
+        if (root / name).is_dir() and (only is None or name in only):
+            k = parts() if callable(parts) else keys(*parts)
             write_training_keys(root / name, k)
             report[name] = {"products": len(k.products), "prompts": len(k.prompts)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
