@@ -84,8 +84,8 @@ def rfnet_section(
         allow_overlap=allow_overlap, where="demo RFNet stage",
     )  # fmt: skip
     models = {"RFNet (shipped)": RFNet.from_pretrained(folder)}
-    models["paper's RFNet, fine-tuned on generated images (rfnet-paper)"] = (
-        RFNet.from_pretrained(paper)
+    models["paper's RFNet, fine-tuned on generated images (rfnet-paper)"] = RFNet.from_pretrained(
+        paper
     )
     models["paper's RFNet, renders only (rfnet-renders)"] = RFNet.from_pretrained(renders_only)
     models["image-only baseline (shipped)"] = RFNet.from_pretrained(baseline)
