@@ -90,10 +90,15 @@ def test_inspect_equals_the_inspect_command(server, tmp_path):
                  "--device", "cpu"]) == 0  # fmt: skip
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 6
+    # The inspector reads where each product was placed and its height: sent as the
+    # manifest has them (the caption's "N cm" is rounded).
+    placed = pq.read_table(manifest).to_pylist()
     body = {
         "images": [b64(r["path"]) for r in rows],
         "products": [b64(r["product_path"]) for r in rows],
         "captions": [r["caption"] for r in rows],
+        "heights_cm": [r["product_height_cm"] for r in placed],
+        "fills": [r["fill"] for r in placed],
     }
     with server.client() as c:
         r = c.post("/v1/inspect", json=body)
@@ -224,8 +229,12 @@ def test_generate_returns_the_generate_commands_image_with_verdicts(server, tmp_
                  "--device", "cpu"]) == 0  # fmt: skip
     expected = read_image(out / "images" / "item.png")
     with server.client() as c:
+        # The inspector judge reads the product's height: without one, one line says so.
         r = c.post("/v1/generate", json={"product": b64(photo), "prompt": row["prompt"],
                                          "seed": 3})  # fmt: skip
+        assert r.status_code == 422 and r.json()["detail"].startswith("product_height_cm:")
+        r = c.post("/v1/generate", json={"product": b64(photo), "prompt": row["prompt"],
+                                         "seed": 3, "caption": row["caption"]})  # fmt: skip
         assert r.status_code == 200, r.text
         reply = r.json()
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["image"]))))

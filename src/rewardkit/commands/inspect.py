@@ -206,7 +206,7 @@ class _BatchReader:
         from rewardkit.world.placement import DEFAULT_FILL, placed_on_white
 
         f = DEFAULT_FILL if fill is None or fill != fill else float(fill)
-        placed = placed_on_white(load_product_photo(path), self.size, f)  # (S, S, 4)
+        placed = placed_on_white(load_product_photo(path, require_cutout=False), self.size, f)
         return np.concatenate([photo, placed], axis=2)
 
 

@@ -221,12 +221,6 @@ class InspectAPI(_Endpoint):
             heights = per_image(request.heights_cm, n, "heights_cm", None)
             heights = [h if h is not None else height_from_row({"caption": c})
                        for h, c in zip(heights, captions, strict=True)]  # fmt: skip
-            for i, h in enumerate(heights):
-                if "height" in self.inspector.rfnet.config.modalities and not (h and h > 0):
-                    raise RequestError(
-                        422, f"heights_cm[{i}]: this inspector needs the product's height "
-                        "(heights_cm, or 'N cm' in the caption)",
-                    )  # fmt: skip
         elif request.fills is not None or request.heights_cm is not None:
             per_image(request.fills, n, "fills", None)  # still checked for length
             per_image(request.heights_cm, n, "heights_cm", None)
@@ -243,6 +237,13 @@ class InspectAPI(_Endpoint):
                 if str(up.root) in reason:
                     raise RequestError(422, up.message(reason))
                 raise RequestError(422, f"images[{bad[0]['row']}]: {reason}")
+        if heights is not None and "height" in self.inspector.rfnet.config.modalities:
+            for i, h in enumerate(heights):
+                if not (h and h > 0):
+                    raise RequestError(
+                        422, f"heights_cm[{i}]: this inspector needs the product's height "
+                        "(heights_cm, or 'N cm' in the caption)",
+                    )  # fmt: skip
         return gen, prod, captions, heights
 
     def run(self, items: list) -> list:
@@ -337,6 +338,17 @@ class GenerateAPI(_Endpoint):
                 raise RequestError(422, reason if reason.startswith("product") else
                                    f"product: {reason}")  # fmt: skip
         job = jobs[0]
+        inspector = self.judges["inspector"].inspector
+        if (
+            request.judge == "inspector"
+            and "height" in inspector.rfnet.config.modalities
+            and not job.height_cm > 0  # NaN: no size
+        ):
+            raise RequestError(
+                422,
+                "product_height_cm: the inspector judge needs the product's height (or a "
+                "caption ending in 'N cm'), or judge 'none'",
+            )
         if request.judge == "oracle" and job.height_cm != job.height_cm:  # NaN: no size
             raise RequestError(
                 422,

@@ -270,7 +270,9 @@ def aligned_rows(table: pa.Table, rows: range | list[int], size: int) -> np.ndar
         fill = fills[i].as_py() if fills is not None else None
         fill = DEFAULT_FILL if fill is None or fill != fill else float(fill)
         try:
-            layer = placed_on_white(load_product_photo(photos[i].as_py()), size, fill)
+            layer = placed_on_white(
+                load_product_photo(photos[i].as_py(), require_cutout=False), size, fill
+            )
         except (OSError, ValueError) as err:
             raise ValueError(f"row {i}: {err}") from None
         out.append(layer.transpose(2, 0, 1))
