@@ -258,6 +258,38 @@ def test_rfnet_two_processes_match_one(tmp_path):
     assert len(writers) == 1, writes
 
 
+TINY_EARLY_RFNET = dict(fusion="early", modalities=["product", "generated", "placed", "height"],
+                        width=8, resolution=32, dropout=0.2)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_early_fusion_rfnet_two_processes_match_one(tmp_path):
+    """The early-fusion preset's CNN (BatchNorm in every block) under the schedule it ships
+    with (one-cycle, mirrored rows, label smoothing, weight decay): two processes end with one
+    process's weights. BatchNorm is whole-batch (GlobalBatchNorm) and the mirror is drawn per
+    (step, row); the head's dropout is off in training unless a config asks for it."""
+    common = _rfnet_command(tmp_path)
+    cfg = tmp_path / "early.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_EARLY_RFNET))
+    train = tmp_path / "early-train.yaml"
+    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.0, "flip": True,
+                                     "schedule": "onecycle", "label_smoothing": 0.05,
+                                     "weight_decay": 0.05, "class_weighting": False}))  # fmt: skip
+    common[common.index("--model-config") + 1] = str(cfg)
+    common[common.index("--config") + 1] = str(train)
+    o1, o2 = tmp_path / "e1", tmp_path / "e2"
+    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
+    _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
+    wa, wb = load_file(o1 / RFNET_WEIGHTS), load_file(o2 / RFNET_WEIGHTS)
+    assert any(".running_mean" in k for k in wa)  # the BatchNorm statistics are compared too
+    gap = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert gap <= 2e-4, gap  # all-reduced statistics in another float order (see above)
+    # The runs trained (equality is not that of two untouched inits): four steps, and the
+    # BatchNorm statistics (zero at init) moved.
+    assert json.loads((o2 / "train_summary.json").read_text())["steps"] == 4
+    assert max(float(v.abs().max()) for k, v in wa.items() if ".running_mean" in k) > 1e-3
+
+
 FINETUNE_WEIGHTS = "model/controlnet/diffusion_pytorch_model.safetensors"
 
 
