@@ -272,13 +272,12 @@ def placement_columns(inspector: Inspector, rows: pa.Table, errors: list):
     n = rows.num_rows
     fills = rows["fill"].to_pylist() if "fill" in rows.column_names else [None] * n
     heights = rows["height_cm"].to_pylist() if "height_cm" in rows.column_names else [None] * n
-    if "height" in inspector.rfnet.config.modalities:
-        for i, h in enumerate(heights):
-            if errors[i] is None and (h is None or not h > 0):
-                errors[i] = (
-                    "no product height (product_height_cm, 'N cm' in the caption, or "
-                    "--height-cm); this inspector reads it"
-                )
+    for i in inspector.missing_heights(heights):
+        if errors[i] is None:
+            errors[i] = (
+                "no product height (product_height_cm, 'N cm' in the caption, or "
+                "--height-cm); this inspector reads it"
+            )
     return fills, heights
 
 

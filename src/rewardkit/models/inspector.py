@@ -108,6 +108,14 @@ class Inspector(nn.Module):
         fusion: ``placed`` / ``heights`` must then be given to :meth:`forward`)."""
         return bool({"placed", "height"} & set(self.rfnet.config.modalities))
 
+    def missing_heights(self, heights: Sequence[float | None]) -> list[int]:
+        """Indices of images whose product height (cm) is missing or not a positive number
+        (None, 0, NaN) when this RFNet reads the height; [] when it does not. The one check
+        every entry point (inspect, serve, Recurrent Generation) reports in its own terms."""
+        if "height" not in self.rfnet.config.modalities:
+            return []
+        return [i for i, v in enumerate(heights) if v is None or not float(v) > 0]
+
     def placement_inputs(
         self, photos: Sequence[np.ndarray], fills: Sequence[float | None],
         heights: Sequence[float | None],
@@ -129,7 +137,7 @@ class Inspector(nn.Module):
             placed = torch.from_numpy(np.stack(layers)).permute(0, 3, 1, 2).float() / 255.0
         h = None
         if "height" in self.rfnet.config.modalities:
-            missing = [i for i, v in enumerate(heights) if v is None or not v > 0]
+            missing = self.missing_heights(heights)
             if missing:
                 raise ValueError(
                     f"image {missing[0]}: no product height (cm); this inspector reads it"

@@ -237,13 +237,12 @@ class InspectAPI(_Endpoint):
                 if str(up.root) in reason:
                     raise RequestError(422, up.message(reason))
                 raise RequestError(422, f"images[{bad[0]['row']}]: {reason}")
-        if heights is not None and "height" in self.inspector.rfnet.config.modalities:
-            for i, h in enumerate(heights):
-                if not (h and h > 0):
-                    raise RequestError(
-                        422, f"heights_cm[{i}]: this inspector needs the product's height "
-                        "(heights_cm, or 'N cm' in the caption)",
-                    )  # fmt: skip
+        missing = [] if heights is None else self.inspector.missing_heights(heights)
+        if missing:
+            raise RequestError(
+                422, f"heights_cm[{missing[0]}]: this inspector needs the product's height "
+                "(heights_cm, or 'N cm' in the caption)",
+            )  # fmt: skip
         return gen, prod, captions, heights
 
     def run(self, items: list) -> list:
@@ -339,11 +338,8 @@ class GenerateAPI(_Endpoint):
                                    f"product: {reason}")  # fmt: skip
         job = jobs[0]
         inspector = self.judges["inspector"].inspector
-        if (
-            request.judge == "inspector"
-            and "height" in inspector.rfnet.config.modalities
-            and not job.height_cm > 0  # NaN: no size
-        ):
+        needs_height = request.judge == "inspector" and inspector.missing_heights([job.height_cm])
+        if needs_height:  # none given, or NaN: no size
             raise RequestError(
                 422,
                 "product_height_cm: the inspector judge needs the product's height (or a "
