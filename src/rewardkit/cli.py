@@ -277,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge", default="inspector", choices=("inspector", "oracle"),
         help="accept test: the RFNet inspector, or AdWorld's oracle (measurement)",
     )  # fmt: skip
+    g.add_argument(
+        "--accept-threshold", type=float, default=None,
+        help="Recurrent Generation's accept test: Available when the inspector's "
+        "P(Available) >= T (default: the inspector's own operating point); stricter costs "
+        "attempts and buys precision",
+    )  # fmt: skip
     g.add_argument("--max-attempts", type=_positive(int), default=8)
     g.add_argument("--batch-size", type=_positive(int), default=16)
     g.add_argument("--steps", type=_positive(int), default=None, help="DDIM steps")
@@ -955,7 +961,7 @@ def _generate(a: argparse.Namespace) -> int:
     stats = generate_command(
         generator, a.products, a.out, prompt=a.prompt, prompts_file=a.prompts,
         until_accepted=a.until_accepted, judge=a.judge, inspector=a.inspector,
-        max_attempts=a.max_attempts, batch_size=a.batch_size,
+        accept_threshold=a.accept_threshold, max_attempts=a.max_attempts, batch_size=a.batch_size,
         sampler=sampler_for(generator, a.steps, a.guidance), seed=a.seed, limit=a.limit,
         progress=not a.no_progress, device=a.device, mixed_precision=a.mixed_precision or "no",
         **ray,

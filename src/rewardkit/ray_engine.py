@@ -785,6 +785,7 @@ class _Generate(ShardActor):
         self, generator: str, until_accepted: bool, judge: str, inspector: str | None,
         sampler: dict, max_attempts: int, batch_size: int, seed: int, device: str,
         mixed_precision: str, faults: str | None = None, ledger=None,
+        accept_threshold: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__(faults, ledger)
         from rewardkit.commands.devices import precision_dtype
@@ -792,7 +793,7 @@ class _Generate(ShardActor):
         from rewardkit.generation.pipeline import AdGenerator, SamplerConfig
 
         self.gen = AdGenerator.from_pretrained(generator, device, precision_dtype(mixed_precision))
-        self.judge = make_judge(until_accepted, judge, inspector, device)
+        self.judge = make_judge(until_accepted, judge, inspector, device, accept_threshold)
         self.sampler = SamplerConfig(**sampler)
         self.max_attempts, self.batch_size, self.seed = max_attempts, batch_size, seed
         self.device, self.mixed_precision = device, mixed_precision
@@ -850,6 +851,7 @@ def generate_ray(
     batch_size: int,
     sampler,
     seed: int,
+    accept_threshold: float | None = None,
     address: str | None = None,
     actors: int = 2,
     gpus_per_actor: float = 0.0,
@@ -876,8 +878,8 @@ def generate_ray(
         judge_model = str(inspector or default_model_path("rfnet"))
     fingerprint = _fingerprint(
         "generate", _model_digest(generator), until_accepted, judge, _model_digest(judge_model),
-        json.dumps(asdict(sampler), sort_keys=True), attempts_cap, batch_size, seed,
-        shard_rows, device, mixed_precision,
+        accept_threshold, json.dumps(asdict(sampler), sort_keys=True), attempts_cap,
+        batch_size, seed, shard_rows, device, mixed_precision,
         rows=[(j.product_id, j.product_key, j.prompt, j.caption, j.height_cm, j.fill)
               for j in jobs],
     )  # fmt: skip
@@ -895,7 +897,8 @@ def generate_ray(
     run = run_shards(
         source, _shard_dir(out), fingerprint, _Generate,
         {"generator": str(generator), "until_accepted": until_accepted, "judge": judge,
-         "inspector": judge_model, "sampler": asdict(sampler), "max_attempts": attempts_cap,
+         "inspector": judge_model, "accept_threshold": accept_threshold,
+         "sampler": asdict(sampler), "max_attempts": attempts_cap,
          "batch_size": batch_size, "seed": seed, "device": device,
          "mixed_precision": mixed_precision},
         batch_size=shard_rows, shard_rows=shard_rows, actors=actors,

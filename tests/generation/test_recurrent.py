@@ -153,6 +153,14 @@ def test_generate_cli_until_accepted_with_the_oracle(tmp_path, tiny_generator, p
     assert rc == 0
     stats = json.loads((out / "stats.json").read_text())
     assert stats["products"] == 3 and len(stats["skipped"]) == 1
+    assert stats["accept_threshold"] is None  # the oracle judges: no operating point
+    # The loop's own operating point is the inspector's: refused with the oracle, in one line.
+    rc = main([
+        "generate", "--generator", str(gen_dir), "--products", str(manifest), "--out",
+        str(tmp_path / "refused"), "--until-accepted", "--judge", "oracle",
+        "--accept-threshold", "0.9", "--steps", "2", "--no-progress",
+    ])  # fmt: skip
+    assert rc == 2 and not (tmp_path / "refused" / "manifest.parquet").exists()
     final = pq.read_table(out / "manifest.parquet").to_pylist()
     attempts = pq.read_table(out / "attempts.parquet").to_pylist()
     assert len(final) == 3 and 3 <= len(attempts) <= 6

@@ -115,6 +115,32 @@ def test_recurrent_generation_and_inspect_follow_the_models_threshold(tmp_path):
         assert pq.read_table(out)["verdict"].to_pylist() == expected
 
 
+def test_recurrent_generations_own_threshold_overrides_the_models():
+    """``generate --accept-threshold T``: the loop accepts at T whatever the model's operating
+    point (which ``inspect`` keeps); out-of-range values and uses without the inspector
+    judge are refused naming the flag."""
+    from rewardkit.commands.generate import make_judge
+
+    probs = [[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]]
+    photos = [np.full((8, 8, 4), 255, np.uint8)] * 2
+    images = torch.rand(2, 3, 32, 32)
+    model = _Fixed(probs, 0.6)
+    for threshold, expected in ((None, ["Space Mismatch", "Available"]),
+                                (0.4, ["Available", "Available"]),
+                                (0.8, ["Space Mismatch", "Space Mismatch"])):  # fmt: skip
+        judge = InspectorJudge(model, threshold)
+        labels, _ = judge(images, ["p", "p"], photos=photos, captions=["c", "c"])
+        assert labels == expected, threshold
+    assert model.accept_threshold == 0.6
+    for bad in (0.0, 1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="--accept-threshold"):
+            InspectorJudge(model, bad)
+    with pytest.raises(ValueError, match="--accept-threshold: only with --until-accepted"):
+        make_judge(True, "oracle", None, "cpu", 0.9)
+    with pytest.raises(ValueError, match="--accept-threshold: only with --until-accepted"):
+        make_judge(False, "inspector", None, "cpu", 0.9)
+
+
 def test_train_rfnet_writes_the_operating_point_chosen_on_validation(tmp_path):
     import yaml
 

@@ -42,10 +42,16 @@ def check_judge(until_accepted: bool, judge: str, jobs) -> None:
         raise ValueError("--judge oracle needs each product's height (manifest or caption)")
 
 
-def make_judge(until_accepted: bool, judge: str, inspector: str | Path | None, device: str):
+def make_judge(
+    until_accepted: bool, judge: str, inspector: str | Path | None, device: str,
+    accept_threshold: float | None = None,
+):  # fmt: skip
     """The accept test: the RFNet inspector (``inspector``, default: the embedded one) on
-    ``device``, AdWorld's oracle, or, without ``--until-accepted``, one that accepts all.
-    The local run and each Ray actor (``generate --engine ray``) build it here."""
+    ``device``, at ``accept_threshold`` (default: the model's operating point), AdWorld's
+    oracle, or, without ``--until-accepted``, one that accepts all. The local run and each
+    Ray actor (``generate --engine ray``) build it here."""
+    if accept_threshold is not None and not (until_accepted and judge == "inspector"):
+        raise ValueError("--accept-threshold: only with --until-accepted and --judge inspector")
     if not until_accepted:
         return _AcceptAll()
     if judge == "oracle":
@@ -55,7 +61,8 @@ def make_judge(until_accepted: bool, judge: str, inspector: str | Path | None, d
         from rewardkit.models.inspector import Inspector
 
         return InspectorJudge(
-            Inspector.from_pretrained(inspector or default_model_path("rfnet"), device)
+            Inspector.from_pretrained(inspector or default_model_path("rfnet"), device),
+            accept_threshold,
         )
     raise ValueError(f"--judge: 'inspector' or 'oracle'; got {judge!r}")
 
@@ -81,6 +88,7 @@ def generate_command(
     ray_address: str | None = None,
     actors: int = 2,
     gpus_per_actor: float = 0.0,
+    accept_threshold: float | None = None,
 ) -> dict:
     """``rewardkit generate`` (module docstring); returns the stats written to
     ``stats.json``.
@@ -102,7 +110,8 @@ def generate_command(
         check_judge(until_accepted, judge, jobs)
         result, used_device, run = generate_ray(
             generator, jobs, out, until_accepted=until_accepted, judge=judge,
-            inspector=inspector, max_attempts=max_attempts, batch_size=batch_size,
+            inspector=inspector, accept_threshold=accept_threshold,
+            max_attempts=max_attempts, batch_size=batch_size,
             sampler=sampler, seed=seed, address=ray_address, actors=actors,
             gpus_per_actor=gpus_per_actor, mixed_precision=mixed_precision, progress=progress,
         )  # fmt: skip
@@ -111,7 +120,7 @@ def generate_command(
         gen = AdGenerator.from_pretrained(generator, device, precision_dtype(mixed_precision))
         jobs, skipped = load_jobs(products, gen.resolution, prompt, prompts_file, limit=limit)
         check_judge(until_accepted, judge, jobs)
-        accept = make_judge(until_accepted, judge, inspector, device)
+        accept = make_judge(until_accepted, judge, inspector, device, accept_threshold)
         bar = tqdm(total=len(jobs), desc="generate", unit="product", disable=not progress)
 
         def tick(done: int, total: int) -> None:
@@ -128,6 +137,7 @@ def generate_command(
         raise ValueError(f"--engine: 'local' or 'ray'; got {engine!r}")
     stats = write_result(out, jobs, result, judged=until_accepted)
     stats.update({"judge": judge_name, "skipped": skipped, "sampler": asdict(sampler),
-                  "device": used_device, "mixed_precision": mixed_precision})  # fmt: skip
+                  "device": used_device, "mixed_precision": mixed_precision,
+                  "accept_threshold": accept_threshold})  # fmt: skip
     write_json_atomic(out / "stats.json", stats)
     return stats if ray_info is None else {**stats, "ray": ray_info}
