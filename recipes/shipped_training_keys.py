@@ -50,6 +50,7 @@ COMMUNITY = (7, 500)  # Social Reward's community: seed, prompts
 I23_TRAIN = (23001, 3000, B_HELDOUT)
 I23_VAL = (23002, 400, B_HELDOUT)
 I23_LOOP = (23003, 2000, B_HELDOUT)
+I23_MORE = (23005, 2000, B_HELDOUT)  # 2026-12-03: 2,000 more generated images
 # Products the early-fusion rfnet's operating point for Recurrent Generation was chosen on.
 I23_RG = (23004, 200, B_HELDOUT)
 
@@ -115,6 +116,7 @@ def main() -> None:
     pretrain = ((PRETRAIN, "train"),)
     renders = ((PRETRAIN, "train"), (RFNET_HARD, "train"))
     generated = ((I23_TRAIN, "train"), (I23_VAL, "train"), (I23_LOOP, "train"))
+    generated_more = (*generated, (I23_MORE, "train"))
     generator = ((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"))
     tuned = (*generator, (RFFT_PROBE, "selection"))
     plan = {
@@ -125,7 +127,7 @@ def main() -> None:
         "social-reward": social,
         # The early-fusion inspector: trained from scratch on the generated images alone; its
         # Recurrent Generation operating point chosen on I23_RG.
-        "rfnet": (*generated, (I23_RG, "selection")),
+        "rfnet": (*generated_more, (I23_RG, "selection")),
         "rfnet-paper": (*renders, *generated),
         "rfnet-renders": renders,
         "rfnet-image-only": renders,

@@ -13,11 +13,11 @@ depth              ``depth``: a small DPT trained on AdWorld's ground-truth dept
 saliency           ``saliency``: a small Segformer trained on AdWorld's saliency maps
 rfnet              ``rfnet``: the inspector, early fusion of aligned inputs
                    (``RFNetConfig.aligned``: the generated image with the product as placed
-                   and its mask in one CNN, the photo, the height), trained on 5,000
+                   and its mask in one CNN, the photo, the height), trained on 7,000
                    oracle-labelled generated images; accept threshold at 90% Available
                    precision on its validation split (since 2026-12-03)
 rfnet-paper        ``rfnet-paper``: the paper's RFNet (small ResNet, all five inputs, late
-                   fusion): ``rfnet-renders`` fine-tuned on the same generated images (the
+                   fusion): ``rfnet-renders`` fine-tuned on 5,000 of those images (the
                    ``rfnet`` shipped on 2026-12-03 before the early-fusion one)
 rfnet-renders      ``rfnet-renders``: the paper's RFNet trained on renders only (the
                    ``rfnet`` shipped before 2026-12-02; its ``ablation.md``)
