@@ -181,13 +181,7 @@ class InspectorJudge:
             logits = self.inspector(p, g, list(context["captions"]), *extra)
             probs = torch.softmax(logits, dim=-1)
         classes = self.inspector.classes
-        if self.threshold is None:
-            verdicts = self.inspector.verdicts(probs)
-        else:
-            from rewardkit.models.rfnet import verdict_indices
-
-            verdicts = [classes[k] for k in verdict_indices(probs, classes, self.threshold)]
-        return verdicts, probs[:, classes.index(AVAILABLE)]
+        return self.inspector.verdicts(probs, self.threshold), probs[:, classes.index(AVAILABLE)]
 
 
 def products_on_white(photos: Sequence[np.ndarray], size: int) -> torch.Tensor:

@@ -60,10 +60,12 @@ class Inspector(nn.Module):
         """The operating point in the RFNet's config (None: the most probable class)."""
         return self.rfnet.config.accept_threshold
 
-    def verdicts(self, probs) -> list[str]:
-        """Class names for class probabilities (N, C), at the model's operating point."""
+    def verdicts(self, probs, threshold: float | None = None) -> list[str]:
+        """Class names for class probabilities (N, C), at ``threshold`` (Available when
+        P(Available) >= it) or, when None, at the model's operating point."""
         classes = self.classes
-        return [classes[k] for k in verdict_indices(probs, classes, self.accept_threshold)]
+        threshold = self.accept_threshold if threshold is None else threshold
+        return [classes[k] for k in verdict_indices(probs, classes, threshold)]
 
     @property
     def device(self) -> torch.device:
