@@ -93,15 +93,28 @@ def test_inspect_on_ray_equals_local_with_faults_and_resume(
     assert pq.read_table(out).equals(ray)
 
 
+def _score_tolerance(local, ray, table) -> np.ndarray:
+    """Per row: 1e-5 where both runs saved the same image, byte for byte; 1e-3 where a pixel
+    differs by 1/255 (the judge scores the saved image, and a one-level change in one
+    pixel moves the shipped inspector's P(Available) by up to ~6e-5, measured)."""
+    same = [
+        np.array_equal(read_image_rgb(local / p), read_image_rgb(ray / p))
+        for p in table["path"].to_pylist()
+    ]
+    return np.where(same, 1e-5, 1e-3)
+
+
 def _compare_generate(local, ray) -> None:
     """The Ray run wrote the local run's files: the same names, the same manifests and
-    stats but for timings, batch counts and judge scores (1e-5), images within 1/255."""
+    stats but for timings, batch counts and judge scores (1e-5 for identical images, 1e-3
+    for images 1/255 apart in a pixel), images within 1/255."""
     for name in ("attempts.parquet", "manifest.parquet"):
         a, b = pq.read_table(local / name), pq.read_table(ray / name)
         assert a.schema == b.schema and a.num_rows == b.num_rows, name
         for c in a.column_names:
             if c == "score" and a[c].null_count == 0:
-                np.testing.assert_allclose(b[c].to_numpy(), a[c].to_numpy(), atol=1e-5)
+                gap = np.abs(b[c].to_numpy() - a[c].to_numpy())
+                assert (gap <= _score_tolerance(local, ray, a)).all(), (name, gap.max())
             else:
                 assert a[c].to_pylist() == b[c].to_pylist(), (name, c)
     sa, sb = (json.loads((d / "stats.json").read_text()) for d in (local, ray))
