@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--accept-threshold", type=float, default=None,
         help="Recurrent Generation's accept test: Available when the inspector's "
-        "P(Available) >= T (default: the inspector's own operating point); stricter costs "
+        "P(Available) >= T (default: the inspector's loop_threshold, else its operating "
+        "point; stats.json records the one used); stricter costs "
         "attempts and buys precision",
     )  # fmt: skip
     g.add_argument("--max-attempts", type=_positive(int), default=8)

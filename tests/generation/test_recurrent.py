@@ -12,9 +12,12 @@ from rewardkit.generation.pipeline import SamplerConfig
 from rewardkit.generation.product import prepare_product
 from rewardkit.generation.recurrent import (
     ProductJob,
+    attempt_grid,
     attempt_seed,
+    choose_loop_threshold,
     recurrent_generate,
     refill_order,
+    replay_loop,
 )
 from rewardkit.io import write_png_atomic
 
@@ -178,3 +181,66 @@ def test_generate_cli_until_accepted_with_the_oracle(tmp_path, tiny_generator, p
 
     samples = load_samples(tmp_path / "train.parquet")
     assert samples.num_rows == len(attempts) and samples["label"].to_pylist() == labels
+
+
+class ScoreJudge:
+    """Score (seed % 1000) / 1000, Available when the score >= ``threshold``: a judge whose
+    scores do not depend on the batch an image was painted in."""
+
+    name = "score"
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, images, prompts, **context):
+        scores = [(s % 1000) / 1000 for s in context["seeds"]]
+        labels = ["Available" if x >= self.threshold else "Space Mismatch" for x in scores]
+        return labels, torch.tensor(scores)
+
+
+def test_replaying_a_full_run_is_what_the_loop_returns(tiny_generator, photos, seed_judge):
+    """A run that painted every attempt, replayed at a threshold, picks the attempt (and
+    costs the attempts) that the loop at that threshold does: a loop threshold can be chosen
+    offline from one validation run."""
+    jobs = _jobs(tiny_generator, photos, 6)
+    run = lambda t: recurrent_generate(tiny_generator, jobs, ScoreJudge(t), FAST,  # noqa: E731
+                                       max_attempts=4, batch_size=4, seed=3)  # fmt: skip
+    full = run(1.5)  # nothing passes: every attempt painted
+    assert len(full.attempts) == 24
+    rows = [{"product_id": str(a.product), "attempt": a.attempt, "score": a.score}
+            for a in full.attempts]  # fmt: skip
+    scores, _, ids, left_out = attempt_grid(rows, ["Available"] * len(rows), 4)
+    assert ids == [str(i) for i in range(6)] and left_out == 0
+    outcomes = set()
+    for t in (0.2, 0.5, 0.8, 0.95):
+        real = run(t)
+        pick, used = replay_loop(scores, t)
+        assert [a.attempt for a in real.final] == (pick + 1).tolist(), t
+        assert [sum(a.product == i for a in real.attempts) for i in range(6)] == used.tolist()
+        outcomes |= {(a.accepted, a.attempt > 1) for a in real.final}
+    # Every path exercised: accepted at once, accepted after retries, best effort.
+    assert {(True, False), (True, True)} <= outcomes and any(not a for a, _ in outcomes)
+
+
+def test_loop_threshold_choice_maximises_available_then_saves_attempts():
+    # A strict threshold skips each product's first (defective, fairly scored) attempt.
+    scores = np.array([[0.6, 0.9], [0.7, 0.8]])
+    available = np.array([[False, True], [False, True]])
+    choice = choose_loop_threshold(scores, available)
+    assert choice["loop_threshold"] == pytest.approx(0.75)
+    assert choice["available_rate"] == 1.0 and choice["mean_attempts"] == 2.0
+    # Equal rates: the threshold that paints fewer images.
+    scores = np.array([[0.9, 0.2], [0.4, 0.95], [0.3, 0.2]])
+    available = np.array([[False, True], [True, False], [False, True]])
+    choice = choose_loop_threshold(scores, available)
+    assert choice["loop_threshold"] == pytest.approx(0.25)
+    assert choice["available_rate"] == pytest.approx(1 / 3) and choice["mean_attempts"] == 1.0
+    with pytest.raises(ValueError, match="one \\(products, attempts\\) grid"):
+        choose_loop_threshold(scores, available[:, :1])
+    # Products without every attempt judged and labelled are left out and counted.
+    rows = [{"product_id": "a", "attempt": k, "score": 0.5} for k in (1, 2)]
+    rows += [{"product_id": "b", "attempt": 1, "score": 0.5}]
+    rows += [{"product_id": "c", "attempt": k, "score": 0.5} for k in (1, 2)]
+    grid, avail, ids, left_out = attempt_grid(rows, ["Available", None, "Available",
+                                                     "Available", "Size Mismatch"], 2)  # fmt: skip
+    assert ids == ["c"] and left_out == 2 and avail.tolist() == [[True, False]]

@@ -77,16 +77,17 @@ def test_threshold_round_trips_and_bad_values_are_refused(tmp_path):
 class _Fixed(torch.nn.Module):
     """An inspector stand-in whose logits are given (log of fixed probabilities)."""
 
-    def __init__(self, probs, threshold):
+    def __init__(self, probs, threshold, loop=None):
         super().__init__()
         tiny = dict(width=32, heads=2, n_fusion=1, resolution=32, classes=CLASSES,
-                    modalities=("generated",), accept_threshold=threshold,
+                    modalities=("generated",), accept_threshold=threshold, loop_threshold=loop,
                     backbone={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]})  # fmt: skip
         self.rfnet = RFNet(RFNetConfig(**tiny))
         self.probs = torch.tensor(probs, dtype=torch.float32)
 
     classes = Inspector.classes
     accept_threshold = Inspector.accept_threshold
+    loop_threshold = Inspector.loop_threshold
     verdicts = Inspector.verdicts
     device = Inspector.device
     uses_placement = Inspector.uses_placement
@@ -139,6 +140,37 @@ def test_recurrent_generations_own_threshold_overrides_the_models():
         make_judge(True, "oracle", None, "cpu", 0.9)
     with pytest.raises(ValueError, match="--accept-threshold: only with --until-accepted"):
         make_judge(False, "inspector", None, "cpu", 0.9)
+
+
+def test_the_models_loop_threshold_is_the_loops_default(tmp_path):
+    """A ``loop_threshold`` in the config is Recurrent Generation's accept test unless
+    ``--accept-threshold`` is given; ``inspect`` keeps the operating point; stats.json
+    records the threshold the loop used."""
+    from rewardkit.commands.generate import loop_accept_threshold
+
+    probs = [[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]]
+    photos = [np.full((8, 8, 4), 255, np.uint8)] * 2
+    images = torch.rand(2, 3, 32, 32)
+    model = _Fixed(probs, 0.6, loop=0.75)
+    for threshold, expected in ((None, ["Space Mismatch", "Space Mismatch"]),
+                                (0.4, ["Available", "Available"])):  # fmt: skip
+        labels, _ = InspectorJudge(model, threshold)(images, ["p", "p"], photos=photos,
+                                                     captions=["c", "c"])  # fmt: skip
+        assert labels == expected, threshold
+    assert model.verdicts(model.probs) == ["Space Mismatch", "Available"]  # inspect's labels
+    with pytest.raises(ValueError, match="loop_threshold"):
+        RFNetConfig(loop_threshold=1.0)
+    folder = tmp_path / "m"
+    model.rfnet.save_pretrained(folder)
+    assert RFNetConfig.from_folder(folder).loop_threshold == 0.75
+    assert loop_accept_threshold(True, "inspector", folder, None) == 0.75
+    assert loop_accept_threshold(True, "inspector", folder, 0.9) == 0.9
+    assert loop_accept_threshold(True, "oracle", folder, None) is None
+    assert loop_accept_threshold(False, "inspector", folder, None) is None
+    _Fixed(probs, 0.6).rfnet.save_pretrained(tmp_path / "n")  # no loop threshold: the point
+    assert loop_accept_threshold(True, "inspector", tmp_path / "n", None) == 0.6
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        RFNetConfig.from_folder(tmp_path)
 
 
 def test_train_rfnet_writes_the_operating_point_chosen_on_validation(tmp_path):

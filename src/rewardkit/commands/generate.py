@@ -42,6 +42,22 @@ def check_judge(until_accepted: bool, judge: str, jobs) -> None:
         raise ValueError("--judge oracle needs each product's height (manifest or caption)")
 
 
+def loop_accept_threshold(
+    until_accepted: bool, judge: str, inspector: str | Path | None,
+    accept_threshold: float | None,
+) -> float | None:  # fmt: skip
+    """The P(Available) the loop accepts at, as ``stats.json`` records it: ``accept_threshold``
+    when given, else the inspector's ``loop_threshold``, else its operating point (None: the
+    most probable class, or no inspector judging)."""
+    if accept_threshold is not None or not (until_accepted and judge == "inspector"):
+        return accept_threshold
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.models.rfnet import RFNetConfig
+
+    config = RFNetConfig.from_folder(inspector or default_model_path("rfnet"))
+    return config.loop_threshold if config.loop_threshold is not None else config.accept_threshold
+
+
 def make_judge(
     until_accepted: bool, judge: str, inspector: str | Path | None, device: str,
     accept_threshold: float | None = None,
@@ -138,6 +154,7 @@ def generate_command(
     stats = write_result(out, jobs, result, judged=until_accepted)
     stats.update({"judge": judge_name, "skipped": skipped, "sampler": asdict(sampler),
                   "device": used_device, "mixed_precision": mixed_precision,
-                  "accept_threshold": accept_threshold})  # fmt: skip
+                  "accept_threshold": loop_accept_threshold(
+                      until_accepted, judge, inspector, accept_threshold)})  # fmt: skip
     write_json_atomic(out / "stats.json", stats)
     return stats if ray_info is None else {**stats, "ray": ray_info}

@@ -155,7 +155,8 @@ class InspectorJudge:
     probable class, or Available when P(Available) >= its ``accept_threshold``), score
     P(Available). ``threshold``: the loop's own operating point instead of the model's
     (Available when P(Available) >= it): a stricter accept test costs attempts and buys
-    precision, without changing how ``inspect`` labels images."""
+    precision, without changing how ``inspect`` labels images. None: the model's
+    ``loop_threshold`` when its config has one, else its operating point."""
 
     name = "inspector"
 
@@ -163,7 +164,7 @@ class InspectorJudge:
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"--accept-threshold: must be in (0, 1); got {threshold}")
         self.inspector = inspector.eval()
-        self.threshold = threshold
+        self.threshold = threshold if threshold is not None else inspector.loop_threshold
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
         size = self.inspector.rfnet.config.resolution
@@ -312,3 +313,73 @@ def refill_order(
         batches += 1
         queue.extend((i, k + 1) for i, k in take if k < attempts_used[i])
     return order, batches
+
+
+def replay_loop(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """What Recurrent Generation does at ``threshold`` for products whose every attempt was
+    painted and judged: ``scores`` is (products, max_attempts), attempts in order. The loop
+    stops at the first attempt with score >= threshold, else returns the best-scoring one
+    (the first of equal scores), as :func:`recurrent_generate` does. Returns (the returned
+    attempt's 0-based index, attempts painted) per product."""
+    scores = np.asarray(scores)
+    passed = scores >= threshold
+    any_pass = passed.any(1)
+    first = passed.argmax(1)
+    pick = np.where(any_pass, first, scores.argmax(1))
+    return pick, np.where(any_pass, first + 1, scores.shape[1])
+
+
+def choose_loop_threshold(
+    scores: np.ndarray, available: np.ndarray, candidates: Sequence[float] | None = None
+) -> dict:
+    """Recurrent Generation's accept threshold, chosen on a validation run that painted every
+    attempt (``generate --until-accepted --accept-threshold 0.99999``) and had each labelled
+    (the oracle here, annotators elsewhere): the threshold whose replay
+    (:func:`replay_loop`) returns a reference-Available image for the most products, the
+    fewest attempts among ties. ``candidates``: thresholds to try (default: the midpoints
+    between consecutive distinct scores, which give every behaviour there is). Returns
+    ``{"loop_threshold", "available_rate", "mean_attempts", "products", "max_attempts"}``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    available = np.asarray(available, dtype=bool)
+    if scores.ndim != 2 or scores.shape != available.shape or scores.size == 0:
+        raise ValueError(
+            f"scores {scores.shape} and labels {available.shape}: need one (products, "
+            "attempts) grid for both"
+        )
+    if candidates is None:
+        distinct = np.unique(scores)
+        grid = (distinct[:-1] + distinct[1:]) / 2
+    else:
+        grid = np.asarray(candidates, np.float64)
+    grid = grid[(grid > 0.0) & (grid < 1.0)]
+    if grid.size == 0:
+        raise ValueError("no threshold in (0, 1) to choose from")
+    best = None
+    for t in grid:
+        pick, used = replay_loop(scores, float(t))
+        ok = available[np.arange(len(scores)), pick]
+        key = (ok.mean(), -used.mean())
+        if best is None or key > best[0]:
+            best = (key, float(t))
+    (rate, neg_used), t = best
+    return {"loop_threshold": t, "available_rate": float(rate), "mean_attempts": -float(neg_used),
+            "products": int(scores.shape[0]), "max_attempts": int(scores.shape[1])}  # fmt: skip
+
+
+def attempt_grid(attempts, labels: Sequence[str | None], max_attempts: int) -> tuple:
+    """(scores, available, product ids) as (products, max_attempts) grids from a run's
+    ``attempts.parquet`` rows (dicts with ``product_id``, ``attempt``, ``score``) and each
+    row's reference label. Products without all ``max_attempts`` judged and labelled
+    attempts are left out and counted: ``(scores, available, ids, left_out)``."""
+    by: dict[str, dict[int, tuple[float, bool]]] = {}
+    for row, lab in zip(attempts, labels, strict=True):
+        if lab is None or row["score"] is None:
+            continue
+        by.setdefault(str(row["product_id"]), {})[int(row["attempt"])] = (
+            float(row["score"]), lab == AVAILABLE
+        )  # fmt: skip
+    keep = [p for p, a in by.items() if all(k in a for k in range(1, max_attempts + 1))]
+    ids = sorted(keep)
+    scores = np.array([[by[p][k][0] for k in range(1, max_attempts + 1)] for p in ids])
+    available = np.array([[by[p][k][1] for k in range(1, max_attempts + 1)] for p in ids])
+    return scores, available, ids, len(by) - len(keep)

@@ -144,6 +144,12 @@ class RFNetConfig:
     # (``train rfnet --accept-precision``); every verdict (inspect, Recurrent Generation's
     # accept test, the service) follows it.
     accept_threshold: float | None = None
+    # Recurrent Generation's accept test when ``generate --until-accepted`` is given no
+    # ``--accept-threshold``: accept an image when P(Available) >= this (None: the operating
+    # point above). A gatekeeper that may retry can afford a stricter test than a labeller;
+    # chosen on a validation run that painted every attempt of every product
+    # (:func:`rewardkit.generation.recurrent.choose_loop_threshold`).
+    loop_threshold: float | None = None
     # "late": the paper's RFNet (each image encoded alone, tokens fused by attention).
     # "early" (beyond the paper): the generated image and the product as placed on the canvas
     # (RGB + mask) stacked as channels of one full-resolution CNN, the photo in a branch, the
@@ -193,11 +199,12 @@ class RFNetConfig:
             raise ValueError(f"resolution: must be >= 32 px; got {self.resolution}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1); got {self.dropout}")
-        if self.accept_threshold is not None:
-            t = float(self.accept_threshold)
-            if not 0.0 < t < 1.0:
-                raise ValueError(f"accept_threshold: must be in (0, 1) or null; got {t}")
-            set_(self, "accept_threshold", t)
+        for name in ("accept_threshold", "loop_threshold"):
+            if getattr(self, name) is not None:
+                t = float(getattr(self, name))
+                if not 0.0 < t < 1.0:
+                    raise ValueError(f"{name}: must be in (0, 1) or null; got {t}")
+                set_(self, name, t)
         classes = tuple(str(c) for c in self.classes)
         if len(set(classes)) != len(classes) or len(classes) < 2:
             raise ValueError(f"classes: need >= 2 distinct names; got {classes}")
@@ -288,6 +295,26 @@ class RFNetConfig:
         if unknown:
             raise ValueError(f"RFNet config: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> RFNetConfig:
+        """The config of a model folder (its ``config.json``) without loading weights;
+        errors name the file."""
+        config_file = Path(path) / CONFIG_FILE
+        try:
+            raw = json.loads(config_file.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: missing {CONFIG_FILE} (not an RFNet folder)"
+            ) from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file}: invalid JSON ({err})") from None
+        if not isinstance(raw, dict) or raw.pop("model_type", None) != MODEL_TYPE:
+            raise ValueError(f"{config_file}: not an RFNet config (model_type != {MODEL_TYPE!r})")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_file}: {err}") from None
 
     def to_yaml(self, path: str | Path) -> Path:
         """Write the config as YAML (atomically); returns ``path``."""
@@ -716,16 +743,7 @@ class RFNet(nn.Module):
         for file in (config_file, weights_file):
             if not file.is_file():
                 raise FileNotFoundError(f"{folder}: missing {file.name} (not an RFNet folder)")
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file}: invalid JSON ({err})") from None
-        if not isinstance(raw, dict) or raw.pop("model_type", None) != MODEL_TYPE:
-            raise ValueError(f"{config_file}: not an RFNet config (model_type != {MODEL_TYPE!r})")
-        try:
-            config = RFNetConfig.from_dict(raw)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{config_file}: {err}") from None
+        config = RFNetConfig.from_folder(folder)
         with torch.random.fork_rng(devices=[]):  # building initialises; keep the caller's RNG
             model = cls(config)
         state = load_file(weights_file)

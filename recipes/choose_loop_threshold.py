@@ -1,0 +1,81 @@
+"""Choose an inspector's Recurrent Generation threshold (``loop_threshold`` in its
+``config.json``) on a validation run that painted and labelled every attempt.
+
+1. Paint all attempts of validation products (the accept test never passes):
+       rewardkit generate --products VAL --out RUN --until-accepted --max-attempts 8 \
+           --accept-threshold 0.99999 --inspector MODEL --seed 31
+2. Label every attempt (the AdWorld oracle here; annotators' labels elsewhere, as a parquet
+   with ``oracle_label`` or ``label`` in the attempts' order):
+       rewardkit world label --manifest RUN/attempts.parquet --out LABELS.parquet
+3. Replay the loop at every threshold and keep the one that returns a reference-Available
+   image for the most products (fewest attempts among ties); ``--write`` stores it:
+       python recipes/choose_loop_threshold.py --model MODEL --run RUN --labels LABELS.parquet \
+           --max-attempts 8 [--write]
+
+Each attempt's image depends only on (seed, product, attempt), so the replay is what
+``generate --until-accepted`` returns on these products at that threshold. The products of
+RUN become selection data of MODEL: record them with its training keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rewardkit.generation.recurrent import attempt_grid, choose_loop_threshold, replay_loop
+from rewardkit.io import write_text_atomic
+from rewardkit.models.rfnet import CONFIG_FILE, RFNetConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, type=Path, help="RFNet folder that judged RUN")
+    ap.add_argument("--run", required=True, type=Path, help="generate --out folder")
+    ap.add_argument("--labels", required=True, type=Path, help="labels of RUN/attempts.parquet")
+    ap.add_argument("--max-attempts", type=int, default=8)
+    ap.add_argument("--write", action="store_true", help="store loop_threshold in the model")
+    a = ap.parse_args(argv)
+    attempts = pq.read_table(a.run / "attempts.parquet")
+    labels = pq.read_table(a.labels)
+    column = next((c for c in ("oracle_label", "label") if c in labels.column_names), None)
+    if column is None or labels.num_rows != attempts.num_rows:
+        raise SystemExit(
+            f"{a.labels}: need an oracle_label or label column with one row per attempt "
+            f"({attempts.num_rows})"
+        )
+    config = RFNetConfig.from_folder(a.model)
+    scores, available, ids, left_out = attempt_grid(
+        attempts.select(["product_id", "attempt", "score"]).to_pylist(),
+        labels[column].to_pylist(),
+        a.max_attempts,
+    )
+    if not ids:
+        raise SystemExit(f"{a.run}: no product has all {a.max_attempts} attempts judged")
+    choice = choose_loop_threshold(scores, available)
+    rows = {}
+    for name, t in (
+        ("operating point", config.accept_threshold),
+        ("chosen", choice["loop_threshold"]),
+    ):
+        if t is not None:
+            pick, used = replay_loop(scores, t)
+            ok = available[np.arange(len(ids)), pick]
+            rows[name] = {"threshold": t, "available_rate": float(ok.mean()),
+                          "mean_attempts": float(used.mean())}  # fmt: skip
+    ok_all = available.any(1).mean()  # a perfect judge's ceiling on these products
+    out = {**choice, "left_out": left_out, "replay": rows, "ceiling": float(ok_all)}
+    if a.write:
+        new = dataclasses.replace(config, loop_threshold=choice["loop_threshold"])
+        write_text_atomic(a.model / CONFIG_FILE, new.to_json())
+        out["written"] = str(a.model / CONFIG_FILE)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
