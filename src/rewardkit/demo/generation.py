@@ -17,6 +17,7 @@ from rewardkit.data.keys import check_held_out
 from rewardkit.demo.run import held_out_note
 from rewardkit.generation.pipeline import AdGenerator
 from rewardkit.generation.recurrent import (
+    AVAILABLE,
     InspectorJudge,
     OracleJudge,
     judge_images,
@@ -108,7 +109,12 @@ def generation_section(
     n = len(jobs)
     first_oracle = sum(by_attempt[(i, 1)] == "Available" for i in range(n)) / n
     returned_oracle = [by_attempt[(a.product, a.attempt)] for a in result.final]
-    agree = np.mean([a.label == o for a, o in zip(result.attempts, oracle_labels, strict=True)])
+    # Agreement of the inspector's labels, as `inspect` gives them (its operating point), not
+    # the loop's stricter accept test: a defect verdict is the most probable defect at any
+    # threshold, so only the Available cut moves.
+    point = inspector.inspector.accept_threshold
+    labels = [a.label if point is None or a.score < point else AVAILABLE for a in result.attempts]
+    agree = np.mean([x == o for x, o in zip(labels, oracle_labels, strict=True)])
     # Oracle-available rate of the image returned when k attempts are allowed.
     oracle_curve = []
     for k in range(1, max_attempts + 1):
@@ -160,8 +166,13 @@ def generation_section(
         f"{max_attempts} attempts. The oracle judges every attempt as ground truth.</p>"
         + held_out_note(held_out)
         + table
-        + f"<p>Inspector and oracle agree on {100 * agree:.1f}% of the "
-        f"{len(result.attempts)} generated images.</p>"
+        + f"<p>Inspector (at its operating point, as <code>inspect</code> labels) and "
+        f"oracle agree on {100 * agree:.1f}% of the {len(result.attempts)} generated images; "
+        + (
+            f"the loop accepts at P(Available) &gt;= {inspector.threshold:.3f}.</p>"
+            if inspector.threshold is not None
+            else "the loop accepts its Available verdicts.</p>"
+        )
         + _curve_figure(curves)
         + "<h3>First attempt and returned image, side by side</h3>"
         + f"<div class='grid'>{''.join(gallery)}</div>"
