@@ -24,10 +24,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 
-from rewardkit.generation.recurrent import attempt_grid, choose_loop_threshold, replay_loop
+from rewardkit.generation.recurrent import attempt_grid, choose_loop_threshold, replay_outcome
 from rewardkit.io import write_text_atomic
 from rewardkit.models.rfnet import CONFIG_FILE, RFNetConfig
 
@@ -57,16 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if not ids:
         raise SystemExit(f"{a.run}: no product has all {a.max_attempts} attempts judged")
     choice = choose_loop_threshold(scores, available)
-    rows = {}
-    for name, t in (
-        ("operating point", config.accept_threshold),
-        ("chosen", choice["loop_threshold"]),
-    ):
-        if t is not None:
-            pick, used = replay_loop(scores, t)
-            ok = available[np.arange(len(ids)), pick]
-            rows[name] = {"threshold": t, "available_rate": float(ok.mean()),
-                          "mean_attempts": float(used.mean())}  # fmt: skip
+    rows = {
+        name: replay_outcome(scores, available, t)
+        for name, t in (("operating point", config.accept_threshold),
+                        ("chosen", choice["loop_threshold"]))
+        if t is not None
+    }  # fmt: skip
     ok_all = available.any(1).mean()  # a perfect judge's ceiling on these products
     out = {**choice, "left_out": left_out, "replay": rows, "ceiling": float(ok_all)}
     if a.write:

@@ -87,7 +87,6 @@ class _Fixed(torch.nn.Module):
 
     classes = Inspector.classes
     accept_threshold = Inspector.accept_threshold
-    loop_threshold = Inspector.loop_threshold
     verdicts = Inspector.verdicts
     device = Inspector.device
     uses_placement = Inspector.uses_placement

@@ -54,8 +54,7 @@ def loop_accept_threshold(
     from rewardkit.models.defaults import default_model_path
     from rewardkit.models.rfnet import RFNetConfig
 
-    config = RFNetConfig.from_folder(inspector or default_model_path("rfnet"))
-    return config.loop_threshold if config.loop_threshold is not None else config.accept_threshold
+    return RFNetConfig.from_folder(inspector or default_model_path("rfnet")).loop_accept_threshold
 
 
 def make_judge(

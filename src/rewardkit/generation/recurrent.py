@@ -164,7 +164,9 @@ class InspectorJudge:
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise ValueError(f"--accept-threshold: must be in (0, 1); got {threshold}")
         self.inspector = inspector.eval()
-        self.threshold = threshold if threshold is not None else inspector.loop_threshold
+        self.threshold = (
+            threshold if threshold is not None else inspector.rfnet.config.loop_accept_threshold
+        )
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
         size = self.inspector.rfnet.config.resolution
@@ -329,6 +331,15 @@ def replay_loop(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nd
     return pick, np.where(any_pass, first + 1, scores.shape[1])
 
 
+def replay_outcome(scores: np.ndarray, available: np.ndarray, threshold: float) -> dict:
+    """:func:`replay_loop` scored with reference labels ``available`` (the same grid): the
+    share of products whose returned image is Available and the mean attempts painted."""
+    pick, used = replay_loop(scores, threshold)
+    ok = np.asarray(available)[np.arange(len(pick)), pick]
+    return {"threshold": threshold, "available_rate": float(ok.mean()),
+            "mean_attempts": float(used.mean())}  # fmt: skip
+
+
 def choose_loop_threshold(
     scores: np.ndarray, available: np.ndarray, candidates: Sequence[float] | None = None
 ) -> dict:
@@ -354,16 +365,11 @@ def choose_loop_threshold(
     grid = grid[(grid > 0.0) & (grid < 1.0)]
     if grid.size == 0:
         raise ValueError("no threshold in (0, 1) to choose from")
-    best = None
-    for t in grid:
-        pick, used = replay_loop(scores, float(t))
-        ok = available[np.arange(len(scores)), pick]
-        key = (ok.mean(), -used.mean())
-        if best is None or key > best[0]:
-            best = (key, float(t))
-    (rate, neg_used), t = best
-    return {"loop_threshold": t, "available_rate": float(rate), "mean_attempts": -float(neg_used),
-            "products": int(scores.shape[0]), "max_attempts": int(scores.shape[1])}  # fmt: skip
+    outcomes = [replay_outcome(scores, available, float(t)) for t in grid]
+    best = max(outcomes, key=lambda o: (o["available_rate"], -o["mean_attempts"]))  # first of ties
+    return {"loop_threshold": best["threshold"], "available_rate": best["available_rate"],
+            "mean_attempts": best["mean_attempts"], "products": int(scores.shape[0]),
+            "max_attempts": int(scores.shape[1])}  # fmt: skip
 
 
 def attempt_grid(attempts, labels: Sequence[str | None], max_attempts: int) -> tuple:

@@ -60,12 +60,6 @@ class Inspector(nn.Module):
         """The operating point in the RFNet's config (None: the most probable class)."""
         return self.rfnet.config.accept_threshold
 
-    @property
-    def loop_threshold(self) -> float | None:
-        """Recurrent Generation's accept test in the RFNet's config (None: the operating
-        point)."""
-        return self.rfnet.config.loop_threshold
-
     def verdicts(self, probs, threshold: float | None = None) -> list[str]:
         """Class names for class probabilities (N, C), at ``threshold`` (Available when
         P(Available) >= it) or, when None, at the model's operating point."""

@@ -296,6 +296,12 @@ class RFNetConfig:
             raise ValueError(f"RFNet config: unknown key(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
+    @property
+    def loop_accept_threshold(self) -> float | None:
+        """The P(Available) Recurrent Generation accepts at by default: ``loop_threshold``,
+        else the operating point (None: the most probable class)."""
+        return self.loop_threshold if self.loop_threshold is not None else self.accept_threshold
+
     @classmethod
     def from_folder(cls, path: str | Path) -> RFNetConfig:
         """The config of a model folder (its ``config.json``) without loading weights;
