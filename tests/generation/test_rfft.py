@@ -281,9 +281,21 @@ def test_rfnet_ensemble_and_jittered_views_average_the_loss(tiny_generator):
         FinetuneConfig(reward_views=0)
 
 
-def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generator):
+def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generator, monkeypatch):
     from rewardkit.cli import main
+    from rewardkit.generation import evaluate
+    from rewardkit.models.defaults import default_model_path
+    from rewardkit.models.rfnet import RFNetConfig
     from rewardkit.world.export import render_world
+
+    thresholds = []  # the RFNet column's judge: inspect's operating point, not the loop's test
+    judge_images = evaluate.judge_images
+
+    def recording(judge, *a):
+        thresholds.append(judge.threshold)
+        return judge_images(judge, *a)
+
+    monkeypatch.setattr(evaluate, "judge_images", recording)
 
     base = tmp_path / "base"
     tiny_generator.save_pretrained(base)
@@ -304,6 +316,9 @@ def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generat
     assert a["oracle_available"] == b["oracle_available"]  # same weights, same seeds
     assert a["diversity"] == pytest.approx(b["diversity"]) and a["diversity_vs_base"] == 1.0
     assert 0 <= a["rfnet_available"] <= 1 and a["images"] == 4
+    config = RFNetConfig.from_folder(default_model_path("rfnet"))
+    assert config.loop_threshold is not None and config.loop_threshold != config.accept_threshold
+    assert thresholds == [config.accept_threshold] * 3  # A, the Recurrent row, B
     assert (tmp_path / "ev" / "compare.png").is_file()
     assert (tmp_path / "ev" / "grids" / "A.png").is_file()
     assert "| A |" in (tmp_path / "ev" / "generator_eval.md").read_text()

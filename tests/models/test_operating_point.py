@@ -157,6 +157,13 @@ def test_the_models_loop_threshold_is_the_loops_default(tmp_path):
                                                      captions=["c", "c"])  # fmt: skip
         assert labels == expected, threshold
     assert model.verdicts(model.probs) == ["Space Mismatch", "Available"]  # inspect's labels
+    # Reports of how many images the inspector calls Available use inspect's labels.
+    labels, _ = InspectorJudge.at_operating_point(model)(images, ["p", "p"], photos=photos,
+                                                         captions=["c", "c"])  # fmt: skip
+    assert labels == ["Space Mismatch", "Available"]
+    labels, _ = InspectorJudge.at_operating_point(_Fixed(probs, None, loop=0.75))(
+        images, ["p", "p"], photos=photos, captions=["c", "c"])  # fmt: skip
+    assert labels == ["Available", "Available"]  # no operating point: the most probable class
     with pytest.raises(ValueError, match="loop_threshold"):
         RFNetConfig(loop_threshold=1.0)
     folder = tmp_path / "m"

@@ -102,7 +102,7 @@ def _measure(
     row: dict = {"images": len(first)}
     row["oracle_available"] = float(np.mean([v == AVAILABLE for v in oracle]))
     if inspector is not None:
-        labels, _ = judge_images(InspectorJudge(inspector), first, jobs)
+        labels, _ = judge_images(InspectorJudge.at_operating_point(inspector), first, jobs)
         row["rfnet_available"] = float(np.mean([v == AVAILABLE for v in labels]))
     counts: dict[str, int] = {}
     for v in oracle:

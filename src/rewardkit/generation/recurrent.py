@@ -168,6 +168,14 @@ class InspectorJudge:
             threshold if threshold is not None else inspector.rfnet.config.loop_accept_threshold
         )
 
+    @classmethod
+    def at_operating_point(cls, inspector) -> InspectorJudge:
+        """The judge that labels as ``inspect`` does (the model's operating point, never its
+        ``loop_threshold``): for reports of how many images the inspector calls Available."""
+        judge = cls(inspector)
+        judge.threshold = inspector.rfnet.config.accept_threshold
+        return judge
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
         size = self.inspector.rfnet.config.resolution
         device = self.inspector.device
