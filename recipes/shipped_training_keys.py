@@ -53,6 +53,7 @@ I23_LOOP = (23003, 2000, B_HELDOUT)
 I23_MORE = (23005, 2000, B_HELDOUT)  # 2026-12-03: 2,000 more generated images
 # Products the early-fusion rfnet's operating point for Recurrent Generation was chosen on.
 I23_RG = (23004, 200, B_HELDOUT)
+I23_RFFT_VAL = (23201, 150, B_HELDOUT)  # 2026-12-03: generator-rfft (early-fusion reward) chosen on it
 
 
 def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
@@ -119,6 +120,10 @@ def main() -> None:
     generated_more = (*generated, (I23_MORE, "train"))
     generator = ((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"))
     tuned = (*generator, (RFFT_PROBE, "selection"))
+    # generator-rfft since 2026-12-03: RFFT with the early-fusion rfnet on I23_TRAIN's first
+    # 2,000 products (recorded whole), probed on I23_VAL, chosen on I23_RFFT_VAL.
+    tuned_ef = (*generator, (I23_TRAIN, "train"), (I23_VAL, "selection"),
+                (I23_RFFT_VAL, "selection"))  # fmt: skip
     plan = {
         "dual-encoder": pretrain,
         "aesthetic": pretrain,
@@ -132,7 +137,7 @@ def main() -> None:
         "rfnet-renders": renders,
         "rfnet-image-only": renders,
         "generator": generator,
-        "generator-rfft": tuned,
+        "generator-rfft": tuned_ef,
         "generator-social": tuned,
     }
     report = {}
