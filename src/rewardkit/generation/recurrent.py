@@ -173,7 +173,7 @@ class InspectorJudge:
         """The judge that labels as ``inspect`` does (the model's operating point, never its
         ``loop_threshold``): for reports of how many images the inspector calls Available."""
         judge = cls(inspector)
-        judge.threshold = inspector.rfnet.config.accept_threshold
+        judge.threshold = inspector.accept_threshold  # the Inspector's own operating point
         return judge
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], **context):
