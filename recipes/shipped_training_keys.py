@@ -53,7 +53,8 @@ I23_LOOP = (23003, 2000, B_HELDOUT)
 I23_MORE = (23005, 2000, B_HELDOUT)  # 2026-12-03: 2,000 more generated images
 # Products the early-fusion rfnet's operating point for Recurrent Generation was chosen on.
 I23_RG = (23004, 200, B_HELDOUT)
-I23_RFFT_VAL = (23201, 150, B_HELDOUT)  # 2026-12-03: generator-rfft (early-fusion reward) chosen on it
+I23_RFFT_VAL = (23201, 150, B_HELDOUT)  # 2026-12-03: generator-rfft (early-fusion) chosen on it
+I23_MIRROR_VAL = (23301, 400, B_HELDOUT)  # 2026-12-04: rfnet's mirror readout judged (not adopted)
 
 
 def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
@@ -131,8 +132,9 @@ def main() -> None:
         "saliency": pretrain,
         "social-reward": social,
         # The early-fusion inspector: trained from scratch on the generated images alone; its
-        # Recurrent Generation operating point chosen on I23_RG.
-        "rfnet": (*generated_more, (I23_RG, "selection")),
+        # Recurrent Generation operating point chosen on I23_RG, its mirror readout judged
+        # (and not adopted) on I23_MIRROR_VAL.
+        "rfnet": (*generated_more, (I23_RG, "selection"), (I23_MIRROR_VAL, "selection")),
         "rfnet-paper": (*renders, *generated),
         "rfnet-renders": renders,
         "rfnet-image-only": renders,
