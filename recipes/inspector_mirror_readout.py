@@ -17,34 +17,37 @@ it is not the shipped readout.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-from rewardkit.commands.rfnet import load_samples
+from rewardkit.commands.rfnet import load_samples, predict_on_device
 from rewardkit.io import write_json_atomic
 from rewardkit.models.rfnet import RFNet
 from rewardkit.training.rfnet import FLIPPED_INPUTS, evaluate_rfnet, prepare_inspection_data
 
 
+class Mirrored(torch.nn.Module):
+    """``model`` reading the mirror image of every image input (``FLIPPED_INPUTS``), so
+    ``predict_on_device`` can batch it as it batches the model itself."""
+
+    def __init__(self, model: RFNet) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, **inputs) -> torch.Tensor:
+        return self.model(
+            **{k: v.flip(3) if k in FLIPPED_INPUTS and v is not None else v
+               for k, v in inputs.items()}
+        )  # fmt: skip
+
+
 def readouts(model: RFNet, data) -> dict[str, torch.Tensor]:
     """Class probabilities (N, C) of every sample of ``data``: plain, mirrored, and their
     average."""
-    mods = tuple(model.config.modalities)
-    plain, mirrored = [], []
     with torch.no_grad():
-        for rows in torch.arange(len(data)).split(128):
-            batch = data.batch(rows, mods, "cpu")
-            flipped = {
-                k: v.flip(3) if k in FLIPPED_INPUTS and v is not None else v
-                for k, v in batch.items()
-            }
-            plain.append(F.softmax(model(**batch), -1))
-            mirrored.append(F.softmax(model(**flipped), -1))
-    p, m = torch.cat(plain), torch.cat(mirrored)
+        p, m = predict_on_device(model, data), predict_on_device(Mirrored(model), data)
     return {"plain": p, "mirror": m, "average": (p + m) / 2}
 
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * top['accuracy']:.2f}% most probable; Available P/R "
             f"{100 * at['precision']:.1f}/{100 * at['recall']:.1f}"
         )
-    write_json_atomic(a.out, json.loads(json.dumps(result, default=str)))
+    write_json_atomic(a.out, result)
     return 0
 
 
