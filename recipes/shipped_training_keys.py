@@ -55,6 +55,10 @@ I23_MORE = (23005, 2000, B_HELDOUT)  # 2026-12-03: 2,000 more generated images
 I23_RG = (23004, 200, B_HELDOUT)
 I23_RFFT_VAL = (23201, 150, B_HELDOUT)  # 2026-12-03: generator-rfft (early-fusion) chosen on it
 I23_MIRROR_VAL = (23301, 400, B_HELDOUT)  # 2026-12-04: rfnet's mirror readout judged (not adopted)
+# 2026-12-04: with 23301, the validation of recipes/inspector_readouts.py (nothing adopted)...
+I23_READOUT_VAL = (23302, 400, B_HELDOUT)
+# ...and the products its fine-tuned candidates were trained on (not adopted; recorded whole).
+I23_READOUT_FT = (23303, 2000, B_HELDOUT)
 
 
 def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
@@ -133,8 +137,15 @@ def main() -> None:
         "social-reward": social,
         # The early-fusion inspector: trained from scratch on the generated images alone; its
         # Recurrent Generation operating point chosen on I23_RG, its mirror readout judged
-        # (and not adopted) on I23_MIRROR_VAL.
-        "rfnet": (*generated_more, (I23_RG, "selection"), (I23_MIRROR_VAL, "selection")),
+        # (and not adopted) on I23_MIRROR_VAL, its readouts and fine-tuned candidates judged
+        # (none adopted) on I23_MIRROR_VAL + I23_READOUT_VAL with I23_READOUT_FT.
+        "rfnet": (
+            *generated_more,
+            (I23_RG, "selection"),
+            (I23_MIRROR_VAL, "selection"),
+            (I23_READOUT_VAL, "selection"),
+            (I23_READOUT_FT, "selection"),
+        ),
         "rfnet-paper": (*renders, *generated),
         "rfnet-renders": renders,
         "rfnet-image-only": renders,

@@ -1,0 +1,69 @@
+"""recipes/inspector_readouts.py: the fitted readout (accept threshold + defect biases) and
+the verdicts it gives."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "inspector_readouts.py"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("inspector_readouts", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_biased_verdicts_keep_the_threshold_and_move_only_the_named_defect():
+    r = _recipe()
+    probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.4, 0.3], [0.2, 0.45, 0.35]])
+    plain = r.biased_verdicts(probs, 0, 0.6, np.zeros(3))
+    assert plain.tolist() == [0, 1, 1]
+    # A bias on class 2 renames the defect of the last two images; the Available verdict
+    # (P >= threshold) never moves, whatever the biases.
+    moved = r.biased_verdicts(probs, 0, 0.6, np.array([0.0, 0.0, 0.5]))
+    assert moved.tolist() == [0, 2, 2]
+    assert r.biased_verdicts(probs, 0, 0.6, np.array([0.0, -3.0, 3.0]))[0] == 0
+
+
+def test_fit_readout_finds_a_bias_that_the_labels_ask_for():
+    r = _recipe()
+    rng = np.random.default_rng(0)
+    n = 200
+    labels = rng.integers(1, 3, n)  # defects 1 and 2 only
+    probs = np.full((n, 3), 0.1)
+    # The model under-calls defect 2: its probability sits a little under defect 1's.
+    probs[:, 1] = np.where(labels == 2, 0.5, 0.7)
+    probs[:, 2] = np.where(labels == 2, 0.4, 0.2)
+    probs /= probs.sum(1, keepdims=True)
+    before = (r.biased_verdicts(probs, 0, 0.9, np.zeros(3)) == labels).mean()
+    t, bias = r.fit_readout(probs, labels, 0, 0.9)
+    after = (r.biased_verdicts(probs, 0, t, bias) == labels).mean()
+    assert before < 0.6 and after == 1.0
+    assert bias[2] - bias[1] > np.log(0.5 / 0.4)
+    # Nothing to gain: nothing moves.
+    t2, bias2 = r.fit_readout(probs, np.where(probs[:, 1] > probs[:, 2], 1, 2), 0, 0.9)
+    assert t2 == 0.9 and not bias2.any()
+
+
+def test_threshold_margins_take_the_nearest_limit_and_skip_unmeasured_values():
+    import pyarrow as pa
+
+    r = _recipe()
+    limits = r.MARGIN_LIMITS
+    nan = float("nan")
+    table = pa.table({
+        "contact_gap": [limits["contact_gap"] * 1.05, -limits["contact_gap"] * 3, nan],
+        "scale_error": [nan, limits["scale_error"] * 0.8, nan],
+        "hallucinated_area": [0.0, 0.0, nan],
+        "contrast": [limits["contrast"] * 4, limits["contrast"] * 4, nan],
+        "clutter": [0.0, 0.0, nan],
+    })  # fmt: skip
+    m = r.threshold_margins(table)
+    assert np.allclose(m[:2], [0.05, 0.2]) and np.isinf(m[2])  # |-3x| is 2.0 away; 0.8x is 0.2
+    rows = r.by_margin(np.array([False, True, True]), m)
+    assert [(x["n"], x["errors"]) for x in rows] == [(1, 1), (1, 0), (0, 0), (1, 0)]
