@@ -59,6 +59,8 @@ I23_MIRROR_VAL = (23301, 400, B_HELDOUT)  # 2026-12-04: rfnet's mirror readout j
 I23_READOUT_VAL = (23302, 400, B_HELDOUT)
 # ...and the products its fine-tuned candidates were trained on (not adopted; recorded whole).
 I23_READOUT_FT = (23303, 2000, B_HELDOUT)
+# ...and the renders mixed into two of them (Available and Shape Hallucination, half each).
+I23_READOUT_SHAPE = (23304, 800, "Available=0.5,Shape Hallucination=0.5")
 
 
 def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
@@ -145,6 +147,7 @@ def main() -> None:
             (I23_MIRROR_VAL, "selection"),
             (I23_READOUT_VAL, "selection"),
             (I23_READOUT_FT, "selection"),
+            (I23_READOUT_SHAPE, "selection"),
         ),
         "rfnet-paper": (*renders, *generated),
         "rfnet-renders": renders,
