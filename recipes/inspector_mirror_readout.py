@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 
 from rewardkit.commands.rfnet import load_samples, predict_on_device
@@ -59,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     model = RFNet.from_pretrained(a.model).eval()
     samples = load_samples(a.manifest, split=False)
-    samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     data = prepare_inspection_data(samples, model.config, progress=False)
     threshold = model.config.accept_threshold
     result = {"model": str(a.model), "manifest": str(a.manifest), "n": len(data)}

@@ -40,8 +40,8 @@ import torch
 
 from rewardkit.commands.rfnet import load_samples, predict_on_device
 from rewardkit.io import write_json_atomic
-from rewardkit.models.rfnet import AVAILABLE, RFNet
-from rewardkit.training.rfnet import evaluate_rfnet, prepare_inspection_data
+from rewardkit.models.rfnet import AVAILABLE, RFNet, verdict_indices
+from rewardkit.training.rfnet import evaluate_rfnet, prepare_inspection_data, verdict_figures
 from rewardkit.world.oracle import Thresholds
 
 BIAS_GRID = np.round(np.arange(-3.0, 3.01, 0.25), 2)
@@ -122,23 +122,8 @@ def by_margin(correct: np.ndarray, margins: np.ndarray) -> list[dict]:
     return rows
 
 
-def figures(pred: np.ndarray, labels: np.ndarray, a: int, classes) -> dict:
-    is_pos, said_pos = labels == a, pred == a
-    tp = int((is_pos & said_pos).sum())
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    return {
-        "n": int(len(labels)),
-        "accuracy": float((pred == labels).mean()),
-        "precision": tp / max(1, int(said_pos.sum())),
-        "recall": tp / max(1, int(is_pos.sum())),
-        "confusion": confusion.tolist(),
-    }
-
-
 def probabilities(models: dict[str, RFNet], manifests: list[Path]):
     samples = load_samples([str(m) for m in manifests], split=False)
-    samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     first = next(iter(models.values()))
     data = prepare_inspection_data(samples, first.config, progress=False)
     with torch.no_grad():
@@ -171,17 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     probs, labels, classes = probabilities(models, a.val)
     av = classes.index(AVAILABLE)
 
-    def readout(name: str, p: np.ndarray, t: float, bias=None) -> np.ndarray:
-        return biased_verdicts(p, av, t, np.zeros(len(classes)) if bias is None else bias)
+    def plain(p: np.ndarray, t: float, y: np.ndarray) -> dict:
+        return verdict_figures(verdict_indices(p, classes, t), y, classes)
 
-    val: dict[str, dict] = {}
-    for name, model in models.items():
-        val[f"plain:{name}"] = figures(
-            readout(name, probs[name], model.config.accept_threshold), labels, av, classes
-        )
-    mean = np.mean(list(probs.values()), axis=0)
+    val: dict[str, dict] = {
+        f"plain:{name}": plain(probs[name], model.config.accept_threshold, labels)
+        for name, model in models.items()
+    }
     if len(models) > 1:
-        val["ensemble"] = figures(readout("ensemble", mean, t0), labels, av, classes)
+        val["ensemble"] = plain(np.mean(list(probs.values()), axis=0), t0, labels)
     # Out-of-fold figure for the fitted readout: two halves, fixed permutation.
     halves = np.random.default_rng(0).permutation(len(labels)) % 2
     pred = np.zeros_like(labels)
@@ -189,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     for h in (0, 1):
         fit, score = halves != h, halves == h
         t, b = fit_readout(probs["shipped"][fit], labels[fit], av, t0)
-        pred[score] = readout("bias", probs["shipped"][score], t, b)
+        pred[score] = biased_verdicts(probs["shipped"][score], av, t, b)
         folds.append({"threshold": t, "bias": b.tolist()})
-    val["bias:shipped"] = figures(pred, labels, av, classes) | {"folds": folds}
+    val["bias:shipped"] = verdict_figures(pred, labels, classes) | {"folds": folds}
     t_all, b_all = fit_readout(probs["shipped"], labels, av, t0)
     fitted = {"threshold": t_all, "bias": dict(zip(classes, b_all.tolist(), strict=True))}
 
@@ -203,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         if table.num_rows != len(labels):
             raise SystemExit(f"--measurements: {table.num_rows} rows for {len(labels)} images")
-        correct = readout("", probs["shipped"], t0) == labels
-        rows = by_margin(correct, threshold_margins(table))
-        pred = readout("", probs["shipped"], t0)
-        far = (threshold_margins(table) >= MARGIN_BINS[-1]) & ~correct
+        pred = verdict_indices(probs["shipped"], classes, t0)
+        correct, margins = pred == labels, threshold_margins(table)
+        rows = by_margin(correct, margins)
+        far = (margins >= MARGIN_BINS[-1]) & ~correct
         pairs = Counter(
             f"{classes[t]} -> {classes[p]}" for t, p in zip(labels[far], pred[far], strict=True)
         )
@@ -238,21 +221,19 @@ def main(argv: list[str] | None = None) -> int:
         result["margins"] = result_margins
     if adopted and a.test is not None:
         tprobs, tlabels, _ = probabilities(models, [a.test])
-        tmean = np.mean(list(tprobs.values()), axis=0)
-        test = {"plain:shipped": figures(readout("", tprobs["shipped"], t0), tlabels, av, classes)}
-        if chosen == "ensemble":
-            test[chosen] = figures(readout("", tmean, t0), tlabels, av, classes)
-        elif chosen == "bias:shipped":
-            test[chosen] = figures(
-                readout("", tprobs["shipped"], t_all, b_all), tlabels, av, classes
+        test = {
+            "plain:shipped": evaluate_rfnet(
+                torch.from_numpy(tprobs["shipped"]), torch.from_numpy(tlabels), classes, t0
             )
+        }
+        if chosen == "ensemble":
+            test[chosen] = plain(np.mean(list(tprobs.values()), axis=0), t0, tlabels)
+        elif chosen == "bias:shipped":
+            pred = biased_verdicts(tprobs["shipped"], av, t_all, b_all)
+            test[chosen] = verdict_figures(pred, tlabels, classes)
         else:
             name = chosen.split(":", 1)[1]
-            t = models[name].config.accept_threshold
-            test[chosen] = figures(readout("", tprobs[name], t), tlabels, av, classes)
-        test["plain:shipped"]["ap"] = evaluate_rfnet(
-            torch.from_numpy(tprobs["shipped"]), torch.from_numpy(tlabels), classes, t0
-        )["ap"]
+            test[chosen] = plain(tprobs[name], models[name].config.accept_threshold, tlabels)
         for name, f in test.items():
             print(f"TEST {name}: six classes {100 * f['accuracy']:.2f}%, Available P/R "
                   f"{100 * f['precision']:.1f}/{100 * f['recall']:.1f} (n {f['n']})")  # fmt: skip

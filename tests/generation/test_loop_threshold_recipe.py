@@ -1,10 +1,7 @@
 """recipes/choose_loop_threshold.py: from a run that painted every attempt and its labels,
 the loop threshold is chosen, replayed beside the operating point, and stored in the model."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,16 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rewardkit.models.rfnet import RFNet, RFNetConfig
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "choose_loop_threshold.py"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("choose_loop_threshold", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.recipes import load_recipe
 
 
 def test_recipe_chooses_and_writes_the_loop_threshold(tmp_path, capsys):
@@ -39,7 +27,7 @@ def test_recipe_chooses_and_writes_the_loop_threshold(tmp_path, capsys):
     pq.write_table(pa.table(attempts), run / "attempts.parquet")
     labels = ["Size Mismatch", "Available", "Space Mismatch", "Available", "Available"]
     pq.write_table(pa.table({"oracle_label": labels}), tmp_path / "labels.parquet")
-    recipe = _recipe()
+    recipe = load_recipe("choose_loop_threshold")
     argv = ["--model", str(model), "--run", str(run), "--labels", str(tmp_path / "labels.parquet"),
             "--max-attempts", "2"]  # fmt: skip
     assert recipe.main(argv) == 0

@@ -1,25 +1,13 @@
 """recipes/inspector_readouts.py: the fitted readout (accept threshold + defect biases) and
 the verdicts it gives."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "inspector_readouts.py"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("inspector_readouts", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.recipes import load_recipe
 
 
 def test_biased_verdicts_keep_the_threshold_and_move_only_the_named_defect():
-    r = _recipe()
+    r = load_recipe("inspector_readouts")
     probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.4, 0.3], [0.2, 0.45, 0.35]])
     plain = r.biased_verdicts(probs, 0, 0.6, np.zeros(3))
     assert plain.tolist() == [0, 1, 1]
@@ -31,7 +19,7 @@ def test_biased_verdicts_keep_the_threshold_and_move_only_the_named_defect():
 
 
 def test_fit_readout_finds_a_bias_that_the_labels_ask_for():
-    r = _recipe()
+    r = load_recipe("inspector_readouts")
     rng = np.random.default_rng(0)
     n = 200
     labels = rng.integers(1, 3, n)  # defects 1 and 2 only
@@ -53,7 +41,7 @@ def test_fit_readout_finds_a_bias_that_the_labels_ask_for():
 def test_threshold_margins_take_the_nearest_limit_and_skip_unmeasured_values():
     import pyarrow as pa
 
-    r = _recipe()
+    r = load_recipe("inspector_readouts")
     limits = r.MARGIN_LIMITS
     nan = float("nan")
     table = pa.table({

@@ -1,36 +1,24 @@
 """recipes/prop_size_reward.py: labels match the oracle's geometry, the judge learns and passes
 gradients to the image (it is used as a reward)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
 from rewardkit.world.export import render_world
-
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "prop_size_reward.py"
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("prop_size_reward", RECIPE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its label step pickles functions for worker processes
-    spec.loader.exec_module(mod)
-    return mod
+from tests.recipes import load_recipe
 
 
 def test_prompt_kind():
-    r = _recipe()
+    r = load_recipe("prop_size_reward")
     assert r.prompt_kind("a red mug on a table, next to a soda can, warm light") == "soda can"
     assert r.prompt_kind("a red mug on a table, next to a floor lamp") == "floor lamp"
     assert r.prompt_kind("a red mug on a table, in front of a wall") is None
 
 
 def test_label_train_and_gradient(tmp_path):
-    r = _recipe()
+    r = load_recipe("prop_size_reward")
     render_world(tmp_path / "w", n=24, seed=5, size=64, balance="Available=1", progress=False)
     out = tmp_path / "lab.parquet"
     r.cmd_label([str(tmp_path / "w" / "manifest.parquet")], str(out))

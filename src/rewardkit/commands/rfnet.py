@@ -54,7 +54,8 @@ __all__ = [
 
 
 def load_samples(source: str | Path | Sequence[str | Path], split: bool = True) -> pa.Table:
-    """An AdWorld manifest (``.parquet``) or an RF1M folder, with a ``split`` by product.
+    """An AdWorld manifest (``.parquet``) or an RF1M folder, with a ``split`` by product
+    (``split=False``: every row in the "test" split, for a set that is only evaluated).
 
     Several sources (e.g. renders and oracle-labelled generated images) are concatenated
     first (columns missing from one source are null there), so the split by product spans
@@ -75,7 +76,9 @@ def load_samples(source: str | Path | Sequence[str | Path], split: bool = True) 
     table = (
         tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
     )
-    return split_by_product(table) if split else table
+    if split:
+        return split_by_product(table)
+    return table.append_column("split", pa.array(["test"] * table.num_rows))
 
 
 MODEL_PRESETS = {"small": RFNetConfig.small, "paper": RFNetConfig.paper,
@@ -417,7 +420,6 @@ def eval_rfnet_command(
     from rewardkit.models.defaults import default_model_path
 
     samples = load_samples(manifest, split=False)
-    samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     if runs is not None:
         folders = {
             n: Path(runs) / n / "model"

@@ -70,9 +70,6 @@ def rfnet_section(
     ``mixed_precision``."""
     t = time.perf_counter()
     samples = load_samples(out / "world" / "manifest.parquet", split=False)
-    import pyarrow as pa
-
-    samples = samples.append_column("split", pa.array(["test"] * samples.num_rows))
     folder = default_model_path("rfnet")
     paper = default_model_path("rfnet-paper")
     renders_only = default_model_path("rfnet-renders")

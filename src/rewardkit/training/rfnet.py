@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -534,6 +535,28 @@ def _ranked_counts(scores: np.ndarray, positive: np.ndarray):
     return s, np.nonzero(last)[0] + 1, tp[last]
 
 
+def verdict_figures(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict:
+    """Available-vs-not P/R/F1, accuracy and the confusion matrix (rows = truth) of verdict
+    class indices ``pred`` against ``labels``."""
+    a = list(classes).index(AVAILABLE)
+    is_pos, said_pos = labels == a, pred == a
+    tp = int((is_pos & said_pos).sum())
+    precision = tp / max(1, int(said_pos.sum()))
+    recall = tp / max(1, int(is_pos.sum()))
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    return {
+        "n": int(len(labels)),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": float((pred == labels).mean()),
+        "classes": list(classes),
+        "confusion": confusion.tolist(),
+    }
+
+
 def evaluate_rfnet(
     probs: torch.Tensor,
     labels: torch.Tensor,
@@ -546,20 +569,6 @@ def evaluate_rfnet(
     probs_np, labels_np = probs.numpy(), labels.numpy()
     a = classes.index(AVAILABLE)
     pred = verdict_indices(probs_np, classes, accept_threshold)
-    is_pos, said_pos = labels_np == a, pred == a
-    tp = int((is_pos & said_pos).sum())
-    precision = tp / max(1, int(said_pos.sum()))
-    recall = tp / max(1, int(is_pos.sum()))
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
-    np.add.at(confusion, (labels_np, pred), 1)
-    return {
-        "n": int(len(labels_np)),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "ap": average_precision(probs_np[:, a], is_pos),
-        "accuracy": float((pred == labels_np).mean()),
-        "classes": list(classes),
-        "confusion": confusion.tolist(),
+    return verdict_figures(pred, labels_np, classes) | {
+        "ap": average_precision(probs_np[:, a], labels_np == a)
     }
