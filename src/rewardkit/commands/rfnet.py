@@ -29,6 +29,7 @@ from rewardkit.training.distributed import is_main_process
 from rewardkit.training.inspection_store import prepare_inspection_store
 from rewardkit.training.rfnet import (
     EARLY_VARIANTS,
+    MEASUREMENT_HEADS,
     VARIANTS,
     InspectionData,
     RFNetTrainConfig,
@@ -131,13 +132,25 @@ def _training_data(
     """The inspection data and its degraded copy (or None): prepared once, in chunks, into
     ``out/data_cache`` (reused by a resumed run, rebuilt when its content key changes); or,
     with ``in_memory``, decoded whole into memory (small data, tests, the memory benchmark)."""
+    heads = _trained_heads(model_config, config)
     if in_memory:
-        data = prepare_inspection_data(samples, model_config, maps=maps, progress=progress)
+        data = prepare_inspection_data(
+            samples, model_config, maps=maps, progress=progress, measurements=heads
+        )
         return data, _training_copy(data, config, maps)
     store = prepare_inspection_store(
-        samples, model_config, out / DATA_CACHE, maps, _degrade_seed(config), progress=progress
-    )
+        samples, model_config, out / DATA_CACHE, maps, _degrade_seed(config), progress=progress,
+        measurements=heads,
+    )  # fmt: skip
     return store, store.degraded()
+
+
+def _trained_heads(model_config: RFNetConfig, config: RFNetTrainConfig) -> tuple[str, ...]:
+    """The measurement heads a run trains (their targets are read from the manifest): the
+    model's own, or the default set it is given, when ``measurement_weight > 0``."""
+    if config.measurement_weight <= 0:
+        return ()
+    return model_config.measurements or MEASUREMENT_HEADS
 
 
 def _record_keys(samples: pa.Table, model_dir: Path, init: str | Path | None) -> None:

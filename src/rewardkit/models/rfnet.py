@@ -157,6 +157,12 @@ class RFNetConfig:
     # CNN's first-stage channels and ``backbone``, ``heads``, ``n_filter``, ``n_fusion`` and
     # ``caption_dim`` are unused). See :meth:`aligned`.
     fusion: str = "late"
+    # Early fusion only (beyond the paper): heads that also regress these oracle measurements
+    # (names from ``world.oracle.TARGET_KINDS``, in units of their decision thresholds) from
+    # the features the verdict is read from: a second teacher during training
+    # (``RFNetTrainConfig.measurement_weight``); ``forward(..., measurements=True)`` returns
+    # them. () = no heads (the paper's model, and every model before 2026-12-04).
+    measurements: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -235,6 +241,18 @@ class RFNetConfig:
         if self.fusion == "early" and "generated" not in mods:
             raise ValueError(f"modalities: early fusion needs 'generated'; got {mods}")
         set_(self, "modalities", tuple(m for m in ALL_MODALITIES if m in mods))  # canonical
+        from rewardkit.world.oracle import TARGET_KINDS
+
+        heads = (self.measurements,) if isinstance(self.measurements, str) else self.measurements
+        heads = tuple(str(m) for m in heads)
+        bad = [m for m in heads if m not in TARGET_KINDS]
+        if bad or len(set(heads)) != len(heads):
+            raise ValueError(
+                f"measurements: distinct names from {sorted(TARGET_KINDS)}; got {list(heads)}"
+            )
+        if heads and self.fusion != "early":
+            raise ValueError("measurements: measurement heads need fusion: early")
+        set_(self, "measurements", heads)
 
     # -- presets ---------------------------------------------------------------------
 
@@ -279,6 +297,7 @@ class RFNetConfig:
         out = dataclasses.asdict(self)
         out["backbone"] = json.loads(json.dumps(self.backbone))  # deep copy, plain types
         out["classes"], out["modalities"] = list(self.classes), list(self.modalities)
+        out["measurements"] = list(self.measurements)
         return out
 
     def to_json(self) -> str:
@@ -355,6 +374,10 @@ def _conv_block(ci: int, co: int, stride: int) -> nn.Sequential:
     )  # fmt: skip
 
 
+def _measurement_heads(features: int, n: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(features, 128), nn.ReLU(), nn.Linear(128, n))
+
+
 def sincos_positions_2d(h: int, w: int, dim: int) -> torch.Tensor:
     """Fixed 2D sin-cos position embedding (h*w, dim): a quarter of the channels each for
     sin/cos of the row and of the column. Parameter-free, so any grid size works."""
@@ -405,6 +428,7 @@ class RFNet(nn.Module):
         super().__init__()
         config = config or RFNetConfig()
         self.config = config
+        self.measure: nn.Module | None = None
         if config.fusion == "early":
             self._init_early()
             return
@@ -467,6 +491,23 @@ class RFNet(nn.Module):
             nn.Linear(features + self.n_numbers, 128), nn.ReLU(), nn.Dropout(c.dropout),
             nn.Linear(128, len(c.classes)),
         )  # fmt: skip
+        if c.measurements:  # measurement heads, on the features the verdict reads
+            self.measure = _measurement_heads(features + self.n_numbers, len(c.measurements))
+
+    def add_measurement_heads(self, names: Sequence[str]) -> None:
+        """Give an early-fusion model without them new (randomly initialised) measurement
+        heads for ``names`` (fine-tuning a model with a measurement loss).
+
+        Raises:
+            ValueError: The model already has measurement heads, is not early fusion, or a
+                name is not a known measurement.
+        """
+        if self.measure is not None:
+            raise ValueError(f"this RFNet already has measurement heads {self.config.measurements}")
+        config = dataclasses.replace(self.config, measurements=tuple(names))  # validates
+        self.config = config
+        head = _measurement_heads(self.head[0].in_features, len(config.measurements))
+        self.measure = head.to(device=self.device, dtype=self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -578,8 +619,10 @@ class RFNet(nn.Module):
         caption_mask: torch.Tensor | None = None,
         placed: torch.Tensor | None = None,
         height_cm: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, n_classes) over ``config.classes``.
+        measurements: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, n_classes) over ``config.classes``; with ``measurements``, also the
+        measurement heads' predictions (B, len(config.measurements)).
 
         Inputs of modalities the config does not use may be None (they are ignored if given).
 
@@ -594,12 +637,18 @@ class RFNet(nn.Module):
                 white, with its placement mask, float [B, 4, H, W] in [0, 1]
                 (``world.placement.placed_on_white``).
             height_cm: Early fusion: the product's real height in cm, float [B].
+            measurements: Also return the measurement heads' outputs (targets as
+                ``world.oracle.measurement_target`` makes them).
 
         Raises:
-            ValueError: A used input is missing or has the wrong shape or dtype.
+            ValueError: A used input is missing or has the wrong shape or dtype, or
+                ``measurements`` is asked of a model without measurement heads.
         """
+        if measurements and self.measure is None:
+            raise ValueError("measurements=True: this RFNet has no measurement heads "
+                             "(config.measurements is empty)")  # fmt: skip
         if self.config.fusion == "early":
-            return self._forward_early(product, generated, placed, height_cm)
+            return self._forward_early(product, generated, placed, height_cm, measurements)
         inputs = {
             "product": product, "generated": generated, "depth": depth, "saliency": saliency,
             "caption_tokens": caption_tokens, "caption_mask": caption_mask,
@@ -629,7 +678,7 @@ class RFNet(nn.Module):
             x = layer(x, src_key_padding_mask=key_pad)  # (B, S, D)
         return self.head(x[:, 0])  # (B, n_classes)
 
-    def _forward_early(self, product, generated, placed, height_cm) -> torch.Tensor:
+    def _forward_early(self, product, generated, placed, height_cm, measurements=False):
         """Early fusion (``fusion="early"``): see :meth:`_init_early`."""
         mods, r = self.config.modalities, self.config.resolution
         given = {"product": product, "generated": generated, "placed": placed}
@@ -687,7 +736,10 @@ class RFNet(nn.Module):
             pooled += [g.mean((2, 3)), g.amax((2, 3))]
         if numbers:
             pooled.append(torch.stack(numbers, 1))
-        return self.head(torch.cat(pooled, 1))  # (B, n_classes)
+        z = torch.cat(pooled, 1)  # (B, features)
+        if measurements:
+            return self.head(z), self.measure(z)  # (B, n_classes), (B, n_measurements)
+        return self.head(z)  # (B, n_classes)
 
     def available_log_prob(
         self,

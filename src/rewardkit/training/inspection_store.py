@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from rewardkit.data.samples import load_product_rgb, load_resized
 from rewardkit.io import write_json_atomic
 from rewardkit.models.rfnet import MODALITIES, RFNetConfig
 from rewardkit.training.rowfiles import META_FILE, RowFile, RowWriter, build_keyed_folder
+from rewardkit.world.oracle import TARGET_COLUMN_PREFIX
 
 __all__ = [
     "CAPTION_BATCH",
@@ -83,6 +85,11 @@ class InspectionStore:
         self.height_cm: torch.Tensor | None = None  # (N,) float32, early fusion's number
         if (self.folder / "height_cm.npy").is_file():
             self.height_cm = torch.from_numpy(self._load("height_cm").astype(np.float32))
+        # Measurement heads' targets (N, K) float32, NaN = not measured (training only).
+        self.measurements: tuple[str, ...] = tuple(meta.get("measurements", ()))
+        self.targets: torch.Tensor | None = None
+        if self.measurements:
+            self.targets = torch.from_numpy(self._load("targets").astype(np.float32))
         self.caption_index: np.ndarray | None = None
         if (self.folder / "caption_tokens.npy").is_file():
             self.files["caption_tokens"] = RowFile(self.folder / "caption_tokens.npy")
@@ -190,6 +197,7 @@ def store_key(
     degrade_seed: int | None,
     extractors: dict,
     progress: bool = False,
+    measurements: Sequence[str] = (),
 ) -> str:
     """sha256 of what the store's arrays are made from (see the module docstring)."""
     h = hashlib.sha256()
@@ -203,13 +211,16 @@ def store_key(
         "degrade_seed": degrade_seed,
         "rows": table.num_rows,
     }
+    if measurements:  # absent otherwise: stores prepared before measurement heads keep their key
+        head["measurements"] = list(measurements)
     h.update(json.dumps(head, sort_keys=True).encode())
     # Per-row values, streamed (a JSON of a million rows' columns would be ~100s of MB).
     identity = "product_key" if "product_key" in cols else "product_path"
     aligned = [
         c for c in ("fill", "product_height_cm") if set(config.modalities) & {"placed", "height"}
     ]
-    for column in (identity, "label", "split", "caption", *aligned):
+    targets = [TARGET_COLUMN_PREFIX + m for m in measurements]
+    for column in (identity, "label", "split", "caption", *aligned, *targets):
         h.update(f"\0column:{column}".encode())
         if column not in cols:
             continue
@@ -418,6 +429,7 @@ def prepare_inspection_store(
     caption_encoder=None,
     progress: bool = True,
     chunk_rows: int = CHUNK_ROWS,
+    measurements: Sequence[str] = (),
 ) -> InspectionStore:
     """Prepare (or reuse) the disk-backed inspection data of ``table`` in ``folder``.
 
@@ -430,6 +442,8 @@ def prepare_inspection_store(
             (the maps predicted again with ``maps="predicted"``, kept with ``"truth"``).
         chunk_rows: Rows decoded and written at a time (a multiple of ``MAP_BATCH`` keeps the
             map predictions' batches those of the in-memory path).
+        measurements: Also store these measurement heads' targets
+            (``training.rfnet.measurement_targets``; the store's ``targets``).
 
     Under a multi-process launch the main process builds; the others wait for its key.
     """
@@ -452,7 +466,10 @@ def prepare_inspection_store(
                 extractors[kind] = given or load_modality(kind)
     if "caption" in mods:
         extractors["caption"] = caption_encoder or load_modality("caption")
-    key = store_key(table, config, maps, degrade_seed, extractors, progress)
+    from rewardkit.training.rfnet import measurement_targets
+
+    targets = measurement_targets(table, measurements) if measurements else None  # checks first
+    key = store_key(table, config, maps, degrade_seed, extractors, progress, measurements)
     folder = Path(folder)
     paths = [str(p) for p in table["path"].to_pylist()]
 
@@ -466,10 +483,13 @@ def prepare_inspection_store(
         np.save(building / "labels.npy", np.array([classes.index(x) for x in labels], np.int16))
         np.save(building / "split.npy", np.array([split_names.index(s) for s in split], np.int8))
         write_json_atomic(building / "paths.json", paths)
+        if targets is not None:
+            np.save(building / "targets.npy", targets)
         return {"version": FORMAT_VERSION, "rows": len(labels), "classes": list(classes),
                 "split_names": split_names, "resolution": config.resolution,
                 "modalities": list(config.modalities), "maps": maps,
-                "degrade_seed": degrade_seed}  # fmt: skip
+                "degrade_seed": degrade_seed,
+                "measurements": list(measurements)}  # fmt: skip
 
     build_keyed_folder(folder, key, build, poll_s=2.0)
     return InspectionStore(folder, paths)

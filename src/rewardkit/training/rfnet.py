@@ -53,6 +53,7 @@ from rewardkit.training.loop import (
     resumable,
     run_training,
 )
+from rewardkit.world.oracle import TARGET_KINDS
 
 __all__ = [
     "InspectionData",
@@ -95,6 +96,9 @@ FLIPPED_INPUTS = ("product", "generated", "depth", "saliency", "placed")
 # What degradation changes (the image and the maps predicted from it); product photo and
 # caption stay as they are.
 DEGRADED_INPUTS = ("generated", "depth", "saliency")
+# The measurement heads ``measurement_weight > 0`` gives a model (every oracle measurement
+# with a decision threshold; world.oracle.TARGET_KINDS).
+MEASUREMENT_HEADS = tuple(TARGET_KINDS)
 
 
 @dataclass
@@ -121,9 +125,17 @@ class RFNetTrainConfig(TrainConfigBase):
     schedule: str = "step"
     flip: bool = False  # mirror a random half of each batch (every image input): same verdict
     label_smoothing: float = 0.0
+    # Beyond the paper: weight of the measurement heads' loss (smooth L1 on the oracle's
+    # measurements in units of their thresholds, ``world.oracle.measurement_target``) beside
+    # the cross-entropy. > 0 gives an early-fusion model heads for ``MEASUREMENT_HEADS`` (a new
+    # model, or new heads on an ``--init`` model without them) and needs the manifest's
+    # ``oracle_<name>`` columns (``world label --training-manifest`` writes them). 0: none.
+    measurement_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.measurement_weight < 0:
+            raise ValueError(f"measurement_weight: must be >= 0; got {self.measurement_weight}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: one of {SCHEDULES}; got {self.schedule!r}")
         if self.class_weight_power < 0:
@@ -148,6 +160,9 @@ class InspectionData:
     paths: list[str]
     placed: torch.Tensor | None = None  # (N, 4, R, R) uint8: placed product on white + mask
     height_cm: torch.Tensor | None = None  # (N,) float32: the product's height
+    # (N, len(measurements)) float32 measurement targets, NaN where not measured (training)
+    targets: torch.Tensor | None = None
+    measurements: tuple[str, ...] = ()  # the targets' names (world.oracle.TARGET_KINDS)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -190,6 +205,7 @@ def prepare_inspection_data(
     caption_encoder=None,
     progress: bool = True,
     modalities: tuple[str, ...] | None = None,
+    measurements: Sequence[str] = (),
 ) -> InspectionData:
     """Decode and encode every sample of ``table`` for an RFNet with ``config``.
 
@@ -203,6 +219,8 @@ def prepare_inspection_data(
         progress: Show a progress bar while decoding.
         modalities: The inputs to prepare (default ``config.modalities``): several models of
             other inputs (late and early fusion) can then read one copy.
+        measurements: Also read these measurement heads' targets (``targets``) from the
+            table's ``oracle_<name>`` columns (:func:`measurement_targets`): for training.
 
     Raises:
         ValueError: Unknown ``maps``, a label outside ``config.classes`` (naming the row),
@@ -258,12 +276,39 @@ def prepare_inspection_data(
     if "height" in mods:
         heights = torch.from_numpy(row_heights(table))
     split = table["split"].to_pylist() if "split" in table.column_names else ["test"] * len(paths)
+    targets = None
+    if measurements:
+        targets = torch.from_numpy(measurement_targets(table, measurements))
     return InspectionData(
         product=product, generated=generated, depth=depth, saliency=saliency,
         caption_tokens=tokens, caption_mask=mask,
         labels=torch.tensor(labels, dtype=torch.long), classes=classes, split=split,
-        paths=[str(p) for p in paths], placed=placed, height_cm=heights,
+        paths=[str(p) for p in paths], placed=placed, height_cm=heights, targets=targets,
+        measurements=tuple(measurements) if measurements else (),
     )  # fmt: skip
+
+
+def measurement_targets(table: pa.Table, names: Sequence[str]) -> np.ndarray:
+    """The measurement heads' targets (N, len(names)) float32 from a training manifest's
+    ``oracle_<name>`` columns (``world.oracle.measurement_target``; NaN: not measured).
+
+    Raises:
+        ValueError: A column is missing (naming it and how to get it).
+    """
+    from rewardkit.world.oracle import TARGET_COLUMN_PREFIX, measurement_target
+
+    cols = []
+    for name in names:
+        column = TARGET_COLUMN_PREFIX + name
+        if column not in table.column_names:
+            raise ValueError(
+                f"column {column!r} missing: measurement heads train on the oracle's "
+                "measurements; label the images with `rewardkit world label --manifest M "
+                "--out L --training-manifest T` and train on T"
+            )
+        values = table[column].to_numpy(zero_copy_only=False)
+        cols.append(measurement_target(np.asarray(values, dtype=np.float64), name))
+    return np.stack(cols, 1).astype(np.float32)
 
 
 @torch.no_grad()
@@ -342,6 +387,19 @@ def train_rfnet(
             if init is not None
             else RFNet(model_config or RFNetConfig.small())
         )
+        if config.measurement_weight > 0 and model.measure is None:
+            if model.config.fusion != "early":
+                raise ValueError("measurement_weight > 0: measurement heads need an "
+                                 "early-fusion RFNet (--model-config aligned)")  # fmt: skip
+            model.add_measurement_heads(MEASUREMENT_HEADS)
+    heads = model.config.measurements
+    targets_given = getattr(data, "targets", None) is not None
+    if config.measurement_weight > 0 and not targets_given:
+        raise ValueError("measurement_weight > 0 but the data has no measurement targets "
+                         "(prepare it with measurements=the model's heads)")  # fmt: skip
+    if targets_given and tuple(data.measurements) != heads:
+        raise ValueError(f"data holds targets of {list(data.measurements)}, the model has "
+                         f"heads {list(heads)}")  # fmt: skip
     if tuple(model.config.classes) != data.classes:
         raise ValueError(f"model classes {model.config.classes} != data classes {data.classes}")
     train_rows, val_rows = data.rows("train"), data.rows("val")
@@ -380,6 +438,8 @@ def train_rfnet(
                         flip[:, None, None, None], inputs[key].flip(3), inputs[key]
                     )
         inputs["labels"] = data.labels[rows]
+        if targets_given:
+            inputs["targets"] = data.targets[rows]  # mirror- and blur-invariant measurements
         return inputs
 
     def step_loss(batch: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
@@ -389,9 +449,20 @@ def train_rfnet(
             for k, v in micro.data.items()
         }
         labels = inputs.pop("labels")
-        logits = model(**inputs)  # (B, C)
+        targets = inputs.pop("targets", None)
+        if not heads:
+            logits = model(**inputs)  # (B, C)
+        else:
+            logits, measured = model(**inputs, measurements=True)  # (B, C), (B, K)
         w = None if weight is None else weight.to(logits.device)
-        return F.cross_entropy(logits, labels, weight=w, label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(logits, labels, weight=w, label_smoothing=config.label_smoothing)
+        if heads and targets is None:  # heads kept but not trained: still in the graph (DDP)
+            loss = loss + 0.0 * measured.sum()
+        elif heads:  # a NaN target (not measured) adds nothing
+            seen = ~torch.isnan(targets)
+            err = F.smooth_l1_loss(measured.float(), targets.nan_to_num(), reduction="none")
+            loss = loss + config.measurement_weight * (err * seen).sum() / seen.sum().clamp_min(1)
+        return loss
 
     def evaluate() -> dict[str, float]:
         if len(val_rows) == 0:

@@ -33,7 +33,7 @@ from rewardkit.io import (
     write_png_atomic,
     write_text_atomic,
 )
-from rewardkit.world.oracle import MEASUREMENTS, label
+from rewardkit.world.oracle import MEASUREMENTS, TARGET_COLUMN_PREFIX, TARGET_KINDS, label
 from rewardkit.world.placement import DEFAULT_FILL, white_background_to_rgba
 from rewardkit.world.sampler import Item, class_for_index, parse_balance, sample_item
 from rewardkit.world.scene import CLASSES
@@ -303,8 +303,8 @@ def label_manifest(
 
 def oracle_training_manifest(manifest: Path, table: pa.Table, labels: pa.Table) -> pa.Table:
     """``table`` (read from ``manifest``) with ``label`` = the oracle's verdict in ``labels``
-    (:func:`label_manifest`), the rows it could not judge left out, and ``path`` and
-    ``product_path`` absolute."""
+    (:func:`label_manifest`) and ``oracle_<name>`` = its measurements (``oracle.TARGET_KINDS``),
+    the rows it could not judge left out, and ``path`` and ``product_path`` absolute."""
     keep = [i for i, v in enumerate(labels["oracle_label"].to_pylist()) if v is not None]
     kept = table.take(keep)
     root = Path(manifest).parent.absolute()
@@ -318,4 +318,10 @@ def oracle_training_manifest(manifest: Path, table: pa.Table, labels: pa.Table) 
     verdicts = pa.array([labels["oracle_label"][i].as_py() for i in keep], pa.string())
     if "label" in kept.column_names:
         kept = kept.drop_columns(["label"])
+    # The measurements behind each verdict, as ``train rfnet``'s measurement heads read them.
+    for name in TARGET_KINDS:
+        column = TARGET_COLUMN_PREFIX + name
+        if column in kept.column_names:
+            kept = kept.drop_columns([column])
+        kept = kept.append_column(column, labels[name].take(keep).cast(pa.float64()))
     return kept.append_column("label", verdicts)

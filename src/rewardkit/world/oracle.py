@@ -273,3 +273,42 @@ def decide(m: dict[str, float | str], t: Thresholds = Thresholds()) -> str:
 
 def thresholds_table(t: Thresholds = Thresholds()) -> dict[str, float]:
     return asdict(t)
+
+
+# The oracle's measurements as regression targets for an inspector's measurement heads
+# (``RFNetConfig.measurements``, ``train rfnet`` with ``measurement_weight``): each in units of
+# its decision threshold, so one loss weighs them alike. "signed": v / limit (|t| > 1 crosses
+# it); "offset": (v - limit) / limit (contrast and clutter); "log2": log2 of the ratio to the
+# limit (an area of 0 is kept finite by ``TARGET_EPS``). Targets are clipped to +-TARGET_CLIP;
+# a measurement the oracle could not take (NaN, e.g. no prop for scale_error) is no target.
+TARGET_KINDS = {
+    "contact_gap": "signed", "contrast": "offset", "clutter": "offset",
+    "hallucinated_area": "log2", "scale_error": "signed", "truncation": "signed",
+    "matte_defect": "signed",
+}  # fmt: skip
+TARGET_EPS = 0.01
+TARGET_CLIP = 4.0
+# The column a training manifest (``world label --training-manifest``) carries each in.
+TARGET_COLUMN_PREFIX = "oracle_"
+
+
+def measurement_target(values: np.ndarray, name: str, t: Thresholds = Thresholds()) -> np.ndarray:
+    """Raw oracle measurements ``values`` (N,) of ``name`` -> targets (N,) float32, NaN kept.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`TARGET_KINDS`.
+    """
+    if name not in TARGET_KINDS:
+        raise ValueError(f"measurement {name!r}: expected one of {sorted(TARGET_KINDS)}")
+    v = np.asarray(values, dtype=np.float64)
+    limit = getattr(t, name)
+    kind = TARGET_KINDS[name]
+    if kind == "signed":
+        out = v / limit
+    elif kind == "offset":
+        out = (v - limit) / limit
+    else:
+        with np.errstate(invalid="ignore"):
+            out = np.log2((np.maximum(v, 0) + TARGET_EPS) / (limit + TARGET_EPS))
+        out[np.isnan(v)] = np.nan
+    return np.clip(out, -TARGET_CLIP, TARGET_CLIP).astype(np.float32)
