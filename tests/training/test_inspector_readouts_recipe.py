@@ -55,3 +55,34 @@ def test_threshold_margins_take_the_nearest_limit_and_skip_unmeasured_values():
     assert np.allclose(m[:2], [0.05, 0.2]) and np.isinf(m[2])  # |-3x| is 2.0 away; 0.8x is 0.2
     rows = r.by_margin(np.array([False, True, True]), m)
     assert [(x["n"], x["errors"]) for x in rows] == [(1, 1), (1, 0), (0, 0), (1, 0)]
+
+
+def test_every_candidate_gets_a_fitted_readout_and_test_is_read_only_on_adoption(world, tmp_path):
+    import json
+    from dataclasses import replace
+
+    import torch
+
+    from rewardkit.models.rfnet import EARLY_MODALITIES, RFNet, RFNetConfig
+    from rewardkit.world.export import label_manifest
+
+    r = load_recipe("inspector_readouts")
+    label_manifest(world / "w" / "manifest.parquet", progress=False,
+                   training_out=tmp_path / "T.parquet")  # fmt: skip
+    config = RFNetConfig(fusion="early", modalities=EARLY_MODALITIES, width=8, resolution=32)
+    for name, seed, threshold in (("a", 0, 0.5), ("b", 1, 0.9)):
+        torch.manual_seed(seed)
+        RFNet(replace(config, accept_threshold=threshold)).save_pretrained(tmp_path / name)
+    labelled = str(tmp_path / "T.parquet")
+    argv = ["--model", str(tmp_path / "a"), "--candidate", f"b={tmp_path / 'b'}",
+            "--val", labelled, "--test", labelled]  # fmt: skip
+    for gain in (100.0, -100.0):
+        out = tmp_path / f"r{gain}.json"
+        assert r.main([*argv, "--out", str(out), "--min-gain", str(gain)]) == 0
+        result = json.loads(out.read_text())
+        assert {"bias:shipped", "bias:b", "plain:b"} <= set(result["validation"])
+        assert set(result["fitted_on_all_validation"]) == {"shipped", "b"}
+        adopted = gain < 0 and result["chosen"] != "plain:shipped"
+        assert result["adopted"] == adopted and ("test" in result) == adopted
+        if adopted:
+            assert set(result["test"]) == {"plain:shipped", result["chosen"]}
