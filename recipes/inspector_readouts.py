@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measurements", nargs="*", type=Path, default=[],
                     help="the oracle's measurements of each --val manifest (`world label "
                          "--out`), in order: agreement by distance to a threshold")  # fmt: skip
+    ap.add_argument("--sweep", nargs="*", type=float, default=[],
+                    help="also report each model's validation figures at these accept "
+                         "thresholds (a diagnostic: never a choice)")  # fmt: skip
     a = ap.parse_args(argv)
     models = {"shipped": RFNet.from_pretrained(a.model).eval()}
     for item in a.candidate:
@@ -208,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, f in val.items():
         print(f"validation {name}: six classes {100 * f['accuracy']:.2f}%, Available P/R "
               f"{100 * f['precision']:.1f}/{100 * f['recall']:.1f} (n {f['n']})")  # fmt: skip
+    sweep = {name: {str(t): plain(p, t, labels) for t in a.sweep} for name, p in probs.items()}
+    for name, rows in sweep.items():
+        for t, f in rows.items():
+            print(f"sweep {name} at {t}: six classes {100 * f['accuracy']:.2f}%, Available P/R "
+                  f"{100 * f['precision']:.1f}/{100 * f['recall']:.1f}")  # fmt: skip
     base = val["plain:shipped"]["accuracy"]
     chosen = max(val, key=lambda k: (val[k]["accuracy"], k == "plain:shipped"))
     gain = 100 * (val[chosen]["accuracy"] - base)
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if a.measurements:
         result["margins"] = result_margins
+    if a.sweep:
+        result["sweep"] = sweep
     if adopted and a.test is not None:
         tprobs, tlabels, _ = probabilities(models, [a.test])
         test = {

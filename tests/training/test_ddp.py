@@ -290,6 +290,35 @@ def test_early_fusion_rfnet_two_processes_match_one(tmp_path):
     assert max(float(v.abs().max()) for k, v in wa.items() if ".running_mean" in k) > 1e-3
 
 
+@pytest.mark.slow
+def test_measurement_heads_two_processes_match_one(tmp_path):
+    """Measurement heads (``measurement_weight``) beside the class-weighted cross-entropy, on
+    the oracle's labels and measurements: a target the oracle could not take (no prop, NaN)
+    counts for nothing, and each process's share of the step still adds up to one process's
+    loss, so two processes end with one process's weights."""
+    from rewardkit.world.export import label_manifest
+
+    common = _rfnet_command(tmp_path)
+    labelled = tmp_path / "T.parquet"
+    label_manifest(common[common.index("--manifest") + 1], progress=False,
+                   training_out=labelled)  # fmt: skip
+    common[common.index("--manifest") + 1] = str(labelled)
+    cfg = tmp_path / "early.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY_EARLY_RFNET, "dropout": 0.0}))
+    train = tmp_path / "measure-train.yaml"
+    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.0, "flip": True,
+                                     "measurement_weight": 1.0}))  # fmt: skip
+    common[common.index("--model-config") + 1] = str(cfg)
+    common[common.index("--config") + 1] = str(train)
+    o1, o2 = tmp_path / "m1", tmp_path / "m2"
+    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
+    _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
+    wa, wb = load_file(o1 / RFNET_WEIGHTS), load_file(o2 / RFNET_WEIGHTS)
+    assert any(k.startswith("measure.") for k in wa)
+    gap = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert gap <= 2e-4, gap  # all-reduced BatchNorm statistics in another float order
+
+
 FINETUNE_WEIGHTS = "model/controlnet/diffusion_pytorch_model.safetensors"
 
 

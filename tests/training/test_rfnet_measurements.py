@@ -170,4 +170,4 @@ def test_cli_trains_heads_and_adds_them_to_an_init_model(labelled, world, tmp_pa
     argv = ["train", "rfnet", "--manifest", str(bare), "--config", str(cfg), "--max-steps", "2",
             "--out", str(tmp_path / "bare"), "--model-config", str(model_yaml)]  # fmt: skip
     assert main(argv) == 2
-    assert "column 'oracle_contact_gap' missing" in capsys.readouterr().err
+    assert f"{bare}: column 'oracle_contact_gap' missing" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from rewardkit.training.rfnet import (
     RFNetTrainConfig,
     degrade_inspection_data,
     evaluate_rfnet,
+    measurement_targets,
     prepare_inspection_data,
     train_rfnet,
     variants_for,
@@ -145,6 +146,21 @@ def _training_data(
     return store, store.degraded()
 
 
+def _check_target_columns(manifest, heads: tuple[str, ...]) -> None:
+    """Name the manifest file that lacks a measurement column (several are concatenated
+    before training; a file missing one would otherwise read as all NaN there)."""
+    import pyarrow.parquet as pq
+
+    sources = [manifest] if isinstance(manifest, (str, Path)) else list(manifest)
+    for item in map(Path, sources):
+        if heads and item.is_file():
+            try:
+                schema = pq.read_schema(item)
+            except Exception:  # not Parquet: load_samples names the file
+                continue
+            measurement_targets(schema.empty_table(), heads, where=str(item))
+
+
 def _trained_heads(model_config: RFNetConfig, config: RFNetTrainConfig) -> tuple[str, ...]:
     """The measurement heads a run trains (their targets are read from the manifest): the
     model's own, or the default set it is given, when ``measurement_weight > 0``."""
@@ -198,6 +214,7 @@ def train_rfnet_command(
         raise ValueError("--init fine-tunes one model; it cannot be combined with --ablation")
     if init is not None:
         base = RFNet.from_pretrained(init).config
+        _check_target_columns(manifest, _trained_heads(base, config))
         samples = load_samples(manifest)
         data, degraded = _training_data(samples, base, config, maps, Path(out), progress, in_memory)
         result = train_rfnet(
@@ -219,8 +236,9 @@ def train_rfnet_command(
     variants = variants_for(base)
     if variant not in variants:
         raise ValueError(f"--variant: expected one of {sorted(variants)}; got {variant!r}")
-    samples = load_samples(manifest)
     full = dataclasses.replace(base, modalities=variants["full"])
+    _check_target_columns(manifest, _trained_heads(full, config))
+    samples = load_samples(manifest)
     data, degraded = _training_data(samples, full, config, maps, Path(out), progress, in_memory)
     names = list(variants) if ablation else [variant]
     summary = {"samples": len(data), "split": {s: data.split.count(s) for s in set(data.split)}}

@@ -288,12 +288,13 @@ def prepare_inspection_data(
     )  # fmt: skip
 
 
-def measurement_targets(table: pa.Table, names: Sequence[str]) -> np.ndarray:
+def measurement_targets(table: pa.Table, names: Sequence[str], where: str = "") -> np.ndarray:
     """The measurement heads' targets (N, len(names)) float32 from a training manifest's
     ``oracle_<name>`` columns (``world.oracle.measurement_target``; NaN: not measured).
 
     Raises:
-        ValueError: A column is missing (naming it and how to get it).
+        ValueError: A column is missing (naming it, ``where`` it was looked for, and how to
+            get it).
     """
     from rewardkit.world.oracle import TARGET_COLUMN_PREFIX, measurement_target
 
@@ -302,7 +303,8 @@ def measurement_targets(table: pa.Table, names: Sequence[str]) -> np.ndarray:
         column = TARGET_COLUMN_PREFIX + name
         if column not in table.column_names:
             raise ValueError(
-                f"column {column!r} missing: measurement heads train on the oracle's "
+                f"{where + ': ' if where else ''}column {column!r} missing: measurement heads "
+                "train on the oracle's "
                 "measurements; label the images with `rewardkit world label --manifest M "
                 "--out L --training-manifest T` and train on T"
             )
@@ -458,10 +460,15 @@ def train_rfnet(
         loss = F.cross_entropy(logits, labels, weight=w, label_smoothing=config.label_smoothing)
         if heads and targets is None:  # heads kept but not trained: still in the graph (DDP)
             loss = loss + 0.0 * measured.sum()
-        elif heads:  # a NaN target (not measured) adds nothing
+        elif heads:
+            # Per row: the mean over its heads, a NaN target (not measured) adding nothing; then
+            # the cross-entropy's (class-)weighted mean over rows, so that the processes' shares
+            # of a step add up to one process's loss (``row_weight``).
             seen = ~torch.isnan(targets)
             err = F.smooth_l1_loss(measured.float(), targets.nan_to_num(), reduction="none")
-            loss = loss + config.measurement_weight * (err * seen).sum() / seen.sum().clamp_min(1)
+            per_row = (err * seen).sum(1) / len(heads)  # (B,)
+            rw = torch.ones_like(per_row) if w is None else w[labels]
+            loss = loss + config.measurement_weight * (rw * per_row).sum() / rw.sum()
         return loss
 
     def evaluate() -> dict[str, float]:
