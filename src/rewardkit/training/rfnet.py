@@ -53,7 +53,7 @@ from rewardkit.training.loop import (
     resumable,
     run_training,
 )
-from rewardkit.world.oracle import TARGET_KINDS
+from rewardkit.world.oracle import TARGET_COLUMN_PREFIX, TARGET_KINDS, measurement_target
 
 __all__ = [
     "InspectionData",
@@ -296,17 +296,14 @@ def measurement_targets(table: pa.Table, names: Sequence[str], where: str = "") 
         ValueError: A column is missing (naming it, ``where`` it was looked for, and how to
             get it).
     """
-    from rewardkit.world.oracle import TARGET_COLUMN_PREFIX, measurement_target
-
     cols = []
     for name in names:
         column = TARGET_COLUMN_PREFIX + name
         if column not in table.column_names:
             raise ValueError(
                 f"{where + ': ' if where else ''}column {column!r} missing: measurement heads "
-                "train on the oracle's "
-                "measurements; label the images with `rewardkit world label --manifest M "
-                "--out L --training-manifest T` and train on T"
+                "train on the oracle's measurements; label the images with `rewardkit world "
+                "label --manifest M --out L --training-manifest T` and train on T"
             )
         values = table[column].to_numpy(zero_copy_only=False)
         cols.append(measurement_target(np.asarray(values, dtype=np.float64), name))
