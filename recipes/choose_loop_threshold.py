@@ -15,6 +15,13 @@
 Each attempt's image depends only on (seed, product, attempt), so the replay is what
 ``generate --until-accepted`` returns on these products at that threshold. The products of
 RUN become selection data of MODEL: record them with its training keys.
+
+Another judge on the same run, without painting it again: its verdicts on every attempt
+(``rewardkit inspect --model OTHER --input RUN/attempts.parquet --out V.parquet``) replace
+the run's own scores, matched by image path (an attempt ``inspect`` skipped leaves its
+product out, counted in ``left_out``):
+       python recipes/choose_loop_threshold.py --model OTHER --run RUN --labels LABELS.parquet \
+           --verdicts V.parquet [--write]
 """
 
 from __future__ import annotations
@@ -30,6 +37,26 @@ from rewardkit.generation.recurrent import attempt_grid, choose_loop_threshold, 
 from rewardkit.io import write_text_atomic
 from rewardkit.models.rfnet import CONFIG_FILE, RFNetConfig
 
+P_AVAILABLE = "p_available"  # the column `rewardkit inspect` writes for Available
+
+
+def rescored(rows: list[dict], paths: list[str], verdicts: Path) -> list[dict]:
+    """``rows`` (the run's attempts, images at ``paths``: absolute or relative to this process)
+    with ``score`` = P(Available) from an ``inspect`` output, matched by resolved path; None
+    where the verdicts have no row for the attempt."""
+    table = pq.read_table(verdicts)
+    if not {"path", P_AVAILABLE} <= set(table.column_names):
+        raise SystemExit(f"{verdicts}: need path and {P_AVAILABLE} columns (rewardkit inspect)")
+    judged = {
+        str(Path(p).resolve()): v
+        for p, v in zip(table["path"].to_pylist(), table[P_AVAILABLE].to_pylist(), strict=True)
+    }
+    paths = [str(Path(p).resolve()) for p in paths]
+    matched = sum(p in judged for p in paths)
+    if matched == 0:
+        raise SystemExit(f"{verdicts}: no row matches an attempt's path in the run")
+    return [dict(r, score=judged.get(p)) for r, p in zip(rows, paths, strict=True)]
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, type=Path, help="generate --out folder")
     ap.add_argument("--labels", required=True, type=Path, help="labels of RUN/attempts.parquet")
     ap.add_argument("--max-attempts", type=int, default=8)
+    ap.add_argument(
+        "--verdicts",
+        type=Path,
+        default=None,
+        help="`rewardkit inspect` of RUN/attempts.parquet by --model: its P(Available) "
+        "replaces the run's scores (default: the run's own judge)",
+    )
     ap.add_argument("--write", action="store_true", help="store loop_threshold in the model")
     a = ap.parse_args(argv)
     attempts = pq.read_table(a.run / "attempts.parquet")
@@ -48,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({attempts.num_rows})"
         )
     config = RFNetConfig.from_folder(a.model)
+    rows = attempts.select(["product_id", "attempt", "score"]).to_pylist()
+    if a.verdicts is not None:
+        paths = [str(a.run / p) for p in attempts["path"].to_pylist()]  # absolute ones stay
+        rows = rescored(rows, paths, a.verdicts)
     scores, available, ids, left_out = attempt_grid(
-        attempts.select(["product_id", "attempt", "score"]).to_pylist(),
+        rows,
         labels[column].to_pylist(),
         a.max_attempts,
     )

@@ -45,3 +45,53 @@ def test_recipe_chooses_and_writes_the_loop_threshold(tmp_path, capsys):
     with pytest.raises(SystemExit, match="one row per attempt"):
         recipe.main([*argv[:4], "--labels", str(tmp_path / "short.parquet")])
     assert np.isfinite(out["mean_attempts"])
+
+
+def test_recipe_replays_another_judges_verdicts(tmp_path, capsys):
+    """--verdicts: an `inspect` output of the run's attempts replaces the run's own scores,
+    matched by path (relative to the run, or absolute); an attempt it lacks leaves its
+    product out."""
+    model = tmp_path / "m"
+    tiny = dict(width=32, heads=2, n_fusion=1, resolution=32, modalities=("generated",),
+                backbone={"embedding_size": 8, "hidden_sizes": [8], "depths": [1]})  # fmt: skip
+    RFNet(RFNetConfig(**tiny)).save_pretrained(model)
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ["a1.png", "a2.png", "b1.png", "b2.png"]
+    # The run's own judge prefers each product's defective attempt; the other judge does not.
+    attempts = {"product_id": ["a", "a", "b", "b"], "attempt": [1, 2, 1, 2],
+                "score": [0.9, 0.1, 0.9, 0.1],
+                "path": [f"attempts/{n}" for n in names]}  # fmt: skip
+    pq.write_table(pa.table(attempts), run / "attempts.parquet")
+    labels = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"oracle_label": ["Size Mismatch", "Available"] * 2}), labels)
+    verdicts = tmp_path / "v.parquet"
+    absolute = [str(run / "attempts" / n) for n in names]
+    pq.write_table(pa.table({"path": absolute, "p_available": [0.2, 0.8, 0.3, 0.7]}), verdicts)
+    recipe = load_recipe("choose_loop_threshold")
+    argv = [
+        "--model",
+        str(model),
+        "--run",
+        str(run),
+        "--labels",
+        str(labels),
+        "--max-attempts",
+        "2",
+    ]
+    assert recipe.main(argv) == 0
+    own = json.loads(capsys.readouterr().out)
+    assert own["available_rate"] == 0.0  # the run's judge returns the defective attempts
+    assert recipe.main([*argv, "--verdicts", str(verdicts)]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["available_rate"] == 1.0 and other["left_out"] == 0
+    pq.write_table(pa.table({"path": absolute[:3], "p_available": [0.2, 0.8, 0.3]}), verdicts)
+    assert recipe.main([*argv, "--verdicts", str(verdicts)]) == 0
+    partial = json.loads(capsys.readouterr().out)
+    assert partial["products"] == 1 and partial["left_out"] == 1
+    pq.write_table(pa.table({"path": absolute, "score": [0.5] * 4}), verdicts)
+    with pytest.raises(SystemExit, match="p_available"):
+        recipe.main([*argv, "--verdicts", str(verdicts)])
+    pq.write_table(pa.table({"path": ["/elsewhere.png"], "p_available": [0.5]}), verdicts)
+    with pytest.raises(SystemExit, match="no row matches"):
+        recipe.main([*argv, "--verdicts", str(verdicts)])
