@@ -262,25 +262,31 @@ TINY_EARLY_RFNET = dict(fusion="early", modalities=["product", "generated", "pla
                         width=8, resolution=32, dropout=0.2)  # fmt: skip
 
 
+def _early_one_and_two(tmp: Path, common: list[str], model: dict, train: dict):
+    """``common`` (an ``_rfnet_command``) with the architecture ``model`` and the training
+    config ``train``, run in one process and in two: (weights of one, weights of two, the
+    two-process run's folder)."""
+    cfg, train_cfg = tmp / "early.yaml", tmp / "early-train.yaml"
+    cfg.write_text(yaml.safe_dump(model))
+    train_cfg.write_text(yaml.safe_dump(train))
+    common = list(common)
+    common[common.index("--model-config") + 1] = str(cfg)
+    common[common.index("--config") + 1] = str(train_cfg)
+    o1, o2 = tmp / "e1", tmp / "e2"
+    _rewardkit([*common, "--out", str(o1)], 1, tmp, o1)
+    _rewardkit([*common, "--out", str(o2)], 2, tmp, o2)
+    return load_file(o1 / RFNET_WEIGHTS), load_file(o2 / RFNET_WEIGHTS), o2
+
+
 @pytest.mark.slow
 def test_early_fusion_rfnet_two_processes_match_one(tmp_path):
     """The early-fusion preset's CNN (BatchNorm in every block) under the schedule it ships
     with (one-cycle, mirrored rows, label smoothing, weight decay): two processes end with one
     process's weights. BatchNorm is whole-batch (GlobalBatchNorm) and the mirror is drawn per
     (step, row); the head's dropout is off in training unless a config asks for it."""
-    common = _rfnet_command(tmp_path)
-    cfg = tmp_path / "early.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_EARLY_RFNET))
-    train = tmp_path / "early-train.yaml"
-    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.0, "flip": True,
-                                     "schedule": "onecycle", "label_smoothing": 0.05,
-                                     "weight_decay": 0.05, "class_weighting": False}))  # fmt: skip
-    common[common.index("--model-config") + 1] = str(cfg)
-    common[common.index("--config") + 1] = str(train)
-    o1, o2 = tmp_path / "e1", tmp_path / "e2"
-    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
-    _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
-    wa, wb = load_file(o1 / RFNET_WEIGHTS), load_file(o2 / RFNET_WEIGHTS)
+    train = {"degraded_copy": False, "degrade": 0.0, "flip": True, "schedule": "onecycle",
+             "label_smoothing": 0.05, "weight_decay": 0.05, "class_weighting": False}  # fmt: skip
+    wa, wb, o2 = _early_one_and_two(tmp_path, _rfnet_command(tmp_path), TINY_EARLY_RFNET, train)
     assert any(".running_mean" in k for k in wa)  # the BatchNorm statistics are compared too
     gap = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
     assert gap <= 2e-4, gap  # all-reduced statistics in another float order (see above)
@@ -303,17 +309,8 @@ def test_measurement_heads_two_processes_match_one(tmp_path):
     label_manifest(common[common.index("--manifest") + 1], progress=False,
                    training_out=labelled)  # fmt: skip
     common[common.index("--manifest") + 1] = str(labelled)
-    cfg = tmp_path / "early.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY_EARLY_RFNET, "dropout": 0.0}))
-    train = tmp_path / "measure-train.yaml"
-    train.write_text(yaml.safe_dump({"degraded_copy": False, "degrade": 0.0, "flip": True,
-                                     "measurement_weight": 1.0}))  # fmt: skip
-    common[common.index("--model-config") + 1] = str(cfg)
-    common[common.index("--config") + 1] = str(train)
-    o1, o2 = tmp_path / "m1", tmp_path / "m2"
-    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
-    _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
-    wa, wb = load_file(o1 / RFNET_WEIGHTS), load_file(o2 / RFNET_WEIGHTS)
+    train = {"degraded_copy": False, "degrade": 0.0, "flip": True, "measurement_weight": 1.0}
+    wa, wb, _ = _early_one_and_two(tmp_path, common, {**TINY_EARLY_RFNET, "dropout": 0.0}, train)
     assert any(k.startswith("measure.") for k in wa)
     gap = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
     assert gap <= 2e-4, gap  # all-reduced BatchNorm statistics in another float order
