@@ -19,7 +19,8 @@ then moved with ``.to(device, dtype)`` by this script. Parts (``--parts``):
 - ``train_rfnet``: RFNet cross-entropy steps at 16 (maps and caption states precomputed, as
   ``train rfnet`` does);
 - ``inspect_aligned``: the early-fusion inspector (``RFNetConfig.aligned``) at 512 px, a
-  training step at 16 (its CNN runs at full resolution);
+  training step at 16 (its CNN runs at full resolution), and beside it the same step with a
+  strided first block (``stem_stride: 2``);
 - ``depth``: DPT-Large at 384 px on 16 images;
 - ``generate``: SD 1.5 (9-channel inpainting UNet, ControlNet, VAE, CLIP ViT-L/14 text) at
   512 px, ``generate_images`` with 40 DDIM steps and CFG at batch 4;
@@ -552,8 +553,9 @@ def part_train_rfnet(ctx: Context) -> dict:
 
 def part_inspect_aligned(ctx: Context) -> dict:
     """The early-fusion inspector (``RFNetConfig.aligned``) at SD 1.5's 512 px (tiny: 32 px):
-    a forward and a training step, random weights. Its full-resolution CNN is the cost that
-    grows with the side (the paper's RFNet resizes to 384)."""
+    a training step, random weights. Its full-resolution CNN is the cost that grows with the
+    side (the paper's RFNet resizes to 384); ``stem_stride_2`` is the same step with the
+    strided first block (``stem_stride: 2``), measured beside it."""
     import torch.nn.functional as F
 
     from rewardkit.models.rfnet import RFNet, RFNetConfig
@@ -562,7 +564,7 @@ def part_inspect_aligned(ctx: Context) -> dict:
     size = 32 if ctx.sizes.tiny else 512
     cfg = dataclasses.replace(RFNetConfig.aligned(), resolution=size,
                               width=8 if ctx.sizes.tiny else 32)  # fmt: skip
-    model = RFNet(cfg).to(dev)
+    models = {s: RFNet(dataclasses.replace(cfg, stem_stride=s)).to(dev) for s in (1, 2)}
     gen = torch.Generator().manual_seed(0)
     inputs = {
         "product": random_images(b, size, dev),
@@ -572,20 +574,23 @@ def part_inspect_aligned(ctx: Context) -> dict:
     }
     labels = torch.randint(len(cfg.classes), (b,), generator=gen).to(dev)
     out: dict = {"config": {"batch": b, "resolution": size, "width": cfg.width,
-                            "parameters": sum(p.numel() for p in model.parameters()),
+                            "parameters": sum(p.numel() for p in models[1].parameters()),
                             "bf16": "autocast, fp32 weights"}}  # fmt: skip
 
     def run(dt: str) -> dict:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        rows = {}
+        for stride, model in models.items():
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def step() -> None:
-            with autocast(dev, dt):
-                loss = F.cross_entropy(model.train()(**inputs).float(), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step(model=model, opt=opt) -> None:
+                with autocast(dev, dt):
+                    loss = F.cross_entropy(model.train()(**inputs).float(), labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        return ctx.bench.run(dt, step, b)
+            rows[stride] = ctx.bench.run(dt, step, b)
+        return {**rows[1], "stem_stride_2": rows[2]}
 
     return _each_dtype(ctx, out, run)
 

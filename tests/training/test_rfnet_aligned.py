@@ -52,6 +52,29 @@ def test_config_preset_and_validation(tmp_path):
     assert torch.allclose(model(**x), loaded(**x), atol=1e-6)
 
 
+def test_a_strided_stem_sees_every_pixel_at_a_quarter_of_the_cost(tmp_path):
+    # stem_stride 2 at 64 px: the scene CNN's first features are 32 x 32 (a 32-px model's
+    # grid), yet the verdict still depends on single pixels of the 64-px image.
+    with pytest.raises(ValueError, match="stem_stride: 1 or 2"):
+        RFNetConfig(**TINY_EARLY, stem_stride=3)
+    with pytest.raises(ValueError, match="needs fusion: early"):
+        RFNetConfig(stem_stride=2)
+    config = RFNetConfig(**dict(TINY_EARLY, resolution=64), stem_stride=2)
+    model = RFNet(config).eval()
+    first = model.scene[0][0]
+    assert first.stride == (2, 2) and model.scene[1][0].stride == (2, 2)
+    gen = torch.rand(1, 3, 64, 64, requires_grad=True)
+    x = {"product": torch.rand(1, 3, 64, 64), "placed": torch.rand(1, 4, 64, 64),
+         "height_cm": torch.tensor([10.0])}  # fmt: skip
+    model.available_log_prob(generated=gen, **x).sum().backward()
+    assert (gen.grad.abs().sum(1)[0] > 0).float().mean() > 0.99  # every pixel reaches it
+    grid = model.scene[0](torch.rand(1, model.scene_channels + 2, 64, 64))
+    assert tuple(grid.shape[-2:]) == (32, 32)
+    model.save_pretrained(tmp_path / "m")
+    assert RFNet.from_pretrained(tmp_path / "m").config.stem_stride == 2
+    assert RFNetConfig.aligned().stem_stride == 1  # the shipped preset is unchanged
+
+
 def test_inputs_are_checked_and_the_reward_reaches_the_pixels():
     model = RFNet(RFNetConfig(**TINY_EARLY)).eval()
     gen = torch.rand(2, 3, 32, 32, requires_grad=True)

@@ -163,6 +163,11 @@ class RFNetConfig:
     # (``RFNetTrainConfig.measurement_weight``); ``forward(..., measurements=True)`` returns
     # them. () = no heads (the paper's model, and every model before 2026-12-04).
     measurements: tuple[str, ...] = ()
+    # Early fusion only: the stride of the scene CNN's first block (1 or 2). 1 (the
+    # preset) keeps its first features at the full ``resolution``; 2 sees every input pixel
+    # through a strided 3x3 convolution at about the cost of a model at half the resolution
+    # (a 128-px world at the 64-px model's cost instead of about 5x).
+    stem_stride: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -253,6 +258,10 @@ class RFNetConfig:
         if heads and self.fusion != "early":
             raise ValueError("measurements: measurement heads need fusion: early")
         set_(self, "measurements", heads)
+        if self.stem_stride not in (1, 2) or isinstance(self.stem_stride, bool):
+            raise ValueError(f"stem_stride: 1 or 2; got {self.stem_stride!r}")
+        if self.stem_stride != 1 and self.fusion != "early":
+            raise ValueError("stem_stride: a strided stem needs fusion: early")
 
     # -- presets ---------------------------------------------------------------------
 
@@ -468,14 +477,15 @@ class RFNet(nn.Module):
 
     def _init_early(self) -> None:
         """Early fusion's modules (``RFNetConfig.aligned``): a scene CNN over the stacked
-        generated image, placed product, mask and two coordinate channels (R -> R/16), a
+        generated image, placed product, mask and two coordinate channels (R -> R/16, or
+        R/(16 * stem_stride)), a
         photo branch (R -> R/8), and an MLP head on their mean- and max-pooled features and
         the numbers (log height, the product's pixel height from the mask)."""
         c, w, mods = self.config, self.config.width, self.config.modalities
         self.image_modalities = tuple(m for m in ("product", "generated") if m in mods)
         self.scene_channels = 3 + (4 if "placed" in mods else 0)
         self.scene = nn.Sequential(
-            _conv_block(self.scene_channels + 2, w, 1), _conv_block(w, 2 * w, 2),
+            _conv_block(self.scene_channels + 2, w, c.stem_stride), _conv_block(w, 2 * w, 2),
             _conv_block(2 * w, 4 * w, 2), _conv_block(4 * w, 4 * w, 2),
             _conv_block(4 * w, 4 * w, 2),
         )  # fmt: skip
@@ -729,7 +739,7 @@ class RFNet(nn.Module):
         yy = torch.linspace(-1, 1, r, device=x.device, dtype=x.dtype).view(1, 1, r, 1)
         xx = torch.linspace(-1, 1, r, device=x.device, dtype=x.dtype).view(1, 1, 1, r)
         coords = [yy.expand(batch, 1, r, r), xx.expand(batch, 1, r, r)]
-        f = self.scene(torch.cat([x, *coords], 1))  # (B, 4w, R/16, R/16)
+        f = self.scene(torch.cat([x, *coords], 1))  # (B, 4w, R/16s, R/16s), s = stem_stride
         pooled = [f.mean((2, 3)), f.amax((2, 3))]
         if self.photo is not None:
             g = self.photo(sized(product))  # (B, 64, R/8, R/8)
