@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,11 @@ class RFNetConfig:
     # through a strided 3x3 convolution at about the cost of a model at half the resolution
     # (a 128-px world at the 64-px model's cost instead of about 5x).
     stem_stride: int = 1
+    # An ensemble: this many networks of the architecture above whose class probabilities are
+    # averaged (``forward`` returns the log of the mean, so every reader of the logits, the
+    # verdict, P(Available), the RFFT reward, sees one model). Assembled from trained models
+    # with :meth:`RFNet.ensemble_of` (``recipes/rfnet_ensemble.py``); 1 = one network.
+    ensemble: int = 1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise fields in place once
@@ -262,6 +268,11 @@ class RFNetConfig:
             raise ValueError(f"stem_stride: 1 or 2; got {self.stem_stride!r}")
         if self.stem_stride != 1 and self.fusion != "early":
             raise ValueError("stem_stride: a strided stem needs fusion: early")
+        if isinstance(self.ensemble, bool) or int(self.ensemble) < 1:
+            raise ValueError(f"ensemble: the number of networks, >= 1; got {self.ensemble!r}")
+        set_(self, "ensemble", int(self.ensemble))
+        if self.ensemble > 1 and heads:
+            raise ValueError("ensemble: an ensemble has no measurement heads (measurements: [])")
 
     # -- presets ---------------------------------------------------------------------
 
@@ -438,6 +449,11 @@ class RFNet(nn.Module):
         config = config or RFNetConfig()
         self.config = config
         self.measure: nn.Module | None = None
+        self.members: nn.ModuleList | None = None
+        if config.ensemble > 1:
+            member = dataclasses.replace(config, ensemble=1)
+            self.members = nn.ModuleList(RFNet(member) for _ in range(config.ensemble))
+            return
         if config.fusion == "early":
             self._init_early()
             return
@@ -514,6 +530,8 @@ class RFNet(nn.Module):
         """
         if self.measure is not None:
             raise ValueError(f"this RFNet already has measurement heads {self.config.measurements}")
+        if self.members is not None:
+            raise ValueError("an ensemble takes no measurement heads; give them to its members")
         config = dataclasses.replace(self.config, measurements=tuple(names))  # validates
         self.config = config
         head = _measurement_heads(self.head[0].in_features, len(config.measurements))
@@ -657,6 +675,12 @@ class RFNet(nn.Module):
         if measurements and self.measure is None:
             raise ValueError("measurements=True: this RFNet has no measurement heads "
                              "(config.measurements is empty)")  # fmt: skip
+        if self.members is not None:  # log of the members' mean class probabilities
+            args = (product, generated, depth, saliency, caption_tokens, caption_mask, placed,
+                    height_cm)  # fmt: skip
+            log_probs = torch.stack([torch.log_softmax(m(*args).float(), -1) for m in self.members])
+            mean = torch.logsumexp(log_probs, 0) - math.log(len(self.members))  # (B, C)
+            return mean.to(self.dtype)
         if self.config.fusion == "early":
             return self._forward_early(product, generated, placed, height_cm, measurements)
         inputs = {
@@ -769,6 +793,47 @@ class RFNet(nn.Module):
         )
         log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, C)
         return log_probs[:, self.config.classes.index(AVAILABLE)]  # (B,)
+
+    @classmethod
+    def ensemble_of(
+        cls,
+        models: Sequence[RFNet],
+        accept_threshold: float | None = None,
+        loop_threshold: float | None = None,
+    ) -> RFNet:
+        """An ensemble (``config.ensemble = len(models)``) holding copies of ``models``'
+        weights: their class probabilities averaged. Its operating points are the ones given
+        (chosen on validation for the ensemble, not taken from a member).
+
+        Raises:
+            ValueError: Fewer than two models, a model that is itself an ensemble or has
+                measurement heads, or models of different architectures (the first
+                difference is named).
+        """
+        if len(models) < 2:
+            raise ValueError(f"ensemble_of: needs >= 2 models; got {len(models)}")
+
+        def arch(m: RFNet) -> dict[str, Any]:
+            return dataclasses.replace(
+                m.config, accept_threshold=None, loop_threshold=None
+            ).to_dict()
+
+        first = arch(models[0])
+        for i, m in enumerate(models):
+            if m.config.ensemble != 1 or m.config.measurements:
+                raise ValueError(f"ensemble_of: model {i} is an ensemble or has measurement heads")
+            diff = [k for k in first if arch(m)[k] != first[k]]
+            if diff:
+                raise ValueError(f"ensemble_of: model {i} differs from model 0 in {diff}")
+        config = dataclasses.replace(
+            models[0].config, ensemble=len(models), accept_threshold=accept_threshold,
+            loop_threshold=loop_threshold,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            out = cls(config)
+        for member, m in zip(out.members, models, strict=True):
+            member.load_state_dict(m.state_dict(), strict=True)
+        return out.to(device=models[0].device, dtype=models[0].dtype).eval()
 
     # -- weights ---------------------------------------------------------------------
 
