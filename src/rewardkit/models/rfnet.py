@@ -822,7 +822,8 @@ class RFNet(nn.Module):
         for i, m in enumerate(models):
             if m.config.ensemble != 1 or m.config.measurements:
                 raise ValueError(f"ensemble_of: model {i} is an ensemble or has measurement heads")
-            diff = [k for k in first if arch(m)[k] != first[k]]
+            this = arch(m)
+            diff = [k for k in first if this[k] != first[k]]
             if diff:
                 raise ValueError(f"ensemble_of: model {i} differs from model 0 in {diff}")
         config = dataclasses.replace(
