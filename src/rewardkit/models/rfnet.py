@@ -494,9 +494,9 @@ class RFNet(nn.Module):
     def _init_early(self) -> None:
         """Early fusion's modules (``RFNetConfig.aligned``): a scene CNN over the stacked
         generated image, placed product, mask and two coordinate channels (R -> R/16, or
-        R/(16 * stem_stride)), a
-        photo branch (R -> R/8), and an MLP head on their mean- and max-pooled features and
-        the numbers (log height, the product's pixel height from the mask)."""
+        R/32 with ``stem_stride`` 2), a photo branch (R -> R/8), and an MLP head on their
+        mean- and max-pooled features and the numbers (log height, the product's pixel height
+        from the mask)."""
         c, w, mods = self.config, self.config.width, self.config.modalities
         self.image_modalities = tuple(m for m in ("product", "generated") if m in mods)
         self.scene_channels = 3 + (4 if "placed" in mods else 0)
@@ -807,8 +807,8 @@ class RFNet(nn.Module):
 
         Raises:
             ValueError: Fewer than two models, a model that is itself an ensemble or has
-                measurement heads, or models of different architectures (the first
-                difference is named).
+                measurement heads, or models of different architectures (the differing
+                fields are named).
         """
         if len(models) < 2:
             raise ValueError(f"ensemble_of: needs >= 2 models; got {len(models)}")
