@@ -190,3 +190,35 @@ def test_a_finetuned_model_samples_as_its_base(tmp_path, tiny_generator):
     assert sampler_for(combo) == SamplerConfig() and SamplerConfig().steps == 40
     (combo / "rewardkit_generator.json").write_text(json.dumps({"base": "."}))
     assert sampler_for(combo) == SamplerConfig()  # a cycle ends at the default
+
+
+def test_repainting_an_image_keeps_it_closer_the_lower_the_strength(tiny_generator, photos):
+    """SDEdit (``init_latents`` + ``strength``): strength 1 is plain generation; a low
+    strength starts late in the schedule from the image's own latents, so the result stays
+    near them; without them a strength below 1 is refused."""
+    gen = tiny_generator
+    pp = [prepare_product(p, gen.resolution) for p in photos[:2]]
+    prompts, seeds = ["a red mug on a table"] * 2, [3, 4]
+    config = SamplerConfig(steps=8, guidance_scale=2.0, blend=False)
+    init = generate_images(gen, pp, prompts, [11, 12], config)  # some other painting
+    plain = generate_images(gen, pp, prompts, seeds, config)
+    whole = generate_images(gen, pp, prompts, seeds, config, init_images=init, strength=1.0)
+    np.testing.assert_array_equal(np.stack(plain), np.stack(whole))
+    again = generate_images(gen, pp, prompts, seeds, config, init_images=init, strength=0.25)
+    light = generate_images(gen, pp, prompts, seeds, config, init_images=init, strength=0.25)
+    np.testing.assert_array_equal(np.stack(light), np.stack(again))
+    assert not np.array_equal(np.stack(light), np.stack(plain))
+
+    batch = prepare_batch(gen, pp, prompts, seeds)
+    pixels = torch.from_numpy(np.stack(init)).permute(0, 3, 1, 2).float() / 255
+    z = gen.encode_images(pixels).float().detach()
+
+    def distance(strength):
+        out = denoise(gen, batch, config, init_latents=z, strength=strength).latents
+        return float((out - z).pow(2).mean())
+
+    assert distance(0.125) < distance(0.5) < distance(1.0)
+    with pytest.raises(ValueError, match="init_latents"):
+        denoise(gen, batch, config, strength=0.5)
+    with pytest.raises(ValueError, match="strength"):
+        denoise(gen, batch, config, strength=0.0)

@@ -628,6 +628,8 @@ def denoise(
     unet=None,
     controlnet=None,
     stop_before: int | None = None,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> SampleOutput:
     """The loop (module docstring). Gradients flow only through the last ``grad_last`` steps
     (0: none, ``config.steps``: all, i.e. full backprop); earlier steps run under no_grad and
@@ -635,6 +637,9 @@ def denoise(
     the backward pass instead of storing its activations. ``stop_at`` (a step index) ends the
     loop at that step and returns its one-step prediction x0_hat (RFFT's objective);
     ``stop_before`` (a step index) returns the latents x_t that step would take as input.
+    ``init_latents`` with ``strength`` < 1 repaints an existing image (SDEdit): the loop
+    starts at the step ``strength`` of the way from the end, from those latents noised to that
+    step's level with the batch's noise; ``strength`` 1 (the default) ignores them.
     Latents and the schedule are fp32 (module docstring), whatever the networks' dtype."""
     steps = gen.timesteps(config.steps)
     acp = gen.alphas_cumprod()  # fp32
@@ -643,6 +648,20 @@ def denoise(
     )
     stride = gen.scheduler.config.num_train_timesteps // config.steps
     x = batch.noise.float().clone()
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength: must be in (0, 1]; got {strength}")
+    first = 0
+    if strength < 1.0:
+        if init_latents is None or init_latents.shape != x.shape:
+            got = None if init_latents is None else tuple(init_latents.shape)
+            raise ValueError(
+                f"strength < 1 needs init_latents of shape {tuple(x.shape)}; got {got}"
+            )
+        if stop_at is not None or stop_before is not None:
+            raise ValueError("strength < 1 repaints whole: no stop_at or stop_before")
+        first = len(steps) - max(1, round(strength * len(steps)))
+        a0 = acp[steps[first]]
+        x = a0.sqrt() * init_latents.float().to(x.device) + (1 - a0).sqrt() * x
     if stop_at is not None and stop_before is not None:
         raise ValueError("give stop_at or stop_before, not both")
     last = len(steps) if stop_at is None else stop_at + 1
@@ -654,6 +673,8 @@ def denoise(
         last = stop_before
     x0 = None
     for i, t in enumerate(steps[:last]):
+        if i < first:
+            continue
         a_t = acp[t]
         prev = t - stride
         a_prev = acp[prev] if prev >= 0 else final
@@ -692,15 +713,27 @@ def generate_images(
     seeds: Sequence[int],
     config: SamplerConfig | None = None,
     batch_size: int = 16,
+    init_images: Sequence[np.ndarray] | None = None,
+    strength: float = 1.0,
 ) -> list[np.ndarray]:
-    """Generate one image per (product, prompt, seed), pasted back: RGB uint8 arrays."""
+    """Generate one image per (product, prompt, seed), pasted back: RGB uint8 arrays.
+    ``init_images`` (RGB uint8 at the generator's resolution, one per product) with
+    ``strength`` < 1: repaint them instead of painting from noise (``denoise``)."""
     config = config if config is not None else SamplerConfig()
+    if init_images is not None and len(init_images) != len(products):
+        raise ValueError(f"{len(init_images)} init_images for {len(products)} products")
     out: list[np.ndarray] = []
     for i in range(0, len(products), batch_size):
         sl = slice(i, i + batch_size)
         batch = prepare_batch(gen, products[sl], prompts[sl], seeds[sl], config.negative_prompt)
+        init = None
+        if init_images is not None and strength < 1.0:
+            pixels = np.stack([np.asarray(a)[..., :3] for a in init_images[sl]])
+            pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
+            with torch.no_grad():
+                init = gen.encode_images(pixels.to(gen.device)).float()
         with torch.no_grad():
-            latents = denoise(gen, batch, config).latents
+            latents = denoise(gen, batch, config, init_latents=init, strength=strength).latents
             images = gen.decode_latents(latents)
         arr = (images.float().permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
         out.extend(paste_back(a, p) for a, p in zip(arr, products[sl], strict=True))
