@@ -16,6 +16,10 @@ Each attempt's image depends only on (seed, product, attempt), so the replay is 
 ``generate --until-accepted`` returns on these products at that threshold. The products of
 RUN become selection data of MODEL: record them with its training keys.
 
+``replay`` also reports the loop at the model's operating point and at the ``loop_threshold``
+it already has: on test products, read those (fixed before the run), not ``chosen`` (which
+is fitted to the run).
+
 Another judge on the same run, without painting it again: its verdicts on every attempt
 (``rewardkit inspect --model OTHER --input RUN/attempts.parquet --out V.parquet``) replace
 the run's own scores, matched by image path (an attempt ``inspect`` skipped leaves its
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {
         name: replay_outcome(scores, available, t)
         for name, t in (("operating point", config.accept_threshold),
+                        ("its loop threshold", config.loop_threshold),
                         ("chosen", choice["loop_threshold"]))
         if t is not None
     }  # fmt: skip

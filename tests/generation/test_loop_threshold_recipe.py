@@ -36,7 +36,12 @@ def test_recipe_chooses_and_writes_the_loop_threshold(tmp_path, capsys):
     assert out["replay"]["operating point"]["available_rate"] == 0.0
     assert out["replay"]["chosen"]["available_rate"] == 1.0 and out["ceiling"] == 1.0
     assert "written" not in out and RFNetConfig.from_folder(model).loop_threshold is None
+    assert "its loop threshold" not in out["replay"]  # the model has none yet
     assert recipe.main([*argv, "--write"]) == 0
+    capsys.readouterr()
+    assert recipe.main(argv) == 0  # a test run is read at the threshold the model carries
+    fixed = json.loads(capsys.readouterr().out)["replay"]["its loop threshold"]
+    assert fixed["threshold"] == pytest.approx(0.75) and fixed["available_rate"] == 1.0
     saved = RFNetConfig.from_folder(model)
     assert saved.loop_threshold == pytest.approx(0.75) and saved.accept_threshold == 0.5
     assert (model / "model.safetensors").read_bytes() == weights
