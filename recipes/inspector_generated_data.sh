@@ -24,6 +24,11 @@ TEST  23777  400 14 generator       400  test products: no choice is made on the
 MVAL  23301  400 41 generator       400  validation (mirror readout, readouts)
 RVAL  23302  400 42 generator       400  validation (readouts)
 FT    23303 2000 43 generator      2000  readout candidates' fine-tuning (not adopted)
+FRESH  23888 400 16 generator      400  test (first fresh world, 2026-12-05)
+FRESH2 23889 400 17 generator      400  test (second fresh world, read after FRESH)
+HT1   23901  400 51 generator       400  test: drawn after the ensemble was shipped, read once
+HT2   23902  400 52 generator       400  test: as HT1
+HT3   23903  400 53 generator       400  test: as HT1
 "
 known=$(awk 'NF {print $1}' <<< "$sets" | tr '\n' ' ')
 for name in "$@"; do

@@ -61,16 +61,30 @@ I23_READOUT_VAL = (23302, 400, B_HELDOUT)
 I23_READOUT_FT = (23303, 2000, B_HELDOUT)
 # ...and the renders mixed into two of them (Available and Shape Hallucination, half each).
 I23_READOUT_SHAPE = (23304, 800, "Available=0.5,Shape Hallucination=0.5")
+# 2026-12-05: renders near the oracle's thresholds (`world render --spread 1`), the pre-training
+# of two members of the four-model rfnet (and one member itself): (seed, n, balance, size, spread).
+B_NEAR = (
+    "Available=0.3,Space Mismatch=0.25,Size Mismatch=0.25,Indistinctiveness=0.066,"
+    "Shape Hallucination=0.067,Unsuitable=0.067"
+)
+I23_NEAR_4K = (8101, 4000, B_NEAR, 64, 1.0)  # pre4k's pre-training
+I23_NEAR_VAL = (8102, 800, B_NEAR, 64, 1.0)  # its validation (also drawn at 128 px: same keys)
+I23_NEAR_12K = (8111, 12000, B_NEAR, 64, 1.0)  # pre12k's pre-training, and the render member
 
 
-def world_keys(seed: int, n: int, balance: str | None, size: int = 64) -> tuple[list, list]:
-    """(product keys, prompt keys) of ``rewardkit world render --seed S --n N --balance B``."""
+def world_keys(
+    seed: int, n: int, balance: str | None, size: int = 64, spread: float = 0.0
+) -> tuple[list, list]:
+    """(product keys, prompt keys) of ``rewardkit world render --seed S --n N --balance B
+    [--spread F]`` (which items are drawn across the oracle's threshold, as ``render_world``
+    picks them)."""
     from rewardkit.data.keys import product_key
 
     weights = parse_balance(balance)
     products, prompts = [], []
     for i in tqdm(range(n), desc=f"world {seed}", unit="item"):
-        item = sample_item(seed, i, size, class_for_index(seed, i, weights))
+        spread_i = spread > 0 and np.random.default_rng([seed, i, 3]).uniform() < spread
+        item = sample_item(seed, i, size, class_for_index(seed, i, weights), spread=spread_i)
         products.append(product_key(item.cutout, item.product.height_cm))
         prompts.append(prompt_key(item.render.prompt))
     return products, prompts
@@ -137,12 +151,17 @@ def main() -> None:
         "depth": pretrain,
         "saliency": pretrain,
         "social-reward": social,
-        # The early-fusion inspector: trained from scratch on the generated images alone; its
-        # Recurrent Generation operating point chosen on I23_RG, its mirror readout judged
-        # (and not adopted) on I23_MIRROR_VAL, its readouts and fine-tuned candidates judged
-        # (none adopted) on I23_MIRROR_VAL + I23_READOUT_VAL with I23_READOUT_FT.
+        # The early-fusion inspector since 2026-12-05: the average of four (RFNetConfig.ensemble):
+        # the earlier rfnet (trained from scratch on the generated images alone), the same
+        # recipe pre-trained on I23_NEAR_4K or I23_NEAR_12K, and a model of I23_NEAR_12K alone
+        # (validated on I23_NEAR_VAL). The average was chosen on I23_MIRROR_VAL +
+        # I23_READOUT_VAL, its Recurrent Generation threshold on I23_RG; earlier readouts and
+        # fine-tuned candidates were judged (none adopted) on them with I23_READOUT_FT.
         "rfnet": (
             *generated_more,
+            (I23_NEAR_4K, "train"),
+            (I23_NEAR_12K, "train"),
+            (I23_NEAR_VAL, "selection"),
             (I23_RG, "selection"),
             (I23_MIRROR_VAL, "selection"),
             (I23_READOUT_VAL, "selection"),
