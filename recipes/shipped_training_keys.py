@@ -141,8 +141,9 @@ def main() -> None:
     generated_more = (*generated, (I23_MORE, "train"))
     generator = ((GEN_TRAIN, "train"), (GEN_HELDOUT, "selection"))
     tuned = (*generator, (RFFT_PROBE, "selection"))
-    # generator-rfft since 2026-12-03: RFFT with the early-fusion rfnet on I23_TRAIN's first
-    # 2,000 products (recorded whole), probed on I23_VAL, chosen on I23_RFFT_VAL.
+    # generator-rfft since 2026-12-03: RFFT on I23_TRAIN's first 2,000 products (recorded
+    # whole), probed on I23_VAL, chosen on I23_RFFT_VAL; since 2026-12-05 with the four-model
+    # rfnet as the reward (CC 300, 200 steps), on the same worlds.
     tuned_ef = (*generator, (I23_TRAIN, "train"), (I23_VAL, "selection"),
                 (I23_RFFT_VAL, "selection"))  # fmt: skip
     plan = {
