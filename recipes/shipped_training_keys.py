@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from rewardkit.data.keys import TrainingKeys, prompt_key, write_training_keys
 from rewardkit.world.pool import _feasible_product
-from rewardkit.world.sampler import class_for_index, parse_balance, sample_item
+from rewardkit.world.sampler import class_for_index, parse_balance, sample_item, spread_for_index
 
 B_RFNET = (
     "Available=0.25,Size Mismatch=0.25,Space Mismatch=0.125,Indistinctiveness=0.125,"
@@ -83,7 +83,7 @@ def world_keys(
     weights = parse_balance(balance)
     products, prompts = [], []
     for i in tqdm(range(n), desc=f"world {seed}", unit="item"):
-        spread_i = spread > 0 and np.random.default_rng([seed, i, 3]).uniform() < spread
+        spread_i = spread_for_index(seed, i, spread)
         item = sample_item(seed, i, size, class_for_index(seed, i, weights), spread=spread_i)
         products.append(product_key(item.cutout, item.product.height_cm))
         prompts.append(prompt_key(item.render.prompt))

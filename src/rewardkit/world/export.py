@@ -35,7 +35,13 @@ from rewardkit.io import (
 )
 from rewardkit.world.oracle import MEASUREMENTS, TARGET_COLUMN_PREFIX, TARGET_KINDS, label
 from rewardkit.world.placement import DEFAULT_FILL, white_background_to_rgba
-from rewardkit.world.sampler import Item, class_for_index, parse_balance, sample_item
+from rewardkit.world.sampler import (
+    Item,
+    class_for_index,
+    parse_balance,
+    sample_item,
+    spread_for_index,
+)
 from rewardkit.world.scene import CLASSES
 
 MANIFEST_COLUMNS = (
@@ -129,7 +135,7 @@ def render_world(
     rows = []
     for i in tqdm(range(n), desc="render", disable=not progress, unit="img"):
         cls = class_for_index(seed, i, weights)
-        spread_i = spread > 0 and np.random.default_rng([seed, i, 3]).uniform() < spread
+        spread_i = spread_for_index(seed, i, spread)
         item = sample_item(seed, i, size, cls, fill, spread=spread_i)
         image_id = f"{i:06d}"
         paths = {

@@ -64,6 +64,12 @@ def class_for_index(seed: int, index: int, balance: dict[str, float]) -> str:
     return CLASSES[int(rng.choice(len(CLASSES), p=probs))]
 
 
+def spread_for_index(seed: int, index: int, spread: float) -> bool:
+    """Whether item ``index`` of world ``seed`` is drawn across the oracle's threshold
+    (``sample_item(spread=True)``) when a share ``spread`` of the world is."""
+    return spread > 0 and bool(np.random.default_rng([seed, index, 3]).uniform() < spread)
+
+
 def sample_item(
     seed: int,
     index: int,
