@@ -206,6 +206,9 @@ def main() -> None:
         return
     archs = {
         "default 32-64-128, cross-attention at 8 px": GeneratorArch(),
+        "32-64-128, cross-attention at 16 and 8 px (train generator --cross-attention 16,8)": (
+            GeneratorArch(cross_attention_levels=(False, True, True))
+        ),
         "64-128-192, cross-attention at 16 and 8 px": GeneratorArch(
             unet_channels=(64, 128, 192), cross_attention_levels=(False, True, True)
         ),

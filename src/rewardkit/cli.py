@@ -262,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--export-checkpoint", action="store_true",
         help="write model/ from the run's latest checkpoint (EMA weights) and stop",
     )  # fmt: skip
+    tg.add_argument(
+        "--init-from", default=None, metavar="DIR",
+        help="warm start from this generator folder: its VAE, text encoder and weights "
+        "(no VAE stage); with --cross-attention, the added attention levels start as the "
+        "identity",
+    )  # fmt: skip
+    tg.add_argument(
+        "--cross-attention", default=None, metavar="SIZES",
+        help="latent sizes of the UNet levels with cross-attention, e.g. 16,8 (default: 8, "
+        "the lowest level of the embedded generator)",
+    )  # fmt: skip
     tg.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="generate ad images around product photos")
@@ -835,7 +846,6 @@ def _train_rfnet(a: argparse.Namespace) -> int:
 
 def _train_generator(a: argparse.Namespace) -> int:
     from rewardkit.commands.devices import for_training
-    from rewardkit.generation.default import GeneratorArch
     from rewardkit.training.generator import (
         DiffusionTrainConfig,
         VAETrainConfig,
@@ -848,17 +858,18 @@ def _train_generator(a: argparse.Namespace) -> int:
         config = dataclasses.replace(config, grad_accum=a.grad_accum)
         return for_training(config, a.device, a.mixed_precision)
 
+    arch = _generator_arch(a.cross_attention)
     if a.export_checkpoint:
         from rewardkit.training.generator import export_checkpoint
 
-        model = export_checkpoint(a.out)
+        model = export_checkpoint(a.out, arch if a.cross_attention else None)
         _record_generator_keys(a.out, a.manifest, a.probe)
         print(to_strict_json({"model": str(model)}))
         return 0
     summary = train_generator(
         a.manifest,
         a.out,
-        GeneratorArch(),
+        arch,
         placed(
             VAETrainConfig(
                 max_steps=a.vae_steps, batch_size=a.vae_batch_size, lr=a.vae_lr, seed=a.seed
@@ -885,10 +896,36 @@ def _train_generator(a: argparse.Namespace) -> int:
             if a.decoder_steps > 0
             else None
         ),  # fmt: skip
+        init_from=a.init_from,
     )
     _record_generator_keys(a.out, a.manifest, a.probe)
     print(to_strict_json({k: summary[k] for k in ("rows", "vae", "diffusion")}))
     return 0
+
+
+def _generator_arch(levels: str | None):
+    """The embedded generator's architecture, with cross-attention at ``levels`` (latent
+    sizes, "16,8") when given; a size that is no UNet level is a one-line error."""
+    import dataclasses
+
+    from rewardkit.generation.default import GeneratorArch
+
+    arch = GeneratorArch()
+    if not levels:
+        return arch
+    latent = arch.resolution // 2 ** (len(arch.vae_channels) - 1)
+    sizes = [latent // 2**i for i in range(len(arch.unet_channels))]
+    try:
+        wanted = {int(x) for x in levels.split(",") if x.strip()}
+    except ValueError:
+        raise SystemExit(f"--cross-attention {levels!r}: expected sizes such as 16,8") from None
+    unknown = sorted(wanted - set(sizes))
+    if unknown or not wanted:
+        raise SystemExit(
+            f"--cross-attention {levels!r}: {unknown or 'nothing'} is not a UNet level; "
+            f"the levels are {','.join(map(str, sizes))}"
+        )
+    return dataclasses.replace(arch, cross_attention_levels=tuple(s in wanted for s in sizes))
 
 
 def _record_generator_keys(out: str, manifest: str, probe: str | None) -> None:

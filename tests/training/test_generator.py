@@ -177,3 +177,70 @@ def test_latent_cache_is_rebuilt_over_old_caches(tmp_path, renders):
     torch.testing.assert_close(latents[:], tg._latents(gen, data.images))
     meta = json.loads((out / "latents" / "meta.json").read_text())
     assert meta["key"]["encoder"] == tg._weights_digest(gen.vae.encoder)
+
+
+def _forward(gen: AdGenerator, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    res, h = gen.resolution, gen.resolution // gen.vae_factor
+    x = torch.randn(2, 9, h, h, generator=g)
+    text = torch.randn(2, 24, gen.text_encoder.config.hidden_size, generator=g)
+    ctrl = torch.rand(2, 3, res, res, generator=g)
+    t = torch.tensor([700, 50])
+    with torch.no_grad():
+        down, mid = gen.controlnet(x[:, :4], t, encoder_hidden_states=text, controlnet_cond=ctrl,
+                                   return_dict=False)  # fmt: skip
+        return gen.unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid, return_dict=False)[0]  # fmt: skip
+
+
+def test_grow_from_adds_attention_levels_that_start_as_the_identity(tmp_path, renders):
+    import dataclasses
+
+    from rewardkit.training.generator import grow_from
+
+    base = build_generator(TINY, seed=1)
+    grown_arch = dataclasses.replace(TINY, cross_attention_levels=(True, True))
+    grown = build_generator(grown_arch, seed=2)
+    counts = grow_from(grown, base)
+    assert counts["unet"]["added_blocks"] and counts["controlnet"]["added_blocks"]
+    assert all(b.split(".")[1] == "0" for b in counts["unet"]["added_blocks"][:1])
+    torch.testing.assert_close(_forward(grown), _forward(base), rtol=0, atol=0)
+    # Without the zeroed output projections the added blocks would change the output.
+    fresh = build_generator(grown_arch, seed=2)
+    fresh.unet.load_state_dict(base.unet.state_dict(), strict=False)
+    fresh.controlnet.load_state_dict(base.controlnet.state_dict(), strict=False)
+    fresh.text_encoder = base.text_encoder
+    assert not torch.allclose(_forward(fresh), _forward(base))
+    # Another width is refused, naming what does not fit.
+    wider = build_generator(dataclasses.replace(TINY, unet_channels=(16, 48)), seed=0)
+    with pytest.raises(ValueError, match="another shape"):
+        grow_from(wider, base)
+
+    # Through train_generator: no VAE stage, a checkpoint that resumes, an export that loads.
+    base_dir = base.save_pretrained(tmp_path / "base")
+    diff = DiffusionTrainConfig(max_steps=2, batch_size=4, probe_every=0, checkpoint_every=1)
+    vae = VAETrainConfig(max_steps=2, batch_size=4)
+    summary = train_generator(renders, tmp_path / "run", grown_arch, vae, diff, progress=False,
+                              init_from=base_dir)  # fmt: skip
+    assert summary["vae"] == {"from": str(base_dir), "steps": 0}
+    assert summary["diffusion"]["steps"] == 2
+    out = AdGenerator.from_pretrained(tmp_path / "run" / "model")
+    assert out.unet.config.down_block_types == ["CrossAttnDownBlock2D"] * 2
+    for name, value in base.vae.state_dict().items():
+        assert torch.equal(value, out.vae.state_dict()[name])
+    exported = AdGenerator.from_pretrained(tg.export_checkpoint(tmp_path / "run"))
+    for name, value in exported.unet.state_dict().items():
+        torch.testing.assert_close(value, out.unet.state_dict()[name])
+    # Resuming the run under another architecture is refused, not continued.
+    diff3 = dataclasses.replace(diff, max_steps=3)
+    with pytest.raises(Exception, match="(?i)signature|differ|another"):
+        train_generator(renders, tmp_path / "run", TINY, vae, diff3, progress=False,
+                        init_from=base_dir)  # fmt: skip
+
+
+@pytest.mark.parametrize("levels", ["4", "x", ","])
+def test_cross_attention_flag_names_the_levels(tmp_path, renders, levels, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "generator", "--manifest", str(renders), "--out", str(tmp_path / "o"),
+              "--cross-attention", levels, "--no-progress"])  # fmt: skip
+    assert "--cross-attention" in str(e.value)

@@ -629,8 +629,11 @@ def train_diffusion(
     config: DiffusionTrainConfig | None = None,
     probe: Probe | None = None,
     progress: bool = True,
+    signature_extra: dict | None = None,
 ) -> dict:
-    """Train UNet + ControlNet + text encoder of ``gen``; the EMA weights end up in ``gen``."""
+    """Train UNet + ControlNet + text encoder of ``gen``; the EMA weights end up in ``gen``.
+    ``signature_extra`` joins the checkpoint's signature (the architecture, a warm start), so
+    a run resumed with other ones is refused rather than continued."""
     config = config if config is not None else DiffusionTrainConfig()
     gen.vae.requires_grad_(False)
     # The frozen VAE on the training device: it encodes the latents and decodes the probes
@@ -682,7 +685,7 @@ def train_diffusion(
 
     # Probing is observation, not training: its settings may change on resume.
     keep = {k: v for k, v in resumable(config).items() if not k.startswith("probe_")}
-    signature = {"stage": "diffusion", **keep, **data.fingerprint}
+    signature = {"stage": "diffusion", **keep, **data.fingerprint, **(signature_extra or {})}
     result = run_training(
         trainee,
         len(data),
@@ -704,6 +707,57 @@ def train_diffusion(
     return {"steps": result.steps, "seconds": result.seconds, "probes": probes}
 
 
+def grow_from(gen: AdGenerator, init: AdGenerator, source: str = "init") -> dict:
+    """Warm start ``gen`` (a fresh build, possibly with more attention levels) from ``init``.
+
+    The VAE, text encoder, tokenizer and scheduler are ``init``'s. Every UNet and ControlNet
+    tensor of ``init`` is copied into the tensor of the same name, which must exist with the
+    same shape; the tensors ``gen`` has beyond them must belong to attention blocks (the
+    levels added), whose output projections are zeroed, so the grown model computes exactly
+    what ``init`` does until training moves them.
+
+    Raises:
+        ValueError: naming the tensors that do not fit (another base model, other widths).
+    """
+    counts: dict = {}
+    for name in ("unet", "controlnet"):
+        mine, theirs = getattr(gen, name), getattr(init, name)
+        target, source_state = mine.state_dict(), theirs.state_dict()
+        missing = sorted(set(source_state) - set(target))
+        shapes = sorted(
+            f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+            for k, v in source_state.items()
+            if k in target and v.shape != target[k].shape
+        )
+        added = sorted(set(target) - set(source_state))
+        foreign = [k for k in added if ".attentions." not in k]
+        if missing or shapes or foreign:
+            raise ValueError(
+                f"{source}: its {name} does not fit the architecture grown from it: "
+                f"{summarize_names(missing)} without a place, {summarize_names(shapes)} of "
+                f"another shape, {summarize_names(foreign)} new outside attention blocks"
+            )
+        mine.load_state_dict(source_state, strict=False)
+        blocks = sorted({k.split(".proj_out.")[0] for k in added if ".proj_out." in k})
+        with torch.no_grad():
+            for block in blocks:
+                proj = mine.get_submodule(block + ".proj_out")
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+        counts[name] = {
+            "copied_tensors": len(source_state),
+            "added_tensors": len(added),
+            "added_parameters": int(sum(target[k].numel() for k in added)),
+            "added_blocks": blocks,
+        }
+    if gen.text_encoder.config.hidden_size != init.text_encoder.config.hidden_size:
+        raise ValueError(f"{source}: text encoder width differs from the architecture's")
+    gen.vae, gen.text_encoder = init.vae, init.text_encoder
+    gen.tokenizer, gen.scheduler = init.tokenizer, init.scheduler
+    return counts
+
+
 def train_generator(
     manifest: str | Path,
     out: str | Path,
@@ -714,10 +768,15 @@ def train_generator(
     probe_size: int = 64,
     progress: bool = True,
     decoder_config: VAETrainConfig | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
     """The stages into ``out`` (work folders ``vae/``, ``diffusion/``, ``vae_decoder/``), the
     pipeline folder in ``out/model``. Re-running resumes each stage from its checkpoint; a
-    finished VAE stage is reused. ``decoder_config`` adds the decoder fine-tune (stage 3)."""
+    finished VAE stage is reused. ``decoder_config`` adds the decoder fine-tune (stage 3).
+
+    ``init_from`` (a generator folder) warm-starts the diffusion stage from its weights
+    (:func:`grow_from`): its VAE is kept (no VAE stage) and ``arch`` may add cross-attention
+    levels to its UNet, which start as the identity."""
     arch = arch if arch is not None else GeneratorArch()
     vae_config = vae_config if vae_config is not None else VAETrainConfig()
     diffusion_config = diffusion_config if diffusion_config is not None else DiffusionTrainConfig()
@@ -726,11 +785,29 @@ def train_generator(
     out = Path(out)
     shared_accelerator(vae_config.mixed_precision)  # under a launcher: join the process group
     gen = build_generator(arch, seed=vae_config.seed)
+    summary: dict = {"arch": asdict(arch), "manifest": str(manifest)}
+    vae_dir = out / "vae"
+    # Checkpoints of the default architecture keep the signature they always had.
+    extra: dict = {}
+    if arch != GeneratorArch():
+        extra["arch"] = json.loads(to_strict_json(asdict(arch)))
+    if init_from is not None:
+        init = AdGenerator.from_pretrained(init_from)
+        summary["init_from"] = {"folder": str(init_from), **grow_from(gen, init, str(init_from))}
+        extra["init_from"] = {
+            n: _weights_digest(getattr(init, n)) for n in ("unet", "controlnet", "text_encoder")
+        }
+        if is_main_process() and not (vae_dir / "vae.json").is_file():
+            gen.vae.save_pretrained(vae_dir / "model")
+            write_json_atomic(vae_dir / "vae.json", {"from": str(init_from), "steps": 0})
+    if is_main_process():  # what export_checkpoint rebuilds the pipeline from
+        write_json_atomic(out / "generator_arch.json", {"arch": asdict(arch), **summary})
     data = prepare_generator_data(manifest, arch.resolution, out / "data_cache", progress)
     _remove_legacy_caches(out)
-    summary: dict = {"arch": asdict(arch), "manifest": str(manifest), "rows": len(data)}
-    vae_dir = out / "vae"
-    if (vae_dir / "model" / "config.json").is_file() and (vae_dir / "vae.json").is_file():
+    summary["rows"] = len(data)
+    if init_from is not None:  # the warm start's VAE (saved above for export_checkpoint)
+        summary["vae"] = {"from": str(init_from), "steps": 0}
+    elif (vae_dir / "model" / "config.json").is_file() and (vae_dir / "vae.json").is_file():
         gen.vae = load_component(AutoencoderKL, vae_dir / "model", "vae")
         summary["vae"] = json.loads((vae_dir / "vae.json").read_text())
     else:
@@ -742,7 +819,7 @@ def train_generator(
         Probe.from_manifest(probe_manifest, arch.resolution, probe_size) if probe_manifest else None
     )
     summary["diffusion"] = train_diffusion(
-        gen, data, out / "diffusion", diffusion_config, probe, progress
+        gen, data, out / "diffusion", diffusion_config, probe, progress, signature_extra=extra
     )
     if decoder_config is not None:
         summary["vae_decoder"] = finetune_vae_decoder(
@@ -767,6 +844,13 @@ def export_checkpoint(
     from safetensors.torch import load_file
 
     out = Path(out)
+    if arch is None and (out / "generator_arch.json").is_file():
+        arch = GeneratorArch(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in json.loads((out / "generator_arch.json").read_text())["arch"].items()
+            }
+        )
     arch = arch if arch is not None else GeneratorArch()
     ckpt = out / "diffusion" / "checkpoint"
     vae_dir = out / "vae_decoder" / "model"
