@@ -139,7 +139,7 @@ def prop_sizes(
     images = generate_images(gen, [j.prepared for j in jobs], [j.prompt for j in jobs],
                              [attempt_seed(0, i, 1) for i in range(len(jobs))],
                              sampler_for(generator), batch_size)  # fmt: skip
-    named, verdicts, err, need, rel = 0, {}, [], [], []
+    named, verdicts, err, need, rel, real, scale = 0, {}, [], [], [], [], []
     for j, img in zip(jobs, images, strict=True):
         if not any(k in j.prompt for k in PROPS):
             continue
@@ -153,7 +153,10 @@ def prop_sizes(
         err.append(e)
         need.append(np.log2(PROPS[kind][0] * px / j.height_cm))
         rel.append(rel_of[j.product_id])
+        real.append(np.log2(PROPS[kind][0]))  # the prop's real height (cm), from its word
+        scale.append(np.log2(px / j.height_cm))  # the product's pixels per cm in the image
     e, need_a, rel_a = np.array(err), np.array(need), np.array(rel)
+    real_a, scale_a = np.array(real), np.array(scale)
     limit = Thresholds().scale_error
     stats = {  # rounded below; None when no prop was measured
         "scale_error_mean": lambda: e.mean(),
@@ -172,6 +175,11 @@ def prop_sizes(
         **{k: round(float(f()), 3) if len(e) else None for k, f in stats.items()},
         "corr_needed_vs_painted_height": _corr(need_a, need_a + e),
         "corr_error_vs_height_within_category": _corr(rel_a, e),
+        # The needed height is the sum of two parts (log2): which does the painting follow?
+        "prop_real_height_sd_log2": round(float(real_a.std()), 3) if len(e) else None,
+        "product_px_per_cm_sd_log2": round(float(scale_a.std()), 3) if len(e) else None,
+        "corr_painted_vs_prop_real_height": _corr(real_a, need_a + e),
+        "corr_painted_vs_product_px_per_cm": _corr(scale_a, need_a + e),
         "held_out": held_out.to_dict(),
     }
 
