@@ -918,10 +918,10 @@ def _generator_arch(levels: str | None):
     try:
         wanted = {int(x) for x in levels.split(",") if x.strip()}
     except ValueError:
-        raise SystemExit(f"--cross-attention {levels!r}: expected sizes such as 16,8") from None
+        raise ValueError(f"--cross-attention {levels!r}: expected sizes such as 16,8") from None
     unknown = sorted(wanted - set(sizes))
     if unknown or not wanted:
-        raise SystemExit(
+        raise ValueError(
             f"--cross-attention {levels!r}: {unknown or 'nothing'} is not a UNet level; "
             f"the levels are {','.join(map(str, sizes))}"
         )

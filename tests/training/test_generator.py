@@ -240,7 +240,8 @@ def test_grow_from_adds_attention_levels_that_start_as_the_identity(tmp_path, re
 
 @pytest.mark.parametrize("levels", ["4", "x", ","])
 def test_cross_attention_flag_names_the_levels(tmp_path, renders, levels, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["train", "generator", "--manifest", str(renders), "--out", str(tmp_path / "o"),
-              "--cross-attention", levels, "--no-progress"])  # fmt: skip
-    assert "--cross-attention" in str(e.value)
+    rc = main(["train", "generator", "--manifest", str(renders), "--out", str(tmp_path / "o"),
+               "--cross-attention", levels, "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--cross-attention" in err[0], err
+    assert not (tmp_path / "o").exists()
