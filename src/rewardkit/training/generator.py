@@ -707,6 +707,17 @@ def train_diffusion(
     return {"steps": result.steps, "seconds": result.seconds, "probes": probes}
 
 
+def _state_fit(state: dict, expected: dict) -> tuple[list[str], list[str], list[str]]:
+    """Names in ``expected`` without a tensor in ``state``, names in ``state`` without a
+    place in ``expected``, and those of another shape (with both shapes)."""
+    shapes = sorted(
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    )
+    return sorted(set(expected) - set(state)), sorted(set(state) - set(expected)), shapes
+
+
 def grow_from(gen: AdGenerator, init: AdGenerator, source: str = "init") -> dict:
     """Warm start ``gen`` (a fresh build, possibly with more attention levels) from ``init``.
 
@@ -723,13 +734,7 @@ def grow_from(gen: AdGenerator, init: AdGenerator, source: str = "init") -> dict
     for name in ("unet", "controlnet"):
         mine, theirs = getattr(gen, name), getattr(init, name)
         target, source_state = mine.state_dict(), theirs.state_dict()
-        missing = sorted(set(source_state) - set(target))
-        shapes = sorted(
-            f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-            for k, v in source_state.items()
-            if k in target and v.shape != target[k].shape
-        )
-        added = sorted(set(target) - set(source_state))
+        added, missing, shapes = _state_fit(source_state, target)
         foreign = [k for k in added if ".attentions." not in k]
         if missing or shapes or foreign:
             raise ValueError(
@@ -866,13 +871,7 @@ def export_checkpoint(
         state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         module = getattr(gen, name)
         expected = module.state_dict()
-        missing = sorted(set(expected) - set(state))
-        extra = sorted(set(state) - set(expected))
-        shapes = sorted(
-            f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-            for k, v in state.items()
-            if k in expected and v.shape != expected[k].shape
-        )
+        missing, extra, shapes = _state_fit(state, expected)
         if missing or extra or shapes:
             raise ValueError(
                 f"{ckpt}: its EMA {name} does not fit the architecture: "
