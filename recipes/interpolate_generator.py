@@ -1,0 +1,129 @@
+"""Weight-space interpolation of a fine-tuned generator toward its base (WiSE-FT; Wortsman et
+al. 2022, "Robust fine-tuning of zero-shot models"; the reward-versus-diversity reading of it
+is Rame et al. 2023, "Rewarded soups"). Experiment for issue 23 (MODELS.md, "RFFT weights
+interpolated toward the base").
+
+    python recipes/interpolate_generator.py --tuned RUN/model --alpha 0.8 --out DIR
+
+Every component folder the fine-tuned model carries itself (``rewardkit finetune
+--trainable controlnet`` writes ``controlnet/``; ``--trainable all`` also ``unet/``) is written
+to ``DIR`` as ``base + alpha * (tuned - base)``, tensor by tensor, with ``base`` the same
+component of the generator the run fine-tuned (its card's ``"base"``). ``alpha`` 0 is the base,
+1 the fine-tuned model, above 1 extrapolates along the fine-tuning direction. The card is
+copied with ``"base"`` pointing at the same base from ``DIR``, and ``interpolation.json``
+records the sources and alpha. The fine-tuned model's ``training_keys.parquet`` is copied:
+the result has seen exactly what its two ends saw.
+
+Refuses, on one line, a tuned folder without a card or a base, a component whose tensors do
+not match the base's by name and shape, and LoRA-only folders (no full weights to mix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rewardkit.generation.pipeline import component_folders
+from rewardkit.io import write_text_atomic
+
+CARD = "rewardkit_generator.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def mix(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float, where: str):
+    """``base + alpha * (tuned - base)`` for every tensor; names and shapes must agree."""
+    if set(base) != set(tuned):
+        extra = sorted(set(tuned) - set(base))[:3]
+        missing = sorted(set(base) - set(tuned))[:3]
+        raise SystemExit(
+            f"{where}: tensors differ from the base's (extra {extra}, missing {missing})"
+        )
+    out = {}
+    for name, b in base.items():
+        t = tuned[name]
+        if t.shape != b.shape:
+            raise SystemExit(
+                f"{where}: {name} has shape {tuple(t.shape)}, the base's {tuple(b.shape)}"
+            )
+        if b.is_floating_point():
+            out[name] = (b.float() + alpha * (t.float() - b.float())).to(b.dtype).contiguous()
+        else:
+            out[name] = t.clone()
+    return out
+
+
+def interpolate(tuned: Path, alpha: float, out: Path) -> Path:
+    card_path = tuned / CARD
+    if not card_path.is_file():
+        raise SystemExit(f"{tuned}: no {CARD} (not a model written by rewardkit finetune)")
+    card = json.loads(card_path.read_text())
+    if not card.get("base"):
+        raise SystemExit(f'{card_path}: no "base" (nothing to interpolate toward)')
+    base_dir = (tuned / card["base"]).resolve()
+    base_parts = component_folders(base_dir)
+    own = sorted(p.name for p in tuned.iterdir() if p.is_dir() and (p / WEIGHTS).is_file())
+    if not own:
+        raise SystemExit(
+            f"{tuned}: no component folder with {WEIGHTS} (LoRA-only models are not mixed)"
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(tuned, card, base_dir, base_parts, own, alpha, out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left beside out
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    component_folders(out)  # the result loads as a generator layout
+    return out
+
+
+def _write(tuned, card, base_dir, base_parts, own, alpha, out, tmp) -> None:
+    for comp in own:
+        src = tuned / comp
+        base_weights = base_parts[comp] / WEIGHTS
+        if not base_weights.is_file():
+            raise SystemExit(f"{base_parts[comp]}: no {WEIGHTS} to interpolate {src} toward")
+        mixed = mix(load_file(str(base_weights)), load_file(str(src / WEIGHTS)), alpha, str(src))
+        (tmp / comp).mkdir()
+        shutil.copy(src / "config.json", tmp / comp / "config.json")
+        save_file(mixed, str(tmp / comp / WEIGHTS))
+    for name in ("model_index.json", "training_keys.parquet"):
+        if (tuned / name).is_file():
+            shutil.copy(tuned / name, tmp / name)
+    card["base"] = os.path.relpath(base_dir, out.resolve())
+    write_text_atomic(tmp / CARD, json.dumps(card, indent=2) + "\n")
+    record = {
+        "tuned": str(tuned.resolve()),
+        "base": str(base_dir),
+        "alpha": alpha,
+        "components": own,
+    }
+    write_text_atomic(tmp / "interpolation.json", json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tuned", required=True, type=Path, help="a finetune run's model/ folder")
+    ap.add_argument("--alpha", required=True, type=float, help="0 = base, 1 = fine-tuned")
+    ap.add_argument("--out", required=True, type=Path)
+    a = ap.parse_args(argv)
+    if not a.tuned.is_dir():
+        raise SystemExit(f"--tuned {a.tuned}: not a folder")
+    if not -1.0 <= a.alpha <= 3.0:
+        raise SystemExit(f"--alpha {a.alpha}: expected a value in [-1, 3]")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    print(interpolate(a.tuned, a.alpha, a.out.resolve()))
+
+
+if __name__ == "__main__":
+    main()
