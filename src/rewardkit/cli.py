@@ -318,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     ft.add_argument("--regularizer", default="cc", choices=("cc", "kl", "none"))
     ft.add_argument("--beta", type=float, default=1.0, help="weight of the regulariser")
+    ft.add_argument(
+        "--kl-beta", type=float, default=0.0,
+        help="with --regularizer cc: also a KL term of this weight (CC keeps the prompt's "
+        "guidance direction, KL the predictions themselves)",
+    )  # fmt: skip
     ft.add_argument("--products", required=True, help="training products: manifest or folder")
     ft.add_argument("--out", required=True, help="run folder: checkpoint/, curves, model/")
     ft.add_argument(
@@ -954,7 +959,8 @@ def _finetune(a: argparse.Namespace) -> int:
     config = FinetuneConfig(
         lr=a.lr, batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed,
         checkpoint_every=a.checkpoint_every, reward=parse_reward(a.reward)[0],
-        regularizer=a.regularizer, beta=a.beta, trainable=a.trainable, lora_rank=a.lora_rank,
+        regularizer=a.regularizer, beta=a.beta, kl_beta=a.kl_beta, trainable=a.trainable,
+        lora_rank=a.lora_rank,
         sample_steps=a.steps, guidance_scale=a.guidance, grad_window=a.grad_window,
         grad_checkpoint=not a.no_grad_checkpoint, probe_every=a.probe_every,
         probe_size=a.probe_size, reward_views=a.reward_views, reward_weight=a.reward_weight,

@@ -62,3 +62,38 @@ def test_appeal_scores_per_image():
     out = appeal_scores(rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8))
     assert out["appeal"].shape == (3,) and np.all((out["appeal"] > 0) & (out["appeal"] < 1))
     assert out["aesthetic"].shape == (3,)
+
+
+def test_palette_falls_when_every_background_takes_one_palette():
+    """Two-tone backgrounds whose horizon moves keep the grid diversity high; only the palette
+    measure sees that every image uses the same two colours."""
+    from rewardkit.generation.metrics import palette_diversity
+
+    rng = np.random.default_rng(0)
+
+    def two_tone(wall, floor, horizon):
+        img = np.empty((32, 32, 3), np.uint8)
+        img[:horizon], img[horizon:] = wall, floor
+        return img
+
+    horizons = rng.integers(8, 24, (4, 3))
+    one = np.stack([[two_tone((150, 180, 210), (40, 50, 60), h) for h in row] for row in horizons])
+    many = np.stack([[two_tone(rng.integers(0, 255, 3), rng.integers(0, 255, 3), h) for h in row]
+                     for row in horizons])  # fmt: skip
+    same = np.broadcast_to(one[:1, :1], one.shape).copy()
+    keep = _keep(4)
+    assert background_diversity(one, keep)["diversity"] > 0.1  # the grid measure is fooled
+    assert palette_diversity(same, keep) == 0
+    assert palette_diversity(many, keep) > 2 * palette_diversity(one, keep)
+    assert np.isnan(palette_diversity(many[:1, :1], keep[:1]))
+    with pytest.raises(ValueError, match="keep"):
+        palette_diversity(many, _keep(3))
+
+
+def test_prompt_props_inverts_scene_prompt():
+    from rewardkit.world.scene import PROPS, prompt_props
+
+    assert prompt_props("a red bottle on a desk, in front of a grey wall, soft light") == ()
+    p = "a red bottle on a desk, in front of a grey wall, next to a soda can and a book, cool light"
+    assert prompt_props(p) == ("soda can", "book")
+    assert all(prompt_props(f"x, next to a {k}, y") == (k,) for k in PROPS)

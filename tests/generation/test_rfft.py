@@ -4,6 +4,7 @@ import copy
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -100,6 +101,32 @@ def test_regularisers_vanish_at_the_reference_and_grow_after_a_step(tiny_generat
             p.add_(0.05 * torch.randn_like(p))
     _, logs = rfft_loss(gen, trainee, batch, jobs[:2], Brightness(), SAMPLER, 3, regularizer, 1.0)
     assert logs["regularizer"] > 0
+
+
+def test_kl_beta_adds_the_kl_term_beside_cc(tiny_generator):
+    """--kl-beta: F = F_AC + beta L_CC + kl_beta L_KL, each term as the single regularisers
+    compute it; refused beside any regulariser but cc."""
+    gen = _fresh(tiny_generator)
+    trainee = RFFTTrainee(gen, "controlnet")
+    jobs = _jobs(gen.resolution)
+    batch = _batch(gen, jobs)
+    with torch.no_grad():
+        for p in gen.controlnet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    args = (gen, trainee, batch, jobs[:2], Brightness(), SAMPLER, 3)
+    cc, cc_logs = rfft_loss(*args, "cc", 2.0)
+    kl, kl_logs = rfft_loss(*args, "kl", 1.0)
+    both, logs = rfft_loss(*args, "cc", 2.0, kl_beta=3.0)
+    assert kl_logs["regularizer"] > 0 and logs["regularizer_kl"] == pytest.approx(
+        kl_logs["regularizer"]
+    )
+    assert float(both) == pytest.approx(float(cc) + 3.0 * kl_logs["regularizer"], rel=1e-5)
+    assert "regularizer_kl" not in cc_logs
+    with pytest.raises(ValueError, match="kl_beta"):
+        rfft_loss(*args, "kl", 1.0, kl_beta=3.0)
+    with pytest.raises(ValueError, match="kl_beta"):
+        FinetuneConfig(regularizer="none", kl_beta=1.0)
+    assert FinetuneConfig(regularizer="cc", kl_beta=1.0).kl_beta == 1.0
 
 
 def test_cc_is_blind_to_a_shift_shared_by_both_predictions(tiny_generator):
@@ -316,6 +343,12 @@ def test_eval_generator_cli_table_grids_and_recurrent_row(tmp_path, tiny_generat
     assert a["oracle_available"] == b["oracle_available"]  # same weights, same seeds
     assert a["diversity"] == pytest.approx(b["diversity"]) and a["diversity_vs_base"] == 1.0
     assert 0 <= a["rfnet_available"] <= 1 and a["images"] == 4
+    assert a["palette"] == pytest.approx(b["palette"]) and a["palette_vs_base"] == 1.0
+    from rewardkit.world.scene import prompt_props
+
+    prompts = pq.read_table(tmp_path / "world" / "manifest.parquet").column("prompt").to_pylist()
+    assert a["props_named"] == b["props_named"] == sum(bool(prompt_props(p)) for p in prompts[:4])
+    assert a["prop_painted"] == b["prop_painted"] or a["props_named"] == 0
     config = RFNetConfig.from_folder(default_model_path("rfnet"))
     assert config.loop_threshold is not None and config.loop_threshold != config.accept_threshold
     assert thresholds == [config.accept_threshold] * 3  # A, the Recurrent row, B

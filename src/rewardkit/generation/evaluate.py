@@ -10,6 +10,11 @@ For every generator (``NAME=DIR``; the first is the base the others are compared
   (``generation.metrics``), and the community's ground-truth appeal and the generic
   aesthetic rating, reported as the mean over seed indices with its standard deviation
   (the spread over seeds); the Social Reward's own score, for reference;
+- two guards against collapses the grid diversity does not see: ``palette`` (the spread of
+  the backgrounds' mean colours over the same images, ``generation.metrics``) and
+  ``prop_painted`` (of the first images whose prompt names reference props, the share where
+  the oracle finds one of them standing in the scene: a reward the oracle cannot fault for a
+  prop it does not find can be gamed by leaving the prop out);
 - with ``recurrent_attempts`` > 0, a "Recurrent Generation" row for the base generator:
   the inspector as accept test, up to that many attempts, the returned images measured the
   same way (diversity across products only: one image per product).
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from rewardkit.data.keys import check_held_out
-from rewardkit.generation.metrics import appeal_scores, background_diversity
+from rewardkit.generation.metrics import appeal_scores, background_diversity, palette_diversity
 from rewardkit.generation.pipeline import AdGenerator, generate_images, generator_resolution
 from rewardkit.generation.recurrent import (
     AVAILABLE,
@@ -64,13 +69,14 @@ def parse_models(specs: list[str] | None, default: str | Path) -> list[tuple[str
     return out
 
 
-def _oracle(jobs: list[ProductJob], images: list[np.ndarray]) -> list[str]:
+def _oracle(jobs: list[ProductJob], images: list[np.ndarray]) -> tuple[list[str], list[str]]:
+    """The oracle's class of each image, and the prop kind it measured ("" for none)."""
     from rewardkit.world.oracle import label
 
-    return [
-        label(j.photo, img, j.height_cm, fill=j.fill)[0]
-        for j, img in zip(jobs, images, strict=True)
+    out = [
+        label(j.photo, img, j.height_cm, fill=j.fill) for j, img in zip(jobs, images, strict=True)
     ]
+    return [v for v, _ in out], [str(m.get("prop_kind") or "") for _, m in out]
 
 
 def _grid(images: np.ndarray) -> np.ndarray:
@@ -98,7 +104,9 @@ def _measure(
     social,
 ) -> dict:
     """Rates on ``first`` (one per product); diversity and appeal over ``extra`` (P, S, ...)."""
-    oracle = _oracle(jobs, first)
+    from rewardkit.world.scene import prompt_props
+
+    oracle, found = _oracle(jobs, first)
     row: dict = {"images": len(first)}
     row["oracle_available"] = float(np.mean([v == AVAILABLE for v in oracle]))
     if inspector is not None:
@@ -108,11 +116,18 @@ def _measure(
     for v in oracle:
         counts[v] = counts.get(v, 0) + 1
     row["oracle_counts"] = counts
+    named = [(prompt_props(j.prompt), k) for j, k in zip(jobs, found, strict=True)]
+    named = [(kinds, k) for kinds, k in named if kinds]
+    row["props_named"] = len(named)
+    row["prop_painted"] = (
+        float(np.mean([k in kinds for kinds, k in named])) if named else float("nan")
+    )
     if extra is None:
         extra = np.stack(first)[:, None]
     p_n, s_n = extra.shape[:2]
     keep = np.stack([j.prepared.keep for j in jobs[:p_n]])
     row.update(background_diversity(extra, keep))
+    row["palette"] = palette_diversity(extra, keep)
     flat = extra.reshape(-1, *extra.shape[2:])
     scores = appeal_scores(flat)
     for key in ("appeal", "aesthetic"):
@@ -234,6 +249,10 @@ def _evaluate(
         # One image per product (the Recurrent row): compare across products only.
         key = "diversity" if np.isfinite(r["across_seeds"]) else "across_products"
         r["diversity_vs_base"] = r[key] / base[key] if base[key] else None
+        r["palette_vs_base"] = r["palette"] / base["palette"] if base["palette"] else None
+        r["prop_painted_vs_base"] = (
+            r["prop_painted"] / base["prop_painted"] if base["prop_painted"] else None
+        )
         r["oracle_gain_points"] = 100 * (r["oracle_available"] - base["oracle_available"])
     write_png_atomic(out / "compare.png", _grid(np.stack(grids)))
     result = {
@@ -257,11 +276,26 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "model"
 
 
+def _vs(r: dict, key: str, fmt: str) -> str:
+    v, ratio = r.get(key, float("nan")), r.get(f"{key}_vs_base")
+    if v is None or not np.isfinite(v):
+        return "-"
+    return f"{v:{fmt}}" + (f" ({ratio:.2f}x)" if ratio is not None and np.isfinite(ratio) else "")
+
+
+def _props(r: dict) -> str:
+    v = r.get("prop_painted", float("nan"))
+    if v is None or not np.isfinite(v):
+        return "-"
+    return f"{100 * v:.1f}% of {r['props_named']}"
+
+
 def markdown_table(result: dict) -> str:
     head = (
         "| generator | oracle available | RFNet available | diversity (vs base) | across seeds"
-        " | across products | appeal (sd over seeds) | aesthetic | social score |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        " | across products | palette (vs base) | prop painted | appeal (sd over seeds) |"
+        " aesthetic | social score |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in result["rows"]:
@@ -274,13 +308,16 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {pct('oracle_available')} | {pct('rfnet_available')} | "
             f"{r['diversity']:.4f} ({r['diversity_vs_base']:.2f}x) | {r['across_seeds']:.4f} | "
-            f"{r['across_products']:.4f} | {appeal} | {r['aesthetic']:.3f} | "
+            f"{r['across_products']:.4f} | {_vs(r, 'palette', '.4f')} | {_props(r)} | "
+            f"{appeal} | {r['aesthetic']:.3f} | "
             f"{r.get('social_score', float('nan')):.3f} |"
         )
     foot = (
         f"\n{result['n_products']} held-out products, one image each (same seeds for every "
-        f"generator); diversity, appeal and aesthetic over the first "
-        f"{result['diversity_products']} products x {result['seeds']} seeds.\n"
+        f"generator); diversity, palette, appeal and aesthetic over the first "
+        f"{result['diversity_products']} products x {result['seeds']} seeds; prop painted: of "
+        f"the one-per-product images whose prompt names a prop, the share where the oracle "
+        f"finds one standing in the scene.\n"
     )
     if "held_out_text" in result:
         foot += f"\n{result['held_out_text']}.\n"

@@ -12,6 +12,11 @@ Diversity (how much the painted backgrounds vary), documented so numbers can be 
   difference over the cells that are background in both images; averaged over seeds. It is 0
   when every product gets the same background (the collapse of unregularised reward tuning).
 - ``diversity``: the mean of the two.
+- ``palette`` (``palette_diversity``): each image's mean background colour (over the same
+  background cells), then the RMS difference between those colours over every pair of images
+  (all products and seeds). The grid measures above count *where* colours change, so a
+  generator that paints every background in one two-tone palette but moves the horizon keeps
+  them high; this one falls when the palette collapses.
 
 Appeal: the community's ground-truth appeal (``world.community.expected_appeal``) of each
 image's appearance features, and the generic photo-aesthetic rating of the same features.
@@ -23,7 +28,7 @@ from itertools import combinations
 
 import numpy as np
 
-__all__ = ["background_diversity", "appeal_scores"]
+__all__ = ["background_diversity", "palette_diversity", "appeal_scores"]
 
 
 def _pool(a: np.ndarray, grid: int) -> np.ndarray:
@@ -74,6 +79,26 @@ def background_diversity(images: np.ndarray, keep: np.ndarray, grid: int = 16) -
         "diversity": float(np.nanmean([across_seeds, across_products])),
         "grid": grid,
     }
+
+
+def palette_diversity(images: np.ndarray, keep: np.ndarray, grid: int = 16) -> float:
+    """Spread of the images' mean background colours (module docstring), same arguments as
+    ``background_diversity``; NaN with fewer than two images that show background."""
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected (products, seeds, H, W, 3); got {images.shape}")
+    p_n, s_n = images.shape[:2]
+    if keep.shape != (p_n, *images.shape[2:4]):
+        raise ValueError(f"keep: expected {(p_n, *images.shape[2:4])}; got {keep.shape}")
+    x = _pool(images.astype(np.float32) / 255.0, grid)  # (P, S, g, g, 3)
+    bg = _pool(np.asarray(keep, np.float32)[..., None], grid)[..., 0] <= 0.0  # (P, g, g)
+    means = [x[p, s][bg[p]].mean(axis=0) for p in range(p_n) if bg[p].any() for s in range(s_n)]
+    if len(means) < 2:
+        return float("nan")
+    m = np.stack(means)  # (N, 3)
+    d2 = ((m[:, None] - m[None]) ** 2).mean(-1)  # mean over channels, (N, N)
+    pairs = np.triu_indices(len(m), 1)
+    return float(np.sqrt(d2[pairs].mean()))
 
 
 def appeal_scores(images: np.ndarray, community=None) -> dict[str, np.ndarray]:

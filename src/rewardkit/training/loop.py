@@ -234,7 +234,7 @@ def resumable(config: TrainConfigBase) -> dict:
         keep.pop(budget)
     keep.pop("device", None)  # a run may resume on another device
     keep.pop("loader_workers", None)  # or with another number of loader processes
-    for name, default in (("grad_accum", 1), ("dropout", False)):
+    for name, default in (("grad_accum", 1), ("dropout", False), ("kl_beta", 0.0)):
         if keep.get(name) == default:  # defaults: checkpoints from before the field resume
             keep.pop(name)
     return keep

@@ -538,6 +538,17 @@ def _truth_maps(spec: SceneSpec, p: Placement, layer: np.ndarray, product: Produ
     return to8(depth), to8(sal)
 
 
+def prompt_props(prompt: str) -> tuple[str, ...]:
+    """The reference props a prompt asks for ("next to a soda can and a book"), as
+    ``scene_prompt`` writes them; () when it names none."""
+    marker = "next to a "
+    at = prompt.find(marker)
+    if at < 0:
+        return ()
+    rest = prompt[at + len(marker) :].split(",")[0]
+    return tuple(k for k in (part.strip() for part in rest.split(" and a ")) if k in PROPS)
+
+
 def scene_prompt(product: Product, spec: SceneSpec) -> str:
     """A text prompt describing the scene (what a designer would write for the generator)."""
     parts = [

@@ -63,6 +63,7 @@ class FinetuneConfig(TrainConfigBase):
     reward: str = "rfnet"  # rfnet | social
     regularizer: str = "cc"  # cc | kl | none
     beta: float = 1.0
+    kl_beta: float = 0.0  # with regularizer cc: a KL term of this weight beside it
     trainable: str = "controlnet"  # controlnet | lora | all (UNet and ControlNet, every weight)
     lora_rank: int = 8
     sample_steps: int | None = None  # DDIM steps of the run (None: the generator's, 40)
@@ -88,6 +89,13 @@ class FinetuneConfig(TrainConfigBase):
                 raise ValueError(f"{name}: one of {allowed}; got {getattr(self, name)!r}")
         if self.beta < 0:
             raise ValueError(f"beta: must be >= 0; got {self.beta}")
+        if self.kl_beta < 0:
+            raise ValueError(f"kl_beta: must be >= 0; got {self.kl_beta}")
+        if self.kl_beta > 0 and self.regularizer != "cc":
+            raise ValueError(
+                f"kl_beta: a KL term beside Consistent Condition, so only with regularizer cc; "
+                f"got regularizer {self.regularizer!r} (use it with beta for KL alone)"
+            )
         if self.reward_views < 1:
             raise ValueError(f"reward_views: must be >= 1; got {self.reward_views}")
         if self.grad_window < 1:
@@ -297,7 +305,7 @@ def finetune_generator(
             loss, logs = rfft_loss(
                 gen, trainee, batch, jobs, objective, sampler, step_index,
                 config.regularizer, config.beta, config.grad_checkpoint,
-                keyed_generator(key), config.reward_weight,
+                keyed_generator(key), config.reward_weight, config.kl_beta,
             )  # fmt: skip
         if dset is not None:
             # replay_batch picks per step, shared out among the step's parts; a part's mean

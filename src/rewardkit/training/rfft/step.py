@@ -137,11 +137,13 @@ def rfft_loss(
     grad_checkpoint_step: bool = True,
     rng: torch.Generator | None = None,
     reward_weight: float = 1.0,
+    kl_beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The module docstring's steps 1-4 for one batch: (F_total, logged values)."""
+    """The module docstring's steps 1-4 for one batch: (F_total, logged values). ``kl_beta``
+    > 0 (with ``regularizer`` cc) adds ``kl_beta`` times the KL term beside it."""
     loss, terms = rfft_terms(
         gen, trainee, batch, jobs, objective, sampler, step_index, regularizer, beta,
-        grad_checkpoint_step, rng, reward_weight,
+        grad_checkpoint_step, rng, reward_weight, kl_beta,
     )  # fmt: skip
     logs = {k: v if isinstance(v, int) else float(v.detach()) for k, v in terms.items()}
     return loss, logs
@@ -160,6 +162,7 @@ def rfft_terms(
     grad_checkpoint_step: bool = True,
     rng: torch.Generator | None = None,
     reward_weight: float = 1.0,
+    kl_beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """:func:`rfft_loss` without reading values back: (F_total, logged terms as tensors on
     the trainee's device, and ``t``). Moves every frozen part the step uses, and the batch,
@@ -205,4 +208,12 @@ def rfft_terms(
         "reward": reward.detach().float().mean(),
         "t": int(t),
     }
+    if kl_beta > 0:
+        if regularizer != "cc":
+            raise ValueError(f"kl_beta: only beside regularizer cc; got {regularizer!r}")
+        # CC keeps the prompt's guidance direction only: a shift the conditional and the
+        # unconditional predictions share (a whole palette) costs it nothing; KL sees it.
+        reg_kl = regularizer_loss("kl", reference, x_t, a_t, w, eps_u, eps_c, x0)
+        loss = loss + kl_beta * reg_kl
+        terms["regularizer_kl"] = reg_kl.detach()
     return loss, terms
