@@ -48,6 +48,20 @@ def _rms(a: np.ndarray, b: np.ndarray, cells: np.ndarray) -> float:
     return float(np.sqrt(np.mean(d**2)))
 
 
+def _pooled_backgrounds(images, keep, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checked inputs -> (P, S, g, g, 3) pooled images in [0, 1], (P, g, g) background cells."""
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected (products, seeds, H, W, 3); got {images.shape}")
+    if keep.shape != (images.shape[0], *images.shape[2:4]):
+        raise ValueError(
+            f"keep: expected {(images.shape[0], *images.shape[2:4])}; got {keep.shape}"
+        )
+    x = _pool(images.astype(np.float32) / 255.0, grid)
+    bg = _pool(np.asarray(keep, np.float32)[..., None], grid)[..., 0] <= 0.0
+    return x, bg
+
+
 def background_diversity(images: np.ndarray, keep: np.ndarray, grid: int = 16) -> dict:
     """Diversity of backgrounds (module docstring).
 
@@ -55,14 +69,8 @@ def background_diversity(images: np.ndarray, keep: np.ndarray, grid: int = 16) -
         images: (P, S, H, W, 3) uint8, P products x S seeds (S >= 2 for ``across_seeds``).
         keep: (P, H, W) product masks in [0, 1] (1 = product pixel).
     """
-    images = np.asarray(images)
-    if images.ndim != 5 or images.shape[-1] != 3:
-        raise ValueError(f"images: expected (products, seeds, H, W, 3); got {images.shape}")
-    p_n, s_n = images.shape[:2]
-    if keep.shape != (p_n, *images.shape[2:4]):
-        raise ValueError(f"keep: expected {(p_n, *images.shape[2:4])}; got {keep.shape}")
-    x = _pool(images.astype(np.float32) / 255.0, grid)  # (P, S, g, g, 3)
-    bg = _pool(np.asarray(keep, np.float32)[..., None], grid)[..., 0] <= 0.0  # (P, g, g)
+    x, bg = _pooled_backgrounds(images, keep, grid)
+    p_n, s_n = x.shape[:2]
     seeds = [
         _rms(x[p, i], x[p, j], bg[p]) for p in range(p_n) for i, j in combinations(range(s_n), 2)
     ]
@@ -84,14 +92,8 @@ def background_diversity(images: np.ndarray, keep: np.ndarray, grid: int = 16) -
 def palette_diversity(images: np.ndarray, keep: np.ndarray, grid: int = 16) -> float:
     """Spread of the images' mean background colours (module docstring), same arguments as
     ``background_diversity``; NaN with fewer than two images that show background."""
-    images = np.asarray(images)
-    if images.ndim != 5 or images.shape[-1] != 3:
-        raise ValueError(f"images: expected (products, seeds, H, W, 3); got {images.shape}")
-    p_n, s_n = images.shape[:2]
-    if keep.shape != (p_n, *images.shape[2:4]):
-        raise ValueError(f"keep: expected {(p_n, *images.shape[2:4])}; got {keep.shape}")
-    x = _pool(images.astype(np.float32) / 255.0, grid)  # (P, S, g, g, 3)
-    bg = _pool(np.asarray(keep, np.float32)[..., None], grid)[..., 0] <= 0.0  # (P, g, g)
+    x, bg = _pooled_backgrounds(images, keep, grid)
+    p_n, s_n = x.shape[:2]
     means = [x[p, s][bg[p]].mean(axis=0) for p in range(p_n) if bg[p].any() for s in range(s_n)]
     if len(means) < 2:
         return float("nan")
