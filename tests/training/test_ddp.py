@@ -389,9 +389,11 @@ def _curve(path: Path, column: str) -> list[float]:
         return [float(r[column]) for r in csv.DictReader(f) if r.get(column)]
 
 
-def test_rfft_gradient_of_the_batch_is_the_mean_over_its_parts():
+@pytest.mark.parametrize("kl_beta", [0.0, 1.0])
+def test_rfft_gradient_of_the_batch_is_the_mean_over_its_parts(kl_beta):
     """What two processes average (each half of the batch, its own mean loss) is the
-    gradient of the whole batch's mean loss: RFFT's loss has no term across products."""
+    gradient of the whole batch's mean loss: RFFT's loss has no term across products, with
+    the KL term beside CC (``--kl-beta``) as without it."""
     import copy
 
     from rewardkit.generation.default import build_generator
@@ -413,11 +415,17 @@ def test_rfft_gradient_of_the_batch_is_the_mean_over_its_parts():
         gen = AdGenerator(copy.deepcopy(g.unet), copy.deepcopy(g.controlnet), g.vae,
                           g.text_encoder, g.tokenizer, g.scheduler)  # fmt: skip
         trainee = RFFTTrainee(gen, "controlnet")
+        # Moved off its frozen reference (the same draws in each call), so that the KL term
+        # and its gradient are not zero as they are at step 0.
+        noise = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in gen.controlnet.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=noise))
         for idx in parts:
             part = [jobs[i] for i in idx]
             batch = prepare_batch(gen, [j.prepared for j in part], [j.prompt for j in part],
                                   [10 + i for i in idx])  # fmt: skip
-            loss, _ = rfft_loss(
+            loss, logs = rfft_loss(
                 gen,
                 trainee,
                 batch,
@@ -427,8 +435,10 @@ def test_rfft_gradient_of_the_batch_is_the_mean_over_its_parts():
                 3,
                 "cc",
                 1.0,
+                kl_beta=kl_beta,
             )
             (loss / len(parts)).backward()
+            assert (logs.get("regularizer_kl", 0.0) > 0) == (kl_beta > 0)
         return torch.cat([p.grad.flatten() for p in gen.controlnet.parameters()])
 
     whole, halves = gradient([[0, 1, 2, 3]]), gradient([[0, 1], [2, 3]])
