@@ -97,3 +97,24 @@ def test_world_community_command(tmp_path, capsys):
     ):
         assert (out / f).exists(), f
     assert list((out / "events").glob("*.parquet"))
+
+
+def test_rfft_recipe_text_says_what_the_shipped_folder_was_trained_with(tmp_path):
+    """The demo's RFFT paragraph reads each shipped generator's finetune_summary.json, so it
+    cannot describe a ControlNet run when every weight was trained, or drop a KL term."""
+    from rewardkit.demo.rfft import recipe_text
+
+    assert recipe_text(tmp_path) == ""
+    config = {"reward": "rfnet", "regularizer": "cc", "beta": 300.0, "kl_beta": 10.0,
+              "trainable": "all", "lr": 1e-4, "max_steps": 200}  # fmt: skip
+    (tmp_path / "finetune_summary.json").write_text(json.dumps({"config": config}))
+    assert recipe_text(tmp_path) == (
+        "reward rfnet, Consistent Condition (beta 300), KL beside it (beta 10), "
+        "every UNet and ControlNet weight trained, lr 0.0001, 200 steps"
+    )
+    config.update(regularizer="none", kl_beta=0.0, trainable="controlnet")
+    (tmp_path / "finetune_summary.json").write_text(json.dumps({"config": config}))
+    assert (
+        recipe_text(tmp_path)
+        == "reward rfnet, no regulariser, ControlNet trained, lr 0.0001, 200 steps"
+    )

@@ -10,6 +10,7 @@ the table, the same products and seeds side by side, and the fine-tuning curves.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -19,10 +20,39 @@ from rewardkit.models.defaults import default_model_path
 from rewardkit.report.html import esc, img_tag, table_html
 from rewardkit.world.export import render_world
 
-__all__ = ["rfft_section", "TUNED"]
+__all__ = ["rfft_section", "TUNED", "recipe_text"]
 
 PRODUCTS_SEED = 4243  # new products: not the generation stage's, none a model saw (checked)
 TUNED = (("RFFT (RFNet + CC)", "generator-rfft"), ("RFFT (Social Reward + CC)", "generator-social"))
+
+
+_TRAINED = {
+    "controlnet": "ControlNet trained",
+    "lora": "LoRA on the UNet and ControlNet",
+    "all": "every UNet and ControlNet weight trained",
+}
+
+
+def recipe_text(folder: Path) -> str:
+    """How a shipped fine-tuned generator was made, from its ``finetune_summary.json``
+    (reward, regularisers, what was trained, lr, steps), so the page says what ships rather
+    than what shipped once; "" when the folder has no summary."""
+    path = Path(folder) / "finetune_summary.json"
+    if not path.is_file():
+        return ""
+    c = json.loads(path.read_text()).get("config", {})
+    reg = c.get("regularizer", "?")
+    parts = [f"reward {c.get('reward', '?')}"]
+    if reg == "none":
+        parts.append("no regulariser")
+    else:
+        term = {"cc": "Consistent Condition", "kl": "KL"}.get(reg, reg)
+        parts.append(f"{term} (beta {c.get('beta', 0):g})")
+    if c.get("kl_beta"):
+        parts.append(f"KL beside it (beta {c['kl_beta']:g})")
+    parts.append(_TRAINED.get(c.get("trainable", "controlnet"), str(c.get("trainable"))))
+    parts.append(f"lr {c.get('lr', 0):g}, {c.get('max_steps', '?')} steps")
+    return ", ".join(parts)
 
 
 def rfft_section(
@@ -89,10 +119,14 @@ def rfft_section(
         f"<p>{result['n_products']} new products, one image each with the same seed for every "
         "generator, judged by the oracle (ground truth) and by the RFNet inspector. The "
         "fine-tuned generators were trained by <code>rewardkit finetune</code> (one-step "
-        "x0_hat at a random step among the last 30 (RFNet: three inspectors, jittered views "
-        "averaged) or 10 (Social Reward) of a 40-step DDIM run, ControlNet trained, "
-        "Consistent Condition regularisation; recipe and the evaluation on 150 held-out "
-        "products in MODELS.md). Diversity: RMS difference of backgrounds across seeds and "
+        "x0_hat at a random step among the last 30 (RFNet: the image and two shifted, "
+        "noised copies averaged) or 10 (Social Reward) of a 40-step DDIM run; commands and the "
+        "evaluation on held-out products in MODELS.md): "
+        + "; ".join(
+            f"{esc(name)}: {esc(recipe_text(folder) or 'no finetune_summary.json')}"
+            for name, folder in models[1:]
+        )
+        + ". Diversity: RMS difference of backgrounds across seeds and "
         f"across products on a 16x16 grid, over {result['diversity_products']} products x "
         f"{result['seeds']} seeds; appeal: the simulated community's ground truth.</p>"
         + f"<p class='muted'>{esc(result['held_out_text'])}.</p>"
