@@ -54,6 +54,10 @@ I23_MORE = (23005, 2000, B_HELDOUT)  # 2026-12-03: 2,000 more generated images
 # Products the early-fusion rfnet's operating point for Recurrent Generation was chosen on.
 I23_RG = (23004, 200, B_HELDOUT)
 I23_RFFT_VAL = (23201, 150, B_HELDOUT)  # 2026-12-03: generator-rfft (early-fusion) chosen on it
+# 2026-12-06: the test worlds on which the all-weights CC + KL run was confirmed to beat the
+# previous generator-rfft before it replaced it (chosen on I23_RFFT_VAL; recorded as selection).
+I23_RFFT_TEST_A = (23908, 150, B_HELDOUT)
+I23_RFFT_TEST_B = (23909, 150, B_HELDOUT)
 I23_MIRROR_VAL = (23301, 400, B_HELDOUT)  # 2026-12-04: rfnet's mirror readout judged (not adopted)
 # 2026-12-04: with 23301, the validation of recipes/inspector_readouts.py (nothing adopted)...
 I23_READOUT_VAL = (23302, 400, B_HELDOUT)
@@ -143,9 +147,12 @@ def main() -> None:
     tuned = (*generator, (RFFT_PROBE, "selection"))
     # generator-rfft since 2026-12-03: RFFT on I23_TRAIN's first 2,000 products (recorded
     # whole), probed on I23_VAL, chosen on I23_RFFT_VAL; since 2026-12-05 with the four-model
-    # rfnet as the reward (CC 300, 200 steps), on the same worlds.
+    # rfnet as the reward (CC 300, 200 steps), on the same worlds; since 2026-12-06 every UNet
+    # and ControlNet weight trained with CC 300 + KL 10 (lr 1e-4, 200 steps), same worlds, and
+    # the two test worlds that confirmed the replacement.
     tuned_ef = (*generator, (I23_TRAIN, "train"), (I23_VAL, "selection"),
-                (I23_RFFT_VAL, "selection"))  # fmt: skip
+                (I23_RFFT_VAL, "selection"), (I23_RFFT_TEST_A, "selection"),
+                (I23_RFFT_TEST_B, "selection"))  # fmt: skip
     plan = {
         "dual-encoder": pretrain,
         "aesthetic": pretrain,

@@ -24,8 +24,9 @@ rfnet-renders      ``rfnet-renders``: the paper's RFNet trained on renders only 
 rfnet-image-only   ``rfnet-image-only``: the render-trained backbone on the generated image
                    alone (the paper's baseline)
 generator          ``generator``: the small SD + ControlNet inpainting generator
-generator-rfft     ``generator-rfft``: its ControlNet fine-tuned by RFFT (RFNet + CC); only
-                   the ControlNet is stored, the rest comes from ``generator``
+generator-rfft     ``generator-rfft``: its UNet and ControlNet fine-tuned by RFFT (RFNet +
+                   CC + KL); those two are stored, the VAE and text encoder come from
+                   ``generator``
 generator-social   ``generator-social``: the same with Social Reward as the reward
 =================  ======================================================================
 
