@@ -23,7 +23,10 @@ from rewardkit.world.export import render_world
 __all__ = ["rfft_section", "TUNED", "recipe_text"]
 
 PRODUCTS_SEED = 4243  # new products: not the generation stage's, none a model saw (checked)
-TUNED = (("RFFT (RFNet + CC)", "generator-rfft"), ("RFFT (Social Reward + CC)", "generator-social"))
+TUNED = (
+    ("RFFT (RFNet + CC + KL)", "generator-rfft"),
+    ("RFFT (Social Reward + CC)", "generator-social"),
+)
 
 
 _TRAINED = {
