@@ -382,6 +382,23 @@ def test_finetune_two_processes_match_one(tmp_path):
     assert _curve(o3 / "curves.csv", "reward_loss") == c2
 
 
+@pytest.mark.slow
+def test_finetune_with_kl_beside_cc_two_processes_match_one(tmp_path):
+    """``--kl-beta`` adds the KL term beside CC inside each process's share of the step: two
+    processes end with one process's weights and the same losses per step."""
+    common = [*_finetune_command(tmp_path), "--kl-beta", "1"]
+    o1, o2 = tmp_path / "o1", tmp_path / "o2"
+    _rewardkit([*common, "--out", str(o1)], 1, tmp_path, o1)
+    _rewardkit([*common, "--out", str(o2)], 2, tmp_path, o2)
+    a, b = load_file(o1 / FINETUNE_WEIGHTS), load_file(o2 / FINETUNE_WEIGHTS)
+    differing = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
+    assert differing / sum(v.numel() for v in a.values()) < 0.02  # as the test above
+    for o in (o1, o2):
+        assert json.loads((o / "finetune_summary.json").read_text())["config"]["kl_beta"] == 1.0
+    c1, c2 = (_curve(o / "curves.csv", "reward_loss") for o in (o1, o2))
+    assert len(c1) == 2 and c1 == pytest.approx(c2, rel=1e-5)
+
+
 def _curve(path: Path, column: str) -> list[float]:
     import csv
 
