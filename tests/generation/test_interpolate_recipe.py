@@ -70,3 +70,75 @@ def test_a_tensor_of_another_shape_is_refused_by_name(tmp_path, base_and_tuned):
             ["--tuned", str(bad), "--alpha", "0.5", "--out", str(tmp_path / "o")]
         )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.tmp").exists()
+
+
+def test_several_tuned_folders_make_their_mean_and_the_union_of_their_keys(
+    tmp_path, base_and_tuned
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base, tuned = base_and_tuned
+    other = tmp_path / "run2" / "model"
+    (other / "controlnet").mkdir(parents=True)
+    (other / "controlnet" / "config.json").write_bytes(
+        (tuned / "controlnet" / "config.json").read_bytes()
+    )
+    g = torch.Generator().manual_seed(2)
+    weights = {k: v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+               for k, v in load_file(str(base / "controlnet" / W)).items()}  # fmt: skip
+    save_file(weights, str(other / "controlnet" / W))
+    (other / "rewardkit_generator.json").write_text(json.dumps({"base": str(base)}))
+    # Two members' keys, one row shared, one side written as large_string (pandas 3 / polars).
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    pq.write_table(pa.table({"kind": ["product", "product"], "key": ["b", "a"],
+                             "role": ["train", "train"]}), keys / "one.parquet")  # fmt: skip
+    big = pa.large_string()
+    pq.write_table(pa.table({"kind": pa.array(["product", "prompt"], big),
+                             "key": pa.array(["a", "c"], big),
+                             "role": pa.array(["train", "train"], big)}),
+                   other / "training_keys.parquet")  # fmt: skip
+    first = tmp_path / "first"
+    for p in tuned.iterdir():  # the module's tuned folder, with keys of its own, left untouched
+        (first / p.name).parent.mkdir(parents=True, exist_ok=True)
+        if p.is_dir():
+            (first / p.name).mkdir()
+            for f in p.iterdir():
+                (first / p.name / f.name).write_bytes(f.read_bytes())
+        else:
+            (first / p.name).write_bytes(p.read_bytes())
+    card = json.loads((first / "rewardkit_generator.json").read_text())
+    card["base"] = str(base)
+    (first / "rewardkit_generator.json").write_text(json.dumps(card))
+    (first / "training_keys.parquet").write_bytes((keys / "one.parquet").read_bytes())
+
+    out = tmp_path / "soup"
+    load_recipe("interpolate_generator").main(
+        ["--tuned", str(first), str(other), "--alpha", "1", "--out", str(out)]
+    )
+    a, b = load_file(str(first / "controlnet" / W)), load_file(str(other / "controlnet" / W))
+    m = load_file(str(out / "controlnet" / W))
+    for k in m:
+        if m[k].is_floating_point():
+            torch.testing.assert_close(m[k], (a[k] + b[k]) / 2)
+    rows = pq.read_table(out / "training_keys.parquet").to_pylist()
+    assert [(r["kind"], r["key"]) for r in rows] == [
+        ("product", "a"), ("product", "b"), ("prompt", "c")
+    ]  # fmt: skip
+    assert len(json.loads((out / "interpolation.json").read_text())["tuned"]) == 2
+    component_folders(out)
+
+
+def test_soup_members_with_different_bases_are_refused(tmp_path, base_and_tuned):
+    base, tuned = base_and_tuned
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    (elsewhere / "rewardkit_generator.json").write_text(json.dumps({"base": str(tmp_path)}))
+    (elsewhere / "controlnet").mkdir()
+    (elsewhere / "controlnet" / W).write_bytes((tuned / "controlnet" / W).read_bytes())
+    with pytest.raises(SystemExit, match="base"):
+        load_recipe("interpolate_generator").main(
+            ["--tuned", str(tuned), str(elsewhere), "--alpha", "1", "--out", str(tmp_path / "o")]
+        )
+    assert not (tmp_path / "o").exists()
