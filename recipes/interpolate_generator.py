@@ -41,26 +41,32 @@ CARD = "rewardkit_generator.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def mix(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float, where: str):
-    """``base + alpha * (tuned - base)`` for every tensor; names and shapes must agree."""
+def check_same(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], where: str, whose: str = "base"
+) -> None:
+    """Refuse, naming ``where``, tensors whose names or shapes differ from ``base``'s."""
     if set(base) != set(tuned):
         extra = sorted(set(tuned) - set(base))[:3]
         missing = sorted(set(base) - set(tuned))[:3]
         raise SystemExit(
-            f"{where}: tensors differ from the base's (extra {extra}, missing {missing})"
+            f"{where}: tensors differ from the {whose}'s (extra {extra}, missing {missing})"
         )
-    out = {}
     for name, b in base.items():
         t = tuned[name]
         if t.shape != b.shape:
             raise SystemExit(
-                f"{where}: {name} has shape {tuple(t.shape)}, the base's {tuple(b.shape)}"
+                f"{where}: {name} has shape {tuple(t.shape)}, the {whose}'s {tuple(b.shape)}"
             )
-        if b.is_floating_point():
-            out[name] = (b.float() + alpha * (t.float() - b.float())).to(b.dtype).contiguous()
-        else:
-            out[name] = t.clone()
-    return out
+
+
+def mix(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float, where: str):
+    """``base + alpha * (tuned - base)`` for every tensor; names and shapes must agree."""
+    check_same(base, tuned, where)
+    return {
+        name: (b.float() + alpha * (tuned[name].float() - b.float())).to(b.dtype).contiguous()
+        if b.is_floating_point() else tuned[name].clone()
+        for name, b in base.items()
+    }  # fmt: skip
 
 
 def _card_base_own(tuned: Path) -> tuple[dict, Path, list[str]]:
@@ -103,11 +109,12 @@ def interpolate(tuned: Path | list[Path], alpha: float, out: Path) -> Path:
     return out
 
 
-def soup_mean(parts: list[dict[str, torch.Tensor]], where: str) -> dict[str, torch.Tensor]:
-    """The uniform mean of several state dicts with the same names and shapes."""
+def soup_mean(parts: list[dict[str, torch.Tensor]], wheres: list[str]) -> dict[str, torch.Tensor]:
+    """The uniform mean of several state dicts; a member whose names or shapes differ from
+    the first's is refused by its ``where``."""
     first = parts[0]
-    for other in parts[1:]:
-        mix(first, other, 1.0, where)  # refuses other names or shapes, by name
+    for other, where in zip(parts[1:], wheres[1:], strict=True):
+        check_same(first, other, where, whose=f"first member ({wheres[0]})")
     return {
         name: (torch.stack([p[name].float() for p in parts]).mean(0).to(t.dtype).contiguous()
                if t.is_floating_point() else t.clone())
@@ -136,7 +143,7 @@ def _write(soup, card, base_dir, base_parts, own, alpha, out, tmp) -> None:
         base_weights = base_parts[comp] / WEIGHTS
         if not base_weights.is_file():
             raise SystemExit(f"{base_parts[comp]}: no {WEIGHTS} to interpolate {srcs[0]} toward")
-        tuned = soup_mean([load_file(str(s / WEIGHTS)) for s in srcs], str(srcs[-1]))
+        tuned = soup_mean([load_file(str(s / WEIGHTS)) for s in srcs], [str(s) for s in srcs])
         mixed = mix(load_file(str(base_weights)), tuned, alpha, str(srcs[0]))
         (tmp / comp).mkdir()
         shutil.copy(srcs[0] / "config.json", tmp / comp / "config.json")

@@ -2,6 +2,7 @@
 base tensor by tensor (alpha 0 = base, 1 = fine-tuned), written as a folder that loads."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -100,14 +101,7 @@ def test_several_tuned_folders_make_their_mean_and_the_union_of_their_keys(
                              "role": pa.array(["train", "train"], big)}),
                    other / "training_keys.parquet")  # fmt: skip
     first = tmp_path / "first"
-    for p in tuned.iterdir():  # the module's tuned folder, with keys of its own, left untouched
-        (first / p.name).parent.mkdir(parents=True, exist_ok=True)
-        if p.is_dir():
-            (first / p.name).mkdir()
-            for f in p.iterdir():
-                (first / p.name / f.name).write_bytes(f.read_bytes())
-        else:
-            (first / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(tuned, first)  # the module's tuned folder, with keys of its own, untouched
     card = json.loads((first / "rewardkit_generator.json").read_text())
     card["base"] = str(base)
     (first / "rewardkit_generator.json").write_text(json.dumps(card))
